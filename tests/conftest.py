@@ -1,0 +1,28 @@
+"""Shared, expensive fixtures: started once per test session."""
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+import tir  # noqa: F401  - applies the environment shims before anything imports torchvision
+
+REPO = Path(__file__).resolve().parent.parent
+TESTS = Path(__file__).resolve().parent
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real local Ray cluster (dashboard on loopback), shared by every test that needs one."""
+    import ray
+
+    ray.init(
+        num_cpus=4,  # logical CPUs: lets several small actors share this 2-core machine
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        # Workers import test modules (worker classes defined in tests) and the package.
+        runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([str(TESTS), str(REPO)])}},
+        log_to_driver=False,
+    )
+    yield ray
+    ray.shutdown()

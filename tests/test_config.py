@@ -1,0 +1,71 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tir.config import RecipeError, config_hash, load_recipe, save_resolved, split_cli_overrides
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_schema_defaults_without_a_recipe():
+    cfg = load_recipe()
+    assert cfg.trainer.total_steps == 10 and cfg.actor.engine == "fsdp2"
+    assert cfg.run.output_dir == "runs/tir"  # interpolation resolved
+
+
+def test_packaged_tiny_recipe_inherits_base_and_takes_overrides():
+    recipe, overrides = split_cli_overrides(["recipe=recipes/tiny_cpu.yaml", "trainer.total_steps=3", "algo.kl_coef=0.5"])
+    cfg = load_recipe(recipe, overrides)
+    assert cfg.run.name == "tiny_cpu" and cfg.model.path == "runs/tiny_cpu/tiny_policy"
+    assert cfg.reward.metrics == ["psnr", "ssim", "niqe"]  # from base.yaml
+    assert cfg.trainer.total_steps == 3 and cfg.algo.kl_coef == 0.5
+    assert load_recipe("tiny_cpu").trainer.total_steps == 3  # found by packaged name too
+
+
+def test_chained_bases_override_in_order(tmp_path):
+    write(tmp_path / "a.yaml", "base: base.yaml\nrollout:\n  n: 3\n  max_turns: 2\n")
+    write(tmp_path / "b.yaml", "base: a.yaml\nrollout:\n  n: 8\n")
+    cfg = load_recipe(tmp_path / "b.yaml")
+    assert (cfg.rollout.n, cfg.rollout.max_turns, cfg.rollout.engine) == (8, 2, "vllm")
+
+
+def test_unknown_key_names_key_file_and_closest(tmp_path):
+    path = write(tmp_path / "typo.yaml", "trainer:\n  total_step: 3\n")
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path)
+    message = str(err.value)
+    assert str(path) in message and "'trainer.total_step'" in message and "did you mean 'trainer.total_steps'" in message
+
+
+def test_unknown_key_on_the_command_line():
+    with pytest.raises(RecipeError, match=r"command line: unknown key 'rollout.temprature'; did you mean 'rollout.temperature'"):
+        load_recipe("tiny_cpu", ["rollout.temprature=0.7"])
+
+
+def test_wrong_type_names_the_expected_type(tmp_path):
+    path = write(tmp_path / "bad.yaml", "trainer:\n  total_steps: many\n")
+    with pytest.raises(RecipeError, match=r"bad.yaml: key 'trainer.total_steps' expects int"):
+        load_recipe(path)
+
+
+def test_missing_recipe_and_cycles(tmp_path):
+    with pytest.raises(RecipeError, match="recipe 'nope.yaml' not found"):
+        load_recipe("nope.yaml")
+    write(tmp_path / "x.yaml", "base: y.yaml\n")
+    write(tmp_path / "y.yaml", "base: x.yaml\n")
+    with pytest.raises(RecipeError, match="names itself as a base"):
+        load_recipe(tmp_path / "x.yaml")
+    with pytest.raises(RecipeError, match="expected key=value"):
+        split_cli_overrides(["trainer.total_steps"])
+
+
+def test_resolved_config_is_saved_and_reloads_identically(tmp_path):
+    cfg = load_recipe("tiny_cpu", ["run.seed=7"])
+    saved = save_resolved(cfg, tmp_path / "run")
+    assert yaml.safe_load(saved.read_text())["run"]["seed"] == 7
+    again = load_recipe(saved)
+    assert config_hash(again) == config_hash(cfg)

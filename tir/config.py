@@ -1,0 +1,282 @@
+"""Recipes: a typed schema with defaults, YAML files that name a base and override it, and
+dotlist overrides from the command line.
+
+    cfg = load_recipe("recipes/tiny_cpu.yaml", ["trainer.total_steps=3"])
+
+A recipe file may say ``base: base.yaml`` (a path relative to the file, or a packaged recipe
+name); bases chain. Every layer is checked against the schema as it is merged, so an error
+names the layer (file or command line), the key, and the closest valid key.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
+
+from tir.registry import closest
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"  # source tree / editable install
+if not RECIPES_DIR.is_dir():  # a regular install ships recipes/ as the package tir.recipes
+    RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
+
+
+# ------------------------------------------------------------------------------ the schema
+@dataclass
+class RunConfig:
+    name: str = "tir"
+    output_dir: str = "runs/${run.name}"
+    seed: int = 0
+
+
+@dataclass
+class RayConfig:
+    address: Optional[str] = None  # None: attach to a running cluster if there is one, else start one
+    num_cpus: Optional[int] = None
+    dashboard_host: str = "127.0.0.1"
+
+
+@dataclass
+class ModelConfig:
+    path: str = "runs/tiny_policy"  # a local checkpoint dir or a hub cache name
+    dtype: str = "float32"
+    perception_cues: bool = False  # measured degradation cues as text beside each image
+
+
+@dataclass
+class DataConfig:
+    hq: str = "builtin"  # a folder of HQ photos, or the photos scikit-image ships
+    train_combos: list[str] = field(default_factory=lambda: ["groupA"])
+    test_combos: list[str] = field(default_factory=lambda: ["groupA", "groupB", "groupC"])
+    per_image: int = 4
+    crop: int = 128
+    train_path: str = "${run.output_dir}/data/train.parquet"
+    test_path: str = "${run.output_dir}/data/test.parquet"
+
+
+@dataclass
+class PoolConfig:
+    backend: str = "serve"  # "serve": the cluster-wide Ray Serve pool; "local": tools in the caller
+    name: str = "tir_tool_pool"
+    num_replicas: int = 1
+    num_cpus_per_replica: float = 1.0
+    num_gpus_per_replica: float = 0.0
+    max_batch_size: int = 8
+    batch_wait_timeout_s: float = 0.01
+    max_models_per_replica: int = 8
+    tools: list[str] = field(default_factory=list)  # empty: every available tool
+    manifest: Optional[str] = None  # YAML of neural tools and their checkpoints
+    call_timeout_s: float = 60.0
+    max_retries: int = 3
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = "vllm"  # "vllm" or "hf" (transformers)
+    num_replicas: int = 1
+    tensor_parallel_size: int = 1
+    num_cpus_per_replica: float = 1.0
+    num_gpus_per_replica: float = 0.0
+    n: int = 4  # trajectories per image (the GRPO group)
+    max_turns: int = 4
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    gpu_memory_utilization: float = 0.5
+
+
+@dataclass
+class ActorConfig:
+    engine: str = "fsdp2"  # "fsdp2" or "deepspeed"
+    num_workers: int = 1
+    num_cpus_per_worker: float = 1.0
+    num_gpus_per_worker: float = 0.0
+    zero_stage: int = 2
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+    micro_batch_size: int = 4
+
+
+@dataclass
+class AlgoConfig:
+    clip_ratio_low: float = 0.2
+    clip_ratio_high: float = 0.28
+    kl_coef: float = 0.01
+    entropy_coef: float = 0.0
+    loss_agg: str = "token-mean"  # or "seq-mean-token-mean"
+    adv_eps: float = 1e-6
+
+
+@dataclass
+class RewardConfig:
+    metrics: list[str] = field(default_factory=lambda: ["psnr", "ssim", "niqe"])
+    weights: dict[str, float] = field(default_factory=dict)  # initial weights; empty: equal
+    adaptive: bool = True
+    format_penalty: float = 0.5
+    tool_cost: float = 0.05
+
+
+@dataclass
+class SFTConfig:
+    epochs: int = 2
+    lr: float = 1e-4
+    perturb: bool = True
+    reorder_prob: float = 0.3
+    swap_tool_prob: float = 0.3
+    beam_width: int = 4
+
+
+@dataclass
+class TrainerConfig:
+    total_steps: int = 10
+    batch_size: int = 8  # images per step (each rolled out rollout.n times)
+    save_every: int = 5
+    resume: str = "auto"  # "auto", "never", or a checkpoint dir
+    dump_rollouts: bool = True
+    log_every: int = 1
+
+
+@dataclass
+class Recipe:
+    run: RunConfig = field(default_factory=RunConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    pool: PoolConfig = field(default_factory=PoolConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    actor: ActorConfig = field(default_factory=ActorConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+# ------------------------------------------------------------------------------ loading
+class RecipeError(ValueError):
+    pass
+
+
+def _valid_keys(node: Any, prefix: str = "") -> list[str]:
+    keys = []
+    if isinstance(node, DictConfig):
+        for key in node.keys():
+            full = f"{prefix}{key}"
+            keys.append(full)
+            keys.extend(_valid_keys(node._get_node(key), full + "."))
+    return keys
+
+
+def _expected_type(schema: DictConfig, key: str) -> str:
+    node: Any = schema
+    try:
+        for part in key.split("."):
+            node = node._get_node(part)
+        ref = node._metadata.ref_type
+    except Exception:  # noqa: BLE001 - a key outside the schema: say what we can
+        return "a value of the schema's type"
+    return getattr(ref, "__name__", None) or str(ref).replace("typing.", "")
+
+
+def _explain(err: Exception, layer: str, schema: DictConfig) -> RecipeError:
+    key = getattr(err, "full_key", None) or getattr(err, "key", None) or "?"
+    if isinstance(err, (ConfigKeyError, ConfigAttributeError)):
+        hint = closest(key, _valid_keys(schema))
+        return RecipeError(f"{layer}: unknown key {key!r}" + (f"; did you mean {hint!r}?" if hint else ""))
+    if isinstance(err, ValidationError):
+        msg = str(err).splitlines()[0]
+        return RecipeError(f"{layer}: key {key!r} expects {_expected_type(schema, key)}: {msg}")
+    return RecipeError(f"{layer}: {err}")
+
+
+def find_recipe(name: str | os.PathLike, relative_to: Path | None = None) -> Path:
+    """A recipe path as given, relative to the recipe naming it, or a packaged recipe."""
+    name = str(name)
+    candidates = [Path(name)]
+    if relative_to is not None:
+        candidates.insert(0, relative_to / name)
+    candidates += [RECIPES_DIR / name, RECIPES_DIR / f"{name}.yaml"]
+    for path in candidates:
+        if path.is_file():
+            return path.resolve()
+    packaged = sorted(p.name for p in RECIPES_DIR.glob("*.yaml"))
+    raise RecipeError(f"recipe {name!r} not found (looked in: {', '.join(map(str, candidates))}; packaged: {packaged})")
+
+
+def _layers(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[str, DictConfig]]:
+    """The chain of recipe files, base first."""
+    if path in seen:
+        raise RecipeError(f"recipe {path} names itself as a base (chain: {[str(p) for p in seen]})")
+    loaded = OmegaConf.load(path)
+    if not isinstance(loaded, DictConfig):
+        raise RecipeError(f"{path}: expected a mapping of sections, got {type(loaded).__name__}")
+    base = loaded.pop("base", None)
+    layers = _layers(find_recipe(base, path.parent), seen + (path,)) if base else []
+    return layers + [(str(path), loaded)]
+
+
+def load_recipe(recipe: str | os.PathLike | None = None, overrides: list[str] | None = None) -> DictConfig:
+    """Schema defaults <- base recipes <- the recipe <- command-line ``key=value`` overrides."""
+    schema = OmegaConf.structured(Recipe)
+    cfg = schema
+    layers = _layers(find_recipe(recipe)) if recipe else []
+    if overrides:
+        try:
+            layers.append(("command line", OmegaConf.from_dotlist(list(overrides))))
+        except Exception as err:  # noqa: BLE001 - omegaconf raises several grammar errors
+            raise RecipeError(f"command line: cannot parse overrides {overrides}: {err}") from err
+    for name, layer in layers:
+        try:
+            cfg = OmegaConf.merge(cfg, layer)
+        except (ConfigKeyError, ConfigAttributeError, ValidationError) as err:
+            raise _explain(err, name, schema) from err
+    try:
+        OmegaConf.resolve(cfg)
+    except Exception as err:  # noqa: BLE001
+        raise RecipeError(f"cannot resolve interpolations: {err}") from err
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def split_cli_overrides(args: list[str]) -> tuple[str | None, list[str]]:
+    """``["recipe=x.yaml", "a.b=1"]`` -> ("x.yaml", ["a.b=1"])."""
+    recipe, rest = None, []
+    for arg in args:
+        if "=" not in arg:
+            raise RecipeError(f"expected key=value arguments, got {arg!r}")
+        key, value = arg.split("=", 1)
+        if key == "recipe":
+            recipe = value
+        else:
+            rest.append(arg)
+    return recipe, rest
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def config_hash(cfg: DictConfig) -> str:
+    return hashlib.sha256(to_yaml(cfg).encode()).hexdigest()[:12]
+
+
+def save_resolved(cfg: DictConfig, run_dir: str | os.PathLike) -> Path:
+    """Write the resolved config next to a run's outputs, atomically."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    target = run_dir / "config.yaml"
+    fd, tmp = tempfile.mkstemp(dir=run_dir, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(to_yaml(cfg))
+    os.replace(tmp, target)
+    return target
+
+
+def as_container(cfg: DictConfig | ListConfig) -> Any:
+    return OmegaConf.to_container(cfg, resolve=True)
