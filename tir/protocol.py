@@ -181,7 +181,7 @@ class Batch:
 
     def column(self, name: str) -> list[Any]:
         """Decoded values: ndarrays for images, python objects for json, lists otherwise."""
-        kind, array = self.kind(name), self.table.column(name).combine_chunks()
+        kind, array = self.kind(name), self._array(name)
         if kind == "image":
             return _images_from_arrow(array)
         if kind == "images":
@@ -191,6 +191,11 @@ class Batch:
         return array.to_pylist()
 
     __getitem__ = column
+
+    def _array(self, name: str) -> pa.Array:
+        column = self.table.column(name)
+        # combine_chunks copies even a single chunk: avoid it in the common case
+        return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
 
     def numpy(self, name: str) -> np.ndarray:
         """A scalar column as a numpy array (zero copy where Arrow allows)."""
@@ -264,7 +269,7 @@ class Batch:
         Python loop over rows. ``left`` pads on the left (as generation prompts want)."""
         import torch
 
-        array = self.table.column(self._check_column(name)).combine_chunks()
+        array = self._array(self._check_column(name))
         if not pa.types.is_list(array.type) and not pa.types.is_large_list(array.type):
             raise BatchError(f"to_padded: column {name!r} is {array.type}, expected a list column")
         array = pa.concat_arrays([array]) if array.offset else array

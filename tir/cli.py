@@ -1,0 +1,69 @@
+"""The ``tir`` command.
+
+    tir config show recipe=recipes/tiny_cpu.yaml trainer.total_steps=3
+    tir data synth --combos groupA,groupB --per-image 4 --seed 0 --out data/x.parquet
+    tir demo [recipe=...] [key=value ...]
+
+Subcommands import their modules lazily so that ``tir --help`` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _config_show(args: argparse.Namespace) -> int:
+    from tir.config import load_recipe, split_cli_overrides, to_yaml
+
+    recipe, overrides = split_cli_overrides(args.overrides)
+    print(to_yaml(load_recipe(recipe, overrides)), end="")
+    return 0
+
+
+def _data_synth(args: argparse.Namespace) -> int:
+    from tir.data import synth_main
+
+    return synth_main(args)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from tir.demo import main as demo_main
+
+    return demo_main(args.overrides)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tir", description="TIR-Agent: restore photos with a tool-calling VLM agent.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    config = commands.add_parser("config", help="recipes").add_subparsers(dest="action", required=True)
+    show = config.add_parser("show", help="print the resolved recipe")
+    show.add_argument("overrides", nargs="*", metavar="recipe=FILE|key=value")
+    show.set_defaults(run=_config_show)
+
+    data = commands.add_parser("data", help="datasets").add_subparsers(dest="action", required=True)
+    synth = data.add_parser("synth", help="degrade HQ photos into an LQ/HQ Parquet dataset")
+    from tir.data import add_synth_arguments
+
+    add_synth_arguments(synth)
+    synth.set_defaults(run=_data_synth)
+
+    demo = commands.add_parser("demo", help="the end-to-end path that exists today (the README's main job)")
+    demo.add_argument("overrides", nargs="*", metavar="recipe=FILE|key=value")
+    demo.set_defaults(run=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from tir.config import RecipeError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except RecipeError as err:
+        print(f"tir: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
