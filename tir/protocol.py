@@ -304,6 +304,9 @@ class Batch:
         os.close(fd)
         try:
             pq.write_table(table, tmp, compression=compression)
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual mode
             os.replace(tmp, path)
         except BaseException:
             os.unlink(tmp)
