@@ -1,0 +1,346 @@
+"""Policy checkpoints: load a real Qwen2.5-VL, or write a tiny random one offline.
+
+Both go through the same door: ``load_policy(path)`` = ``AutoModelForImageTextToText`` +
+``AutoProcessor`` ``.from_pretrained``. The tiny checkpoint is a complete Qwen2.5-VL (config,
+weights, byte-level BPE tokenizer, image/video processors, chat template, generation config), so
+everything downstream (rollout engines, trainers, ``tir restore``) runs on it exactly as on a real
+model, only faster.
+
+Two traps it encodes (see ENVIRONMENT.md): vLLM's CPU attention needs head_dim 64, and a random
+policy samples vision special tokens (``<|image_pad|>`` ...) that break the image-token/feature
+match when the text is fed back; ``forbidden_token_ids`` lists what sampling must exclude.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import sys
+from pathlib import Path
+from collections.abc import Mapping, Sequence
+
+import tir  # noqa: F401  - environment shims before transformers imports torchvision
+from tir import prompts
+
+# The Qwen2.5-VL special tokens (ids differ from Qwen's; the names are what the code relies on).
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                  "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")  # fmt: skip
+# Tokens a sampled reply must never hold: vision tokens (feeding them back breaks the match of
+# image tokens and image features) and the start of a turn (a reply cannot open a new turn).
+FORBIDDEN_IN_REPLIES = ("<|im_start|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
+# Qwen2's pre-tokenizer: digits one by one, words with their leading space.
+QWEN_SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+# Example perception-cue names, so that cue text tokenizes compactly (any text still works).
+CUE_NAMES = ("noise_sigma", "sharpness", "brightness", "contrast", "haze", "blockiness", "rain", "resolution", "colorfulness")
+
+# A Qwen-style chat template: images as <|vision_start|><|image_pad|><|vision_end|>, tool turns as
+# a user turn wrapping <tool_response> blocks (as Qwen2.5 does), tool calls from assistant text or
+# from a ``tool_calls`` field. One line per piece; the pieces are joined without separators.
+CHAT_TEMPLATE = "".join([
+    "{%- macro render_content(content) -%}",
+    "{%- if content is string -%}{{- content -}}",
+    "{%- else -%}{%- for part in content -%}",
+    "{%- if part['type'] == 'image' or 'image' in part or 'image_url' in part -%}<|vision_start|><|image_pad|><|vision_end|>",
+    "{%- elif part['type'] == 'video' or 'video' in part -%}<|vision_start|><|video_pad|><|vision_end|>",
+    "{%- elif 'text' in part -%}{{- part['text'] -}}",
+    "{%- endif -%}{%- endfor -%}{%- endif -%}",
+    "{%- endmacro -%}",
+    "{%- for message in messages -%}",
+    "{%- if message['role'] == 'tool' -%}",
+    "{%- if loop.first or messages[loop.index0 - 1]['role'] != 'tool' -%}{{- '<|im_start|>user\\n' -}}{%- else -%}{{- '\\n' -}}{%- endif -%}",
+    "{{- '<tool_response>\\n' -}}{{- render_content(message['content']) -}}{{- '\\n</tool_response>' -}}",
+    "{%- if loop.last or messages[loop.index0 + 1]['role'] != 'tool' -%}{{- '<|im_end|>\\n' -}}{%- endif -%}",
+    "{%- else -%}",
+    "{{- '<|im_start|>' + message['role'] + '\\n' -}}",
+    "{%- if message['content'] is not none -%}{{- render_content(message['content']) -}}{%- endif -%}",
+    "{%- if message['tool_calls'] is defined and message['tool_calls'] -%}{%- for call in message['tool_calls'] -%}",
+    "{%- set function = call['function'] if call['function'] is defined else call -%}",
+    "{{- '<tool_call>{\"name\": ' + (function['name'] | tojson) + ', \"arguments\": ' -}}",
+    "{%- if function['arguments'] is string -%}{{- function['arguments'] -}}{%- else -%}{{- function['arguments'] | tojson -}}{%- endif -%}",
+    "{{- '}</tool_call>' -}}",
+    "{%- endfor -%}{%- endif -%}",
+    "{{- '<|im_end|>\\n' -}}",
+    "{%- endif -%}",
+    "{%- endfor -%}",
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}",
+])  # fmt: skip
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_policy(path_or_name: str | os.PathLike, dtype: str = "float32", device: str = "cpu"):
+    """``(model, processor)`` from a checkpoint folder or a hub name (from the local cache when
+    ``HF_HUB_OFFLINE=1``). Any Qwen2.5-VL-like size; nothing here assumes one."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    source = _checkpoint_source(path_or_name)
+    torch_dtype = _torch_dtype(dtype)
+    # huggingface_hub reads HF_HUB_OFFLINE once at import; read it again so that setting it later
+    # (a test, a notebook) still means "no network" rather than minutes of retries.
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    try:
+        processor = AutoProcessor.from_pretrained(source, local_files_only=offline)
+        model = AutoModelForImageTextToText.from_pretrained(source, dtype=torch_dtype, local_files_only=offline)
+    except OSError as err:  # hub names: not cached offline, no such repo, no network
+        reason = "not a local folder and not in the hub cache (HF_HUB_OFFLINE is set)" if offline else _first_line(err)
+        raise FileNotFoundError(f"cannot load policy {str(path_or_name)!r}: {reason}") from err
+    if not hasattr(processor, "image_processor"):
+        raise FileNotFoundError(f"policy {str(path_or_name)!r} has no image processor (expected a vision-language checkpoint)")
+    return model.to(device).eval(), processor
+
+
+def _checkpoint_source(path_or_name: str | os.PathLike) -> str:
+    """A local folder with what a policy needs, or a hub name; a clear error otherwise."""
+    text = str(path_or_name)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        missing = [name for name in ("config.json", "tokenizer_config.json") if not (path / name).is_file()]
+        if not any((path / name).is_file() for name in ("preprocessor_config.json", "processor_config.json")):
+            missing.append("preprocessor_config.json")
+        if missing:
+            raise FileNotFoundError(f"policy checkpoint {text!r} lacks {', '.join(missing)} (expected a folder written by save_pretrained, model and processor)")
+        return str(path)
+    if path.exists():
+        raise FileNotFoundError(f"policy checkpoint {text!r} is a file; expected a checkpoint folder")
+    if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", text) and not text.startswith("."):
+        return text  # a hub name such as Qwen/Qwen2.5-VL-3B-Instruct
+    raise FileNotFoundError(f"policy checkpoint {text!r} does not exist (expected a checkpoint folder or a hub name like Qwen/Qwen2.5-VL-3B-Instruct)")
+
+
+def _first_line(err: Exception) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
+
+
+def _torch_dtype(dtype):
+    import torch
+
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    value = getattr(torch, str(dtype), None)
+    if not isinstance(value, torch.dtype):
+        raise ValueError(f"dtype {dtype!r} is not a torch dtype name (expected e.g. float32, bfloat16, float16)")
+    return value
+
+
+# ---------------------------------------------------------------- sampling and forward helpers
+
+
+def forbidden_token_ids(processor) -> list[int]:
+    """Ids a sampled reply must never hold (``bad_words_ids``/``suppress_tokens`` in transformers,
+    the complement of ``allowed_token_ids`` in vLLM)."""
+    tokenizer = getattr(processor, "tokenizer", processor)
+    vocab = tokenizer.get_vocab()
+    return sorted(vocab[token] for token in FORBIDDEN_IN_REPLIES if token in vocab)
+
+
+def allowed_token_ids(processor, vocab_size: int | None = None) -> list[int]:
+    """Every token id a reply may hold. ``vocab_size`` (the model's, often larger than the
+    tokenizer's) defaults to the tokenizer's length; ids past the tokenizer are never allowed."""
+    tokenizer = getattr(processor, "tokenizer", processor)
+    forbidden = set(forbidden_token_ids(processor))
+    size = len(tokenizer) if vocab_size is None else min(vocab_size, len(tokenizer))
+    return [i for i in range(size) if i not in forbidden]
+
+
+def mm_token_type_ids(processor, input_ids):
+    """Per-token modality (0 text, 1 image, 2 video) of stored token ids, as a long tensor of
+    the same shape. Qwen2.5-VL's forward needs it for the M-RoPE positions of image tokens: in
+    transformers 5.19 leaving it out gives silently wrong log-probs."""
+    import torch
+
+    ids = torch.as_tensor(input_ids)
+    rows = ids.unsqueeze(0) if ids.dim() == 1 else ids
+    types = torch.tensor(processor.create_mm_token_type_ids(rows.tolist()), dtype=torch.long)
+    return types.reshape(ids.shape)
+
+
+# ---------------------------------------------------------------- the tiny checkpoint
+
+
+def build_tiny_policy(out_dir: str | os.PathLike, tools: Sequence[str | Mapping], seed: int = 0, vocab_size: int = 2048,
+                      image_side: int = 112, hidden_size: int = 128, num_layers: int = 2, vision_depth: int = 2,
+                      extra_corpus: Sequence[str] = ()) -> Path:  # fmt: skip
+    """Write a random tiny Qwen2.5-VL checkpoint to ``out_dir`` and return its path.
+
+    ``tools`` are tool names or schemas ({"name", "description", "parameters"}); the tokenizer is
+    trained on this agent's own texts for them (system prompt, calls, answers, observations,
+    perception cues, numbers) plus ``extra_corpus``; ``vocab_size`` is an upper bound (a small
+    toolbox gives a few hundred tokens, which any text still fits: byte-level). Images are resized to about
+    ``image_side``² pixels (112 -> 16 image tokens). Text and vision are ``hidden_size`` wide with
+    head_dim 64 (what vLLM's CPU attention accepts).
+    """
+    import torch
+    from transformers import GenerationConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    schemas = [_as_schema(tool) for tool in tools]
+    if not schemas:
+        raise ValueError("build_tiny_policy needs at least one tool (a name or a schema)")
+    if hidden_size % 64 or image_side % 28 or image_side < 28:
+        raise ValueError(f"hidden_size must be a multiple of 64 (got {hidden_size}) and image_side a multiple of 28 (got {image_side})")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    processor = build_tiny_processor(schemas, seed=seed, vocab_size=vocab_size, image_side=image_side, extra_corpus=extra_corpus)
+    tokenizer = processor.tokenizer
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIAL_TOKENS}
+
+    heads = hidden_size // 64
+    text_config = {
+        "vocab_size": len(tokenizer), "hidden_size": hidden_size, "intermediate_size": 2 * hidden_size,
+        "num_hidden_layers": num_layers, "num_attention_heads": heads, "num_key_value_heads": heads,
+        "max_position_embeddings": 8192, "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": _mrope_section(64)},
+        "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"],
+    }  # fmt: skip
+    vision_config = {
+        "depth": vision_depth, "hidden_size": hidden_size, "intermediate_size": 2 * hidden_size, "num_heads": heads,
+        "out_hidden_size": hidden_size, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2,
+        "window_size": image_side, "fullatt_block_indexes": [vision_depth - 1],
+    }  # fmt: skip
+    config = Qwen2_5_VLConfig(
+        text_config=text_config, vision_config=vision_config, image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    # Stop tokens only: sampling settings belong to the rollout engine's recipe (vLLM would
+    # otherwise take them from here as defaults).
+    model.generation_config = GenerationConfig(
+        eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]], pad_token_id=ids["<|endoftext|>"], bos_token_id=ids["<|endoftext|>"],
+    )  # fmt: skip
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+def build_tiny_processor(schemas: Sequence[Mapping], seed: int = 0, vocab_size: int = 2048, image_side: int = 112, extra_corpus: Sequence[str] = ()):
+    """A ``Qwen2_5_VLProcessor`` with a tokenizer trained on this agent's texts (no download)."""
+    from transformers import PreTrainedTokenizerFast, Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+
+    corpus = agent_corpus(schemas, seed=seed) + list(extra_corpus)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=train_tokenizer(corpus, vocab_size),
+        eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None,
+        image_token="<|image_pad|>", video_token="<|video_pad|>",
+        model_max_length=8192, clean_up_tokenization_spaces=False, padding_side="left",
+    )  # fmt: skip
+    pixels = image_side * image_side  # min = max: every photo gets (about) the same token budget
+    return Qwen2_5_VLProcessor(
+        image_processor=Qwen2VLImageProcessor(min_pixels=pixels, max_pixels=pixels),
+        tokenizer=tokenizer,
+        video_processor=Qwen2VLVideoProcessor(min_pixels=pixels, max_pixels=pixels * 4),
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def train_tokenizer(corpus: Sequence[str], vocab_size: int = 2048):
+    """A byte-level BPE (Qwen2's pre-tokenizer) with the Qwen special tokens and the protocol tags.
+
+    Byte-level: any text, including text the policy was never shown, encodes and decodes back
+    exactly. The protocol tags are added (non-special) tokens, so a tool call costs few tokens
+    and survives ``skip_special_tokens=True``.
+    """
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    if vocab_size < 256 + len(SPECIAL_TOKENS):
+        raise ValueError(f"vocab_size must hold the 256 bytes and {len(SPECIAL_TOKENS)} special tokens, got {vocab_size}")
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])  # fmt: skip
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size - len(prompts.PROTOCOL_TAGS), min_frequency=2, show_progress=False,
+        special_tokens=list(SPECIAL_TOKENS), initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )  # fmt: skip
+    tokenizer.train_from_iterator(corpus, trainer=trainer)
+    tokenizer.add_tokens([AddedToken(tag, special=False, normalized=False) for tag in prompts.PROTOCOL_TAGS])
+    return tokenizer
+
+
+def agent_corpus(schemas: Sequence[Mapping], seed: int = 0, calls_per_tool: int = 40) -> list[str]:
+    """Texts the agent reads and writes, for training its tokenizer."""
+    rng = random.Random(seed)
+    texts = [prompts.system_prompt(schemas)] * 10
+    for _ in range(calls_per_tool):
+        for schema in schemas:
+            texts.append(prompts.format_call(prompts.ToolCall(schema["name"], _random_arguments(schema, rng))))
+    texts += [prompts.format_stop()] * 50
+    for _ in range(200):
+        size = (rng.choice([64, 128, 256, 384, 512, 1024]), rng.choice([64, 128, 256, 384, 512, 1024]))
+        cues = {name: _random_number(rng) for name in rng.sample(CUE_NAMES, rng.randint(1, len(CUE_NAMES)))}
+        texts.append(prompts.message_text(prompts.user_message(size, cues)))
+        texts.append(prompts.message_text(prompts.tool_message(rng.choice(schemas)["name"], size, cues)))
+    for reply in ("", "<tool_call>", "<tool_call>{</tool_call>", '<tool_call>{"name": "x"}</tool_call>', "<answer>done</answer><tool_call>{}</tool_call>"):
+        texts.append(prompts.message_text(prompts.error_message(prompts.parse_action(reply, schemas))))
+    texts += [" ".join(_random_number(rng) for _ in range(20)) for _ in range(50)]
+    return texts
+
+
+def _as_schema(tool: str | Mapping) -> dict:
+    if isinstance(tool, str):
+        return {"name": tool, "description": f"restoration tool {tool}", "parameters": {"type": "object", "properties": {}, "additionalProperties": False}}
+    if isinstance(tool, Mapping) and isinstance(tool.get("name"), str):
+        return dict(tool)
+    raise ValueError(f'a tool must be a name or a schema with "name", "description", "parameters"; got {tool!r}')
+
+
+def _random_arguments(schema: Mapping, rng: random.Random) -> dict:
+    args = {}
+    for name, spec in (schema.get("parameters") or {}).get("properties", {}).items():
+        low, high = spec.get("minimum", 0), spec.get("maximum", 10)
+        kind = spec.get("type")
+        if "enum" in spec:
+            args[name] = rng.choice(spec["enum"])
+        elif kind == "integer":
+            args[name] = rng.randint(int(low), int(high))
+        elif kind == "number":
+            args[name] = round(rng.uniform(low, high), rng.choice([1, 2]))
+        elif kind == "boolean":
+            args[name] = rng.random() < 0.5
+        elif kind == "string":
+            args[name] = rng.choice(["auto", "low", "high"])
+    return args
+
+
+def _random_number(rng: random.Random) -> str:
+    return rng.choice([str(rng.randint(0, 1000)), f"{rng.uniform(0, 100):.1f}", f"{rng.uniform(0, 1):.2f}", f"{rng.uniform(0, 10):.3g}"])
+
+
+def _mrope_section(head_dim: int) -> list[int]:
+    """Temporal/height/width rotary sections summing to head_dim / 2 (Qwen2.5-VL: 16, 24, 24)."""
+    half = head_dim // 2
+    height = width = (half * 3) // 8
+    return [half - height - width, height, width]
+
+
+# ---------------------------------------------------------------- CLI: tir model tiny
+
+
+def add_tiny_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Arguments of ``tir model tiny``."""
+    parser.add_argument("--out", required=True, help="checkpoint folder to write")
+    parser.add_argument("--tools", default=None, help="comma-separated tool names (default: every registered tool)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--vocab-size", type=int, default=2048)
+    parser.add_argument("--image-side", type=int, default=112, help="images are resized to about this squared (112 -> 16 image tokens)")
+    return parser
+
+
+def tiny_main(args: argparse.Namespace) -> int:
+    try:
+        from tool_pool.tools import tool_schemas  # the registry decides which tools exist
+
+        names = [name.strip() for name in args.tools.split(",") if name.strip()] if args.tools else None
+        schemas = tool_schemas(names)
+        out = build_tiny_policy(args.out, schemas, seed=args.seed, vocab_size=args.vocab_size, image_side=args.image_side)
+    except (KeyError, ValueError, OSError) as err:
+        print(f"tir model tiny: error: {err.args[0] if isinstance(err, KeyError) else err}", file=sys.stderr)
+        return 2
+    config = json.loads((out / "config.json").read_text())
+    print(f"wrote a tiny Qwen2.5-VL policy ({len(schemas)} tool(s), vocab {config['text_config']['vocab_size']}) to {out}")
+    return 0
