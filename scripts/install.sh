@@ -35,5 +35,9 @@ else
 fi
 $pip install -c constraints.txt pytest pytest-timeout hypothesis
 $pip install --no-deps --no-build-isolation -e .
+# Every Python process of the venv (Ray workers, vLLM's model-inspection subprocess) gets tir's
+# environment shims: a lazy import hook, free until torchvision is imported (tir/_shims.py).
+site=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+echo "import importlib.util; importlib.util.find_spec('tir') and __import__('tir')" > "$site/tir_shims.pth"
 echo "$want" > "$VENV/.tir-install-stamp"
 echo "[install] done: $VENV"

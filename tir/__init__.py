@@ -2,6 +2,6 @@
 SFT and multi-turn GRPO on Ray."""
 from tir import _shims
 
-_shims.apply()  # before anything imports torchvision (transformers, pyiqa, basicsr do)
+_shims.install()  # before anything imports torchvision (transformers, pyiqa, basicsr do)
 
 __version__ = "0.1.0"

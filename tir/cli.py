@@ -2,6 +2,7 @@
 
     tir config show recipe=recipes/tiny_cpu.yaml trainer.total_steps=3
     tir data synth --combos groupA,groupB --per-image 4 --seed 0 --out data/x.parquet
+    tir model tiny --out runs/tiny_policy
     tir demo [recipe=...] [key=value ...]
 
 Subcommands import their modules lazily so that ``tir --help`` stays fast.
@@ -26,6 +27,12 @@ def _data_synth(args: argparse.Namespace) -> int:
     return synth_main(args)
 
 
+def _model_tiny(args: argparse.Namespace) -> int:
+    from tir.models import tiny_main
+
+    return tiny_main(args)
+
+
 def _demo(args: argparse.Namespace) -> int:
     from tir.demo import main as demo_main
 
@@ -47,6 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_synth_arguments(synth)
     synth.set_defaults(run=_data_synth)
+
+    model = commands.add_parser("model", help="policy checkpoints").add_subparsers(dest="action", required=True)
+    tiny = model.add_parser("tiny", help="write a tiny random Qwen2.5-VL policy offline")
+    from tir.models import add_tiny_arguments
+
+    add_tiny_arguments(tiny)
+    tiny.set_defaults(run=_model_tiny)
 
     demo = commands.add_parser("demo", help="the end-to-end path that exists today (the README's main job)")
     demo.add_argument("overrides", nargs="*", metavar="recipe=FILE|key=value")
