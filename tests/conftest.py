@@ -26,3 +26,16 @@ def ray_cluster():
     )
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def serve_pool(ray_cluster):
+    """The model-call pool on real Ray Serve (2 replicas, so that one can be killed), once."""
+    from tir.config import load_recipe
+    from tool_pool.serve_app import start_pool, stop_pool
+
+    cfg = load_recipe("tiny_cpu", ["pool.name=test_pool", "pool.num_replicas=2", "pool.num_cpus_per_replica=0.5",
+                                   "pool.max_batch_size=8", "pool.batch_wait_timeout_s=0.05", "pool.call_timeout_s=120"])
+    pool = start_pool(cfg.pool)
+    yield pool
+    stop_pool(cfg.pool.name)

@@ -1,0 +1,128 @@
+"""The model-call pool on real Ray Serve (CPU), and its in-process twin."""
+import asyncio
+
+import numpy as np
+import pytest
+
+from tool_pool.client import LocalPool, PoolError, ServePool
+from tool_pool.scorers import get_scorer
+from tool_pool.tools import TOOLS, tools_for_subtask
+
+DENOISER = tools_for_subtask("denoising")[0].name
+
+
+@pytest.fixture(scope="module")
+def image():
+    from skimage import data
+
+    clean = data.astronaut()[100:228, 200:328].astype(np.float64)
+    noisy = clean + np.random.default_rng(0).normal(0, 25, clean.shape)
+    return np.clip(noisy, 0, 255).astype(np.uint8), clean.astype(np.uint8)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_pool_runs_the_tool_as_a_local_call_would(serve_pool, image):
+    noisy, clean = image
+    out = run(serve_pool.run(DENOISER, noisy))
+    np.testing.assert_array_equal(out, TOOLS.get(DENOISER)([noisy])[0])
+    local = run(LocalPool().run(DENOISER, noisy))
+    np.testing.assert_array_equal(out, local)
+
+
+def test_concurrent_calls_are_batched_and_models_loaded_once_per_replica(serve_pool, image):
+    noisy, _ = image
+
+    async def burst():
+        return await asyncio.gather(*(serve_pool.run(DENOISER, noisy) for _ in range(24)))
+
+    outs = run(burst())
+    assert len(outs) == 24 and all(np.array_equal(o, outs[0]) for o in outs)
+    stats = run(serve_pool.stats())[f"tool:{DENOISER}"]
+    assert stats["calls"] >= 24
+    assert stats["max_batch"] > 1  # calls from different callers shared one tool invocation
+    assert 1 <= stats["loads"] <= 2  # multiplexed: loaded once per replica, not per call
+
+
+def test_scores_match_the_scorers(serve_pool, image):
+    noisy, clean = image
+    scores = run(serve_pool.score(["psnr", "ssim", "niqe"], noisy, clean))
+    assert scores["psnr"] == pytest.approx(get_scorer("psnr").score([noisy], [clean])[0], rel=1e-6)
+    assert scores["ssim"] == pytest.approx(get_scorer("ssim").score([noisy], [clean])[0], rel=1e-6)
+    assert np.isfinite(scores["niqe"])
+
+
+@pytest.mark.parametrize(
+    "call, kind, text",
+    [
+        (lambda p, im: p.run(DENOISER[:-1] + "x", im), "unknown_tool", "did you mean"),
+        (lambda p, im: p.run(DENOISER, im, not_an_argument=1), "bad_arguments", "not_an_argument"),
+        (lambda p, im: p.run(DENOISER, im.astype(np.float32)), "bad_image", "uint8 HxWx3"),
+        (lambda p, im: p.run(DENOISER, np.full((8, 8, 3), np.nan)), "bad_image", "NaN"),
+        (lambda p, im: p.run(DENOISER, im[..., 0]), "bad_image", "uint8 HxWx3"),
+        (lambda p, im: p.score(["psnr"], im), "bad_arguments", "full-reference"),
+        (lambda p, im: p.score(["pnsr"], im), "unknown_metric", "did you mean 'psnr'"),
+    ],
+)
+@pytest.mark.parametrize("backend", ["serve", "local"])
+def test_bad_requests_get_typed_errors_and_do_not_hurt_the_pool(serve_pool, image, call, kind, text, backend):
+    pool = serve_pool if backend == "serve" else LocalPool()
+    with pytest.raises(PoolError, match=text) as err:
+        run(call(pool, image[0]))
+    assert err.value.kind == kind
+    assert run(pool.run(DENOISER, image[0])).shape == image[0].shape  # still serving
+
+
+def test_pool_is_found_by_name_from_another_process(serve_pool, image, ray_cluster):
+    ray = ray_cluster
+
+    @ray.remote(num_cpus=0)
+    def restore_elsewhere(name, tool, img):
+        import asyncio
+
+        import tir  # noqa: F401
+        from tool_pool.client import ServePool
+
+        return asyncio.run(ServePool(name).run(tool, img))
+
+    out = ray.get(restore_elsewhere.remote(serve_pool.name, DENOISER, image[0]))
+    np.testing.assert_array_equal(out, run(serve_pool.run(DENOISER, image[0])))
+    assert DENOISER in run(serve_pool.available_tools())
+
+
+def test_no_call_is_lost_when_a_replica_is_killed_mid_burst(serve_pool, image, ray_cluster):
+    ray = ray_cluster
+    from ray.util.state import list_actors
+
+    noisy = np.ascontiguousarray(np.tile(image[0], (2, 2, 1)))  # 256 px: slow enough to be in flight
+    replicas = [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if a.class_name.startswith("ServeReplica:" + serve_pool.name)]
+    assert len(replicas) == 2
+
+    retries_before = serve_pool.retries
+
+    async def burst():
+        calls = [asyncio.ensure_future(serve_pool.run(DENOISER, noisy)) for _ in range(64)]
+        await asyncio.sleep(0.5)
+        in_flight = sum(not c.done() for c in calls)
+        ray.kill(ray.get_actor(replicas[0].name, namespace="serve"), no_restart=True)
+        return in_flight, await asyncio.gather(*calls, return_exceptions=True)
+
+    in_flight, results = run(burst())
+    assert in_flight > 0, "the burst finished before the kill: the test did not test anything"
+    expected = TOOLS.get(DENOISER)([noisy])[0]
+    for result in results:  # every call either succeeded (perhaps retried) or says clearly why not
+        if isinstance(result, BaseException):
+            assert isinstance(result, PoolError) and result.kind in ("replica_failed", "timeout"), repr(result)
+        else:
+            np.testing.assert_array_equal(result, expected)
+    assert sum(not isinstance(r, BaseException) for r in results) >= 32
+    assert serve_pool.retries > retries_before  # calls on the killed replica were re-sent
+    again = run(asyncio.wait_for(serve_pool.run(DENOISER, noisy), 120))  # the pool serves again
+    np.testing.assert_array_equal(again, expected)
+
+
+def test_unknown_pool_name_is_a_clear_error(ray_cluster, image):
+    with pytest.raises(PoolError, match="no tool pool named 'nowhere'"):
+        run(ServePool("nowhere").run(DENOISER, image[0]))

@@ -1,0 +1,263 @@
+"""The pool client interface: ``await pool.run(tool, image, **args)`` and
+``await pool.score(metrics, image, reference)``, with two backends behind it.
+
+- ``ServePool``: the cluster-wide Ray Serve application (tool_pool/serve_app.py), found by name
+  from any process; calls are batched and multiplexed there.
+- ``LocalPool``: tools and scorers loaded in the calling process (the no-pool ablation, and
+  unit tests of tools).
+
+Both raise ``PoolError`` with a machine ``kind`` for every failure a caller should handle, so
+that the agent loop can turn a bad call into an observation.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict
+from typing import Any, Sequence
+
+import numpy as np
+
+# kinds of PoolError: the first four are the caller's fault and are never retried
+BAD_REQUEST_KINDS = ("unknown_tool", "unknown_metric", "bad_arguments", "bad_image")
+ERROR_KINDS = BAD_REQUEST_KINDS + ("unavailable", "tool_failed", "timeout", "replica_failed")
+
+
+class PoolError(RuntimeError):
+    def __init__(self, kind: str, message: str):
+        assert kind in ERROR_KINDS, kind
+        self.kind = kind
+        super().__init__(f"[{kind}] {message}")
+
+
+# ------------------------------------------------------------------ shared request handling
+def check_image(image: Any, what: str = "image") -> np.ndarray:
+    """The pool's contract for images: uint8 HxWx3 (finite by construction)."""
+    if isinstance(image, np.ndarray) and image.dtype.kind == "f" and not np.isfinite(image).all():
+        raise PoolError("bad_image", f"{what} contains NaN or infinite values")
+    if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3):
+        got = f"{type(image).__name__} {getattr(image, 'dtype', '')} {getattr(image, 'shape', '')}".strip()
+        raise PoolError("bad_image", f"{what}: expected a uint8 HxWx3 array, got {got}")
+    return image
+
+
+def resolve_tool(name: str, allowed: Sequence[str] | None = None):
+    """The tool object for a request, or a PoolError naming what is wrong."""
+    from tool_pool.tools import TOOLS
+
+    if allowed and name not in allowed:
+        from tir.registry import closest
+
+        hint = closest(name, allowed)
+        raise PoolError("unknown_tool", f"tool {name!r} is not served by this pool" + (f"; did you mean {hint!r}?" if hint else ""))
+    try:
+        return TOOLS.get(name)
+    except KeyError as err:
+        raise PoolError("unknown_tool", str(err.args[0])) from None
+
+
+def validated_arguments(tool, args: dict) -> dict:
+    from tool_pool.tools import validate_arguments
+
+    try:
+        return validate_arguments(tool.name, tool.parameters, dict(args))
+    except ValueError as err:
+        raise PoolError("bad_arguments", str(err)) from None
+
+
+def run_tool_batch(tool, images: list[np.ndarray], args: dict) -> list[np.ndarray]:
+    """Run one tool on images that share arguments; failures become PoolErrors."""
+    from tool_pool.tools import ToolArgumentError, ToolInputError, ToolUnavailableError
+
+    try:
+        return tool(images, **args)
+    except ToolArgumentError as err:
+        raise PoolError("bad_arguments", str(err)) from None
+    except ToolInputError as err:
+        raise PoolError("bad_image", str(err)) from None
+    except ToolUnavailableError as err:
+        raise PoolError("unavailable", str(err)) from None
+    except Exception as err:  # noqa: BLE001 - a tool bug must not take the caller down
+        raise PoolError("tool_failed", f"tool {tool.name!r} failed: {type(err).__name__}: {err}") from None
+
+
+def get_scorer_or_error(name: str):
+    from tool_pool.scorers import MetricUnavailable, get_scorer
+
+    try:
+        return get_scorer(name)
+    except KeyError as err:
+        raise PoolError("unknown_metric", str(err.args[0])) from None
+    except MetricUnavailable as err:
+        raise PoolError("unavailable", str(err)) from None
+
+
+def score_batch(scorer, images: list[np.ndarray], references: list[np.ndarray] | None) -> list[float]:
+    if scorer.full_reference and (references is None or any(r is None for r in references)):
+        raise PoolError("bad_arguments", f"metric {scorer.name!r} is full-reference: pass a reference image")
+    try:
+        return [float(v) for v in scorer.score(images, references if scorer.full_reference else None)]
+    except ValueError as err:
+        raise PoolError("bad_image", str(err)) from None
+    except Exception as err:  # noqa: BLE001
+        raise PoolError("tool_failed", f"metric {scorer.name!r} failed: {type(err).__name__}: {err}") from None
+
+
+class PoolStats:
+    """Per tool (or metric): calls, batches and their sizes, queue wait, model loads, errors."""
+
+    def __init__(self):
+        self.by_model: dict[str, dict[str, float]] = defaultdict(
+            lambda: {"calls": 0, "batches": 0, "max_batch": 0, "queue_wait_s": 0.0, "run_s": 0.0, "loads": 0, "errors": 0}
+        )
+
+    def record_batch(self, model: str, size: int, queue_wait_s: float, run_s: float, errors: int = 0) -> None:
+        row = self.by_model[model]
+        row["calls"] += size
+        row["batches"] += 1
+        row["max_batch"] = max(row["max_batch"], size)
+        row["queue_wait_s"] += queue_wait_s
+        row["run_s"] += run_s
+        row["errors"] += errors
+
+    def record_load(self, model: str) -> None:
+        self.by_model[model]["loads"] += 1
+
+    def merge(self, other: dict[str, dict[str, float]]) -> None:
+        for model, row in other.items():
+            mine = self.by_model[model]
+            for key, value in row.items():
+                mine[key] = max(mine[key], value) if key == "max_batch" else mine[key] + value
+
+    def snapshot(self) -> dict[str, dict[str, float]]:
+        out = {}
+        for model, row in self.by_model.items():
+            out[model] = dict(row)
+            out[model]["mean_batch"] = row["calls"] / row["batches"] if row["batches"] else 0.0
+            out[model]["mean_queue_wait_s"] = row["queue_wait_s"] / row["calls"] if row["calls"] else 0.0
+        return out
+
+
+# ------------------------------------------------------------------ the local backend
+class LocalPool:
+    """Tools and scorers in the calling process: same interface, no batching across callers."""
+
+    def __init__(self, tools: Sequence[str] | None = None):
+        self.allowed = list(tools or [])
+        self.stats_ = PoolStats()
+        self._loaded: set[str] = set()
+
+    async def run(self, tool: str, image: np.ndarray, **args) -> np.ndarray:
+        tool_obj = resolve_tool(tool, self.allowed)
+        check_image(image)
+        args = validated_arguments(tool_obj, args)
+        self._count_load(f"tool:{tool}")
+        start = time.perf_counter()
+        out = await asyncio.to_thread(run_tool_batch, tool_obj, [image], args)
+        self.stats_.record_batch(f"tool:{tool}", 1, 0.0, time.perf_counter() - start)
+        return out[0]
+
+    async def score(self, metrics: Sequence[str], image: np.ndarray, reference: np.ndarray | None = None) -> dict[str, float]:
+        check_image(image)
+        if reference is not None:
+            check_image(reference, "reference")
+        result = {}
+        for name in metrics:
+            scorer = get_scorer_or_error(name)
+            self._count_load(f"metric:{name}")
+            start = time.perf_counter()
+            values = await asyncio.to_thread(score_batch, scorer, [image], [reference] if reference is not None else None)
+            self.stats_.record_batch(f"metric:{name}", 1, 0.0, time.perf_counter() - start)
+            result[name] = values[0]
+        return result
+
+    async def available_tools(self) -> list[str]:
+        from tool_pool.tools import TOOLS
+
+        return [name for name in TOOLS.names() if not self.allowed or name in self.allowed]
+
+    async def stats(self) -> dict[str, dict[str, float]]:
+        return self.stats_.snapshot()
+
+    def _count_load(self, model: str) -> None:
+        if model not in self._loaded:
+            self._loaded.add(model)
+            self.stats_.record_load(model)
+
+
+# ------------------------------------------------------------------ the Ray Serve backend
+class ServePool:
+    """Client of the cluster-wide pool, found by its application name from any process.
+
+    Calls time out after ``timeout_s``; a call that fails because its replica died (Serve does
+    not retry in-flight calls) is retried up to ``max_retries`` times with backoff; a bad
+    request is raised at once as a PoolError of a BAD_REQUEST kind."""
+
+    def __init__(self, name: str = "tir_tool_pool", timeout_s: float = 60.0, max_retries: int = 3):
+        self.name, self.timeout_s, self.max_retries = name, timeout_s, max_retries
+        self.retries = 0  # calls re-sent after their replica died (for logs and tests)
+        self._handle = None
+
+    @property
+    def handle(self):
+        if self._handle is None:
+            from ray import serve
+
+            try:
+                self._handle = serve.get_app_handle(self.name)
+            except Exception as err:  # noqa: BLE001 - Serve raises several kinds here
+                raise PoolError("unavailable", f"no tool pool named {self.name!r} is running on this Ray cluster: {err}") from err
+        return self._handle
+
+    async def _call(self, method: str, model_id: str, *args) -> dict:
+        from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+        last_error: Exception | None = None
+        for attempt in range(self.max_retries + 1):
+            if attempt:
+                await asyncio.sleep(min(0.5 * 2 ** (attempt - 1), 5.0))
+            try:
+                response = getattr(self.handle.options(multiplexed_model_id=model_id), method).remote(*args)
+                answer = await asyncio.wait_for(response, self.timeout_s)
+            except asyncio.TimeoutError:
+                raise PoolError("timeout", f"{model_id} did not answer within {self.timeout_s}s") from None
+            except (ActorDiedError, ActorUnavailableError, RayActorError) as err:
+                last_error = err  # the replica died mid-call: Serve routes the retry elsewhere
+                self.retries += 1
+                continue
+            if "error" in answer:
+                raise PoolError(answer["error"], answer["message"])
+            return answer
+        raise PoolError("replica_failed", f"{model_id}: {self.max_retries + 1} attempts failed; last: {last_error}")
+
+    async def run(self, tool: str, image: np.ndarray, **args) -> np.ndarray:
+        check_image(image)  # fail fast, before shipping a bad array across the cluster
+        return (await self._call("run", f"tool:{tool}", image, args))["image"]
+
+    async def score(self, metrics: Sequence[str], image: np.ndarray, reference: np.ndarray | None = None) -> dict[str, float]:
+        check_image(image)
+        if reference is not None:
+            check_image(reference, "reference")
+        answers = await asyncio.gather(*(self._call("score", f"metric:{m}", image, reference) for m in metrics))
+        return {m: a["score"] for m, a in zip(metrics, answers)}
+
+    async def available_tools(self) -> list[str]:
+        return await self.handle.available_tools.remote()
+
+    async def stats(self) -> dict[str, dict[str, float]]:
+        import ray
+
+        from tool_pool.serve_app import NAMESPACE, STATS_ACTOR_SUFFIX
+
+        return await ray.get_actor(self.name + STATS_ACTOR_SUFFIX, namespace=NAMESPACE).snapshot.remote()
+
+
+def make_pool(pool_cfg):
+    """The pool a recipe asks for: ``pool.backend`` is "serve" (shared) or "local"."""
+    if pool_cfg.backend == "local":
+        return LocalPool(pool_cfg.tools)
+    if pool_cfg.backend == "serve":
+        from tool_pool.serve_app import start_pool
+
+        return start_pool(pool_cfg)
+    raise ValueError(f"pool.backend must be 'serve' or 'local', got {pool_cfg.backend!r}")

@@ -1,0 +1,174 @@
+"""The globally shared model-call pool: one Ray Serve application serves every tool call and
+every IQA score of the cluster.
+
+- Multiplexing: a request names its model (``tool:<name>`` or ``metric:<name>``); a replica keeps
+  the most used ones loaded (``@serve.multiplexed``) and loads others lazily.
+- Dynamic batching: concurrent calls are queued per replica (``@serve.batch``) and grouped by
+  model, image size and arguments, so one forward pass serves many callers. Serve keeps one
+  queue per replica, not per model, so the model id travels with each request into the batch.
+- A bad request is answered with an error payload, never an exception that could take the
+  replica (or the batch it shares with others) down.
+- Pool metrics go to one named stats actor, queryable from any process.
+"""
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+
+import ray
+from ray import serve
+
+from tool_pool.client import (
+    PoolError,
+    PoolStats,
+    check_image,
+    get_scorer_or_error,
+    resolve_tool,
+    run_tool_batch,
+    score_batch,
+    validated_arguments,
+)
+
+STATS_ACTOR_SUFFIX = "_stats"
+NAMESPACE = "tir"  # the stats actor's namespace, so that every job of the cluster finds it
+
+
+@ray.remote(num_cpus=0)
+class PoolStatsActor:
+    def __init__(self):
+        self.stats = PoolStats()
+
+    def record(self, batches: list[tuple], loads: list[str]) -> None:
+        for model, size, wait, run_s, errors in batches:
+            self.stats.record_batch(model, size, wait, run_s, errors)
+        for model in loads:
+            self.stats.record_load(model)
+
+    def snapshot(self) -> dict:
+        return self.stats.snapshot()
+
+
+def _error(err: PoolError) -> dict:
+    return {"error": err.kind, "message": str(err).split("] ", 1)[-1]}
+
+
+class ToolPoolDeployment:
+    """One replica of the pool. Configured (batch size, models per replica) by ``build_app``."""
+
+    def __init__(self, stats_actor_name: str, tools: list[str], manifest: str | None):
+        import tir  # noqa: F401 - environment shims before torchvision-based tools load
+        import tool_pool.tools  # noqa: F401 - registers the built-in tools
+
+        if manifest:
+            from tool_pool.neural import register_manifest
+
+            register_manifest(manifest)
+        self.allowed = list(tools)
+        self.stats_actor = ray.get_actor(stats_actor_name, namespace=NAMESPACE)
+
+    # models -------------------------------------------------------------------------------
+    async def get_model(self, model_id: str):
+        # replaced per app by a @serve.multiplexed wrapper in build_app
+        kind, name = model_id.split(":", 1)
+        model = resolve_tool(name, self.allowed) if kind == "tool" else get_scorer_or_error(name)
+        if kind == "tool" and hasattr(model, "load"):
+            model.load()  # a neural tool reads its checkpoint now, once per replica
+        self.stats_actor.record.remote([], [model_id])
+        return model
+
+    # requests -----------------------------------------------------------------------------
+    async def run(self, image, args: dict) -> dict:
+        model_id = serve.get_multiplexed_model_id()
+        try:
+            tool = await self.get_model(model_id)
+            check_image(image)
+            args = validated_arguments(tool, args)
+        except PoolError as err:
+            return _error(err)
+        return await self.batched((model_id, image, args, time.perf_counter()))
+
+    async def score(self, image, reference) -> dict:
+        model_id = serve.get_multiplexed_model_id()
+        try:
+            await self.get_model(model_id)
+            check_image(image)
+            if reference is not None:
+                check_image(reference, "reference")
+        except PoolError as err:
+            return _error(err)
+        return await self.batched((model_id, image, reference, time.perf_counter()))
+
+    async def available_tools(self) -> list[str]:
+        from tool_pool.tools import TOOLS
+
+        return [n for n in TOOLS.names() if (not self.allowed or n in self.allowed) and getattr(TOOLS.get(n), "available", True)]
+
+    async def batched(self, requests: list[tuple]) -> list[dict]:
+        # replaced per app by a @serve.batch wrapper in build_app
+        started = time.perf_counter()
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for i, (model_id, image, extra, _) in enumerate(requests):
+            key = (model_id, image.shape, repr(sorted(extra.items())) if isinstance(extra, dict) else None)
+            groups[key].append(i)
+        answers: list[dict] = [None] * len(requests)  # type: ignore[list-item]
+        records = []
+        for (model_id, _, _), rows in groups.items():
+            t0 = time.perf_counter()
+            wait = sum(started - requests[i][3] for i in rows)
+            try:
+                model = await self.get_model(model_id)
+                images = [requests[i][1] for i in rows]
+                if model_id.startswith("tool:"):
+                    for i, out in zip(rows, run_tool_batch(model, images, requests[rows[0]][2])):
+                        answers[i] = {"image": out}
+                else:
+                    refs = [requests[i][2] for i in rows]
+                    values = score_batch(model, images, refs if all(r is not None for r in refs) else None)
+                    for i, value in zip(rows, values):
+                        answers[i] = {"score": value}
+                errors = 0
+            except PoolError as err:
+                for i in rows:
+                    answers[i] = _error(err)
+                errors = len(rows)
+            records.append((model_id, len(rows), wait, time.perf_counter() - t0, errors))
+        self.stats_actor.record.remote(records, [])
+        return answers
+
+
+def build_app(pool_cfg) -> serve.Application:
+    """The Serve application for a ``pool`` recipe section (tir.config.PoolConfig)."""
+    cls = type("ToolPool", (ToolPoolDeployment,), {})
+    cls.get_model = serve.multiplexed(max_num_models_per_replica=pool_cfg.max_models_per_replica)(ToolPoolDeployment.get_model)
+    cls.batched = serve.batch(max_batch_size=pool_cfg.max_batch_size, batch_wait_timeout_s=pool_cfg.batch_wait_timeout_s)(
+        ToolPoolDeployment.batched
+    )
+    deployment = serve.deployment(
+        cls,
+        name="ToolPool",
+        num_replicas=pool_cfg.num_replicas,
+        ray_actor_options={"num_cpus": pool_cfg.num_cpus_per_replica, "num_gpus": pool_cfg.num_gpus_per_replica},
+        max_ongoing_requests=max(64, 4 * pool_cfg.max_batch_size),
+    )
+    return deployment.bind(pool_cfg.name + STATS_ACTOR_SUFFIX, list(pool_cfg.tools), pool_cfg.manifest)
+
+
+def start_pool(pool_cfg):
+    """Start the pool application (and its stats actor) on the connected Ray cluster and return
+    a client. Idempotent per name: a second call connects to the running pool."""
+    from tool_pool.client import ServePool
+
+    stats_name = pool_cfg.name + STATS_ACTOR_SUFFIX
+    PoolStatsActor.options(name=stats_name, namespace=NAMESPACE, get_if_exists=True, lifetime="detached").remote()
+    serve.start(proxy_location="Disabled")  # handles only: no HTTP proxy to pay for
+    if pool_cfg.name not in serve.status().applications:
+        serve.run(build_app(pool_cfg), name=pool_cfg.name, route_prefix=None)
+    return ServePool(pool_cfg.name, timeout_s=pool_cfg.call_timeout_s, max_retries=pool_cfg.max_retries)
+
+
+def stop_pool(name: str) -> None:
+    serve.delete(name)
+    try:
+        ray.kill(ray.get_actor(name + STATS_ACTOR_SUFFIX, namespace=NAMESPACE))
+    except ValueError:
+        pass
