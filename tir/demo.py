@@ -24,22 +24,34 @@ from tir.protocol import Batch
 
 
 async def greedy_oracle_restore(pool, lq: np.ndarray, hq: np.ndarray, degradations: list[str], tools_by_subtask: dict):
-    """Undo degradations last-first, picking each step's best tool by PSNR against ``hq``."""
+    """Undo degradations last-first, picking each step's best tool by PSNR against ``hq``; a
+    step whose best tool makes things worse is skipped (recorded as "skip")."""
     image, calls, chosen = lq, 0, []
+    current = (await pool.score(["psnr"], image, hq))["psnr"]
     for name in reversed(degradations):
         candidates = tools_by_subtask[SUBTASK_FOR_DEGRADATION[name]]
         outputs = await asyncio.gather(*(pool.run(tool, image) for tool in candidates))
-        scores = await asyncio.gather(*(pool.score(["psnr"], out, hq) for out in outputs))
-        best = int(np.argmax([s["psnr"] for s in scores]))
-        image, calls = outputs[best], calls + len(candidates)
-        chosen.append(candidates[best])
+        scores = [s["psnr"] for s in await asyncio.gather(*(pool.score(["psnr"], out, hq) for out in outputs))]
+        calls += len(candidates)
+        best = int(np.argmax(scores))
+        if scores[best] > current:
+            image, current = outputs[best], scores[best]
+            chosen.append(candidates[best])
+        else:
+            chosen.append("skip")
     return image, chosen, calls
 
 
-async def restore_all(pool, batch: Batch, tools_by_subtask: dict, metrics: list[str]):
+async def restore_all(pool, batch: Batch, tools_by_subtask: dict, metrics: list[str], concurrency: int = 16):
     lqs, hqs, chains = batch.column("lq"), batch.column("hq"), batch.column("degradations")
+    # enough samples in flight to fill the pool's batches, not so many that calls wait minutes
+    slots = asyncio.Semaphore(concurrency)
 
     async def one(i):
+        async with slots:
+            return await restore_one(i)
+
+    async def restore_one(i):
         restored, chosen, calls = await greedy_oracle_restore(pool, lqs[i], hqs[i], chains[i], tools_by_subtask)
         before, after = await asyncio.gather(pool.score(metrics, lqs[i], hqs[i]), pool.score(metrics, restored, hqs[i]))
         return i, restored, chosen, calls, before, after
