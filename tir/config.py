@@ -110,17 +110,24 @@ class AlgoConfig:
     clip_ratio_high: float = 0.28
     kl_coef: float = 0.01
     entropy_coef: float = 0.0
-    loss_agg: str = "token-mean"  # or "seq-mean-token-mean"
+    loss_agg: str = "token-mean"  # or "seq-mean-token-mean", "seq-mean-token-sum"
+    kl_kind: str = "k3"  # "k1", "k2" or the low-variance "k3"
     adv_eps: float = 1e-6
+    adv_normalize_std: bool = True  # False: Dr. GRPO (no division by the group std)
 
 
 @dataclass
 class RewardConfig:
     metrics: list[str] = field(default_factory=lambda: ["psnr", "ssim", "niqe"])
     weights: dict[str, float] = field(default_factory=dict)  # initial weights; empty: equal
-    adaptive: bool = True
+    adaptive: bool = True  # False: the fixed-weight sum (the ablation)
     format_penalty: float = 0.5
     tool_cost: float = 0.05
+    # adaptive weights (tir/reward.py AdaptiveWeights): EMA decay and the pull of each signal
+    decay: float = 0.9
+    agreement_scale: float = 4.0
+    improvement_scale: float = 1.0
+    min_weight: float = 0.02
 
 
 @dataclass

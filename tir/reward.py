@@ -265,7 +265,11 @@ class MultiMetricReward:
 
     @classmethod
     def from_config(cls, reward_cfg: Any, **adaptive_options: float) -> MultiMetricReward:
-        """From a recipe's ``reward`` section (metrics, weights, adaptive, format_penalty, tool_cost)."""
+        """From a recipe's ``reward`` section (metrics, weights, adaptive, format_penalty,
+        tool_cost, and the adaptive options decay, agreement_scale, improvement_scale, min_weight)."""
+        for key in ("decay", "agreement_scale", "improvement_scale", "min_weight"):
+            if key in reward_cfg and key not in adaptive_options:
+                adaptive_options[key] = reward_cfg[key]
         return cls(list(reward_cfg.metrics), mode="adaptive" if reward_cfg.adaptive else "fixed",
                    weights=dict(reward_cfg.weights), format_penalty=reward_cfg.format_penalty,
                    tool_cost=reward_cfg.tool_cost, **adaptive_options)
