@@ -17,7 +17,7 @@ def ray_cluster():
     import ray
 
     ray.init(
-        num_cpus=4,  # logical CPUs: lets several small actors share this 2-core machine
+        num_cpus=8,  # logical CPUs: lets the pool and several small groups share this 2-core machine
         include_dashboard=True,
         dashboard_host="127.0.0.1",
         # Workers import test modules (worker classes defined in tests) and the package.
