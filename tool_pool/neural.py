@@ -235,6 +235,10 @@ class NeuralTool(Tool):
         self.network = network.to(self.device).eval()
         return self
 
+    def unload(self) -> None:
+        """Drop the network (the pool's multiplexer calls this when it evicts the tool)."""
+        self.network = None
+
     def run(self, images: list[np.ndarray]) -> list[np.ndarray]:
         import torch
 

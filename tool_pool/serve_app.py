@@ -48,6 +48,19 @@ class PoolStatsActor:
         return self.stats.snapshot()
 
 
+class _Loaded:
+    """What the multiplexer caches per model id. Serve calls ``__del__`` when it evicts an entry
+    (least recently used first), which frees a neural tool's weights on this replica."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __del__(self):
+        unload = getattr(self.model, "unload", None)
+        if unload is not None:
+            unload()
+
+
 def _error(err: PoolError) -> dict:
     return {"error": err.kind, "message": str(err).split("] ", 1)[-1]}
 
@@ -72,15 +85,18 @@ class ToolPoolDeployment:
         kind, name = model_id.split(":", 1)
         model = resolve_tool(name, self.allowed) if kind == "tool" else get_scorer_or_error(name)
         if kind == "tool" and hasattr(model, "load"):
-            model.load()  # a neural tool reads its checkpoint now, once per replica
+            try:
+                model.load()  # a neural tool reads its checkpoint now, once per replica
+            except Exception as err:  # noqa: BLE001 - a missing or corrupt checkpoint
+                raise PoolError("unavailable", str(err)) from None
         self.stats_actor.record.remote([], [model_id])
-        return model
+        return _Loaded(model)
 
     # requests -----------------------------------------------------------------------------
     async def run(self, image, args: dict) -> dict:
         model_id = serve.get_multiplexed_model_id()
         try:
-            tool = await self.get_model(model_id)
+            tool = (await self.get_model(model_id)).model
             check_image(image)
             args = validated_arguments(tool, args)
         except PoolError as err:
@@ -116,7 +132,7 @@ class ToolPoolDeployment:
             t0 = time.perf_counter()
             wait = sum(started - requests[i][3] for i in rows)
             try:
-                model = await self.get_model(model_id)
+                model = (await self.get_model(model_id)).model
                 images = [requests[i][1] for i in rows]
                 if model_id.startswith("tool:"):
                     for i, out in zip(rows, run_tool_batch(model, images, requests[rows[0]][2])):
