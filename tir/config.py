@@ -100,6 +100,8 @@ class ActorConfig:
     lr: float = 1e-5
     weight_decay: float = 0.0
     warmup_steps: int = 0
+    lr_schedule: str = "constant"  # or "cosine" (down to min_lr_ratio x lr)
+    min_lr_ratio: float = 0.0
     grad_clip: float = 1.0
     micro_batch_size: int = 4
 

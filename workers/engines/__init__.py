@@ -1,0 +1,8 @@
+"""Training engines, found by name (``actor.engine`` in a recipe): "fsdp2", "deepspeed", "plain".
+
+Importing this package registers all three; each imports its heavy framework only when built.
+"""
+from workers.engines.base import ENGINES, EngineOptions, TrainingEngine, make_engine, token_logprobs
+from workers.engines import deepspeed_engine, fsdp2, plain  # noqa: F401  - register
+
+__all__ = ["ENGINES", "EngineOptions", "TrainingEngine", "make_engine", "token_logprobs"]
