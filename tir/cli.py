@@ -3,6 +3,7 @@
     tir config show recipe=recipes/tiny_cpu.yaml trainer.total_steps=3
     tir data synth --combos groupA,groupB --per-image 4 --seed 0 --out data/x.parquet
     tir model tiny --out runs/tiny_policy
+    tir restore photo.png --agent exhaustive --out restored.png
     tir demo [recipe=...] [key=value ...]
 
 Subcommands import their modules lazily so that ``tir --help`` stays fast.
@@ -33,6 +34,12 @@ def _model_tiny(args: argparse.Namespace) -> int:
     return tiny_main(args)
 
 
+def _restore(args: argparse.Namespace) -> int:
+    from tir.restore import restore_main
+
+    return restore_main(args)
+
+
 def _demo(args: argparse.Namespace) -> int:
     from tir.demo import main as demo_main
 
@@ -61,6 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_tiny_arguments(tiny)
     tiny.set_defaults(run=_model_tiny)
+
+    restore = commands.add_parser("restore", help="restore one photo with a policy checkpoint or a baseline")
+    from tir.restore import add_restore_arguments
+
+    add_restore_arguments(restore)
+    restore.set_defaults(run=_restore)
 
     demo = commands.add_parser("demo", help="the end-to-end path that exists today (the README's main job)")
     demo.add_argument("overrides", nargs="*", metavar="recipe=FILE|key=value")

@@ -84,6 +84,10 @@ class RolloutConfig:
     num_gpus_per_replica: float = 0.0
     n: int = 4  # trajectories per image (the GRPO group)
     max_turns: int = 4
+    max_length: int = 4096  # tokens of a whole trajectory; longer ones end at a turn boundary
+    max_format_errors: int = 3  # malformed replies before an episode ends
+    concurrency: int = 64  # trajectories in flight per driver
+    max_batch_size: int = 8  # turns one engine generates together (transformers backend)
     max_new_tokens: int = 64
     temperature: float = 1.0
     top_p: float = 1.0
