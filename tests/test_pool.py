@@ -94,19 +94,16 @@ def test_pool_is_found_by_name_from_another_process(serve_pool, image, ray_clust
 
 def test_no_call_is_lost_when_a_replica_is_killed_mid_burst(serve_pool, image, ray_cluster):
     ray = ray_cluster
-    from ray.util.state import list_actors
-
     noisy = np.ascontiguousarray(np.tile(image[0], (2, 2, 1)))  # 256 px: slow enough to be in flight
-    replicas = [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if a.class_name.startswith("ServeReplica:" + serve_pool.name)]
-    assert len(replicas) == 2
-
-    retries_before = serve_pool.retries
+    named = ray.util.list_named_actors(all_namespaces=True)
+    replicas = [a["name"] for a in named if a["namespace"] == "serve" and a["name"].startswith(f"SERVE_REPLICA::{serve_pool.name}#")]
+    assert len(replicas) == 2, named
 
     async def burst():
         calls = [asyncio.ensure_future(serve_pool.run(DENOISER, noisy)) for _ in range(64)]
         await asyncio.sleep(0.5)
         in_flight = sum(not c.done() for c in calls)
-        ray.kill(ray.get_actor(replicas[0].name, namespace="serve"), no_restart=True)
+        ray.kill(ray.get_actor(replicas[0], namespace="serve"), no_restart=True)
         return in_flight, await asyncio.gather(*calls, return_exceptions=True)
 
     in_flight, results = run(burst())
@@ -118,9 +115,13 @@ def test_no_call_is_lost_when_a_replica_is_killed_mid_burst(serve_pool, image, r
         else:
             np.testing.assert_array_equal(result, expected)
     assert sum(not isinstance(r, BaseException) for r in results) >= 32
-    assert serve_pool.retries > retries_before  # calls on the killed replica were re-sent
+    # Calls running on the dead replica come back as ActorDiedError and the client re-sends them
+    # (serve_pool.retries counts those); calls still queued in Serve's router are re-routed by
+    # Serve itself, so how many the client re-sent depends on timing and is not asserted.
     again = run(asyncio.wait_for(serve_pool.run(DENOISER, noisy), 120))  # the pool serves again
     np.testing.assert_array_equal(again, expected)
+    alive = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == "serve"}
+    assert replicas[0] not in alive  # the kill really happened during the burst
 
 
 def test_unknown_pool_name_is_a_clear_error(ray_cluster, image):
