@@ -32,6 +32,7 @@ from tir.registry import closest
 # recipe name -> "module:Class"; a new backend adds one line (or calls register_engine).
 ENGINES: dict[str, str] = {
     "hf": "workers.rollout.hf_engine:HFEngine",
+    "vllm": "workers.rollout.vllm_engine:VLLMEngine",
 }
 
 # Sampling keys every engine understands; engines may accept more (and must reject unknown ones).
