@@ -2,7 +2,10 @@
 
     tir config show recipe=recipes/tiny_cpu.yaml trainer.total_steps=3
     tir data synth --combos groupA,groupB --per-image 4 --seed 0 --out data/x.parquet
+    tir data expert --in data/train.parquet --out data/sft.parquet
     tir model tiny --out runs/tiny_policy
+    tir train sft recipe=sft_tiny_cpu
+    tir train rl recipe=tiny_cpu trainer.resume=auto
     tir restore photo.png --agent exhaustive --out restored.png
     tir demo [recipe=...] [key=value ...]
 
@@ -26,6 +29,22 @@ def _data_synth(args: argparse.Namespace) -> int:
     from tir.data import synth_main
 
     return synth_main(args)
+
+
+def _data_expert(args: argparse.Namespace) -> int:
+    from tir.expert import expert_main
+
+    return expert_main(args)
+
+
+def _train(args: argparse.Namespace) -> int:
+    if args.stage == "sft":
+        from tir.trainer.sft import sft_main
+
+        return sft_main(args.overrides)
+    from tir.trainer.rl import rl_main
+
+    return rl_main(args.overrides)
 
 
 def _model_tiny(args: argparse.Namespace) -> int:
@@ -61,6 +80,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_synth_arguments(synth)
     synth.set_defaults(run=_data_synth)
+    expert = data.add_parser("expert", help="search expert tool schedules (and perturb them) for SFT")
+    from tir.expert import add_expert_arguments
+
+    add_expert_arguments(expert)
+    expert.set_defaults(run=_data_expert)
+
+    train = commands.add_parser("train", help="train the policy: sft (expert trajectories) or rl (multi-turn GRPO)")
+    train.add_argument("stage", choices=("sft", "rl"))
+    train.add_argument("overrides", nargs="*", metavar="recipe=FILE|key=value")
+    train.set_defaults(run=_train)
 
     model = commands.add_parser("model", help="policy checkpoints").add_subparsers(dest="action", required=True)
     tiny = model.add_parser("tiny", help="write a tiny random Qwen2.5-VL policy offline")

@@ -1,0 +1,440 @@
+"""Expert trajectories for SFT: search tool schedules through the pool, then perturb them.
+
+For one training sample (a degraded LQ photo with known degradations, and its HQ original):
+
+1. Search. Each degradation needs its subtask (``SUBTASK_FOR_DEGRADATION``); a schedule is an
+   order of those subtasks and one served tool per subtask. Every schedule is executed for real
+   through the pool and its final image is scored against the HQ photo with the reward's
+   metrics; the best becomes the expert (near ties, within ``tie_margin``, go to the
+   conventional order and tools, so that noise does not pick the label). Two degradations (at most ``exhaustive_up_to``) are
+   searched exhaustively (2 orders x tools x tools); three with a beam: after each step only the
+   ``beam_width`` best partial schedules (their current image scored against HQ) are extended.
+   Metrics are combined as the reward combines them: gains over the LQ input, standardised
+   across the sample's candidates, weighted (``tir.reward``).
+2. Perturb (the paper's exploration-keeping trick). With the recipe's probabilities, the
+   expert's steps are reordered and/or a step's tool is swapped for another tool of the same
+   subtask. The perturbed schedule is executed for real, so every image of the trajectory is
+   the true output of its call. ``perturbed`` marks those rows; ``expert_tools`` keeps the
+   expert's own schedule (the label for evaluation) either way.
+
+``tir data expert --in data/train.parquet --out data/sft.parquet`` does this for every row,
+several samples at a time, writing shards of finished samples as it goes (``<out>.parts/``):
+rerun the same command after a kill and only unfinished shards are computed.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from tir.degradations import SUBTASK_FOR_DEGRADATION, stable_hash
+from tir.protocol import Batch
+from tir.reward import LOWER_BETTER, metric_gains, normalize_gains
+from tool_pool.client import PoolError
+
+# Columns a row gains (beside the sample's own), and their Batch kinds.
+EXPERT_KINDS = {
+    "expert_tools": "auto", "expert_scores": "json", "tools": "auto", "step_images": "images",
+    "final_image": "image", "input_scores": "json", "final_scores": "json", "perturbed": "auto",
+    "perturbation": "json", "search_mode": "auto", "search_candidates": "json", "search_tool_calls": "auto",
+    "search_score_calls": "auto", "search_s": "auto", "perturb_tool_calls": "auto",
+}  # fmt: skip
+NOT_PERTURBED = {"reordered": False, "swapped": []}
+
+
+@dataclass(frozen=True)
+class ExpertSettings:
+    metrics: tuple[str, ...] = ("psnr", "ssim", "niqe")
+    weights: Mapping[str, float] = field(default_factory=dict)  # empty: equal
+    beam_width: int = 4
+    exhaustive_up_to: int = 2  # degradations searched exhaustively; more use the beam
+    tie_margin: float = 0.25  # schedules this close to the best (in candidate std units) count as ties
+    perturb: bool = True
+    reorder_prob: float = 0.3
+    swap_tool_prob: float = 0.3
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.beam_width < 1:
+            raise ValueError(f"beam_width must be >= 1, got {self.beam_width}")
+        for name in ("reorder_prob", "swap_tool_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        unknown = [m for m in self.metrics if m not in LOWER_BETTER]
+        if unknown or not self.metrics:
+            raise ValueError(f"metrics {list(self.metrics)}: need at least one, each with a known direction (unknown: {unknown})")
+
+    @classmethod
+    def from_recipe(cls, cfg, **overrides) -> "ExpertSettings":
+        """The reward's metrics and weights, the ``sft`` section's perturbation, beam width and
+        tie margin (``sft.tie_margin``, 0.25 where the recipe schema has no such key)."""
+        from omegaconf import OmegaConf
+
+        tie_margin = OmegaConf.select(cfg, "sft.tie_margin", default=None)
+        values = {"metrics": tuple(cfg.reward.metrics), "weights": dict(cfg.reward.weights), "beam_width": cfg.sft.beam_width,
+                  "perturb": cfg.sft.perturb, "reorder_prob": cfg.sft.reorder_prob, "swap_tool_prob": cfg.sft.swap_tool_prob,
+                  "seed": cfg.run.seed, "tie_margin": cls.tie_margin if tie_margin is None else float(tie_margin)}  # fmt: skip
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+@dataclass
+class Schedule:
+    """A (partial) tool schedule executed on one LQ photo: its tools and their true outputs."""
+
+    tools: tuple[str, ...]
+    images: tuple[np.ndarray, ...]
+    image: np.ndarray  # the current image: the last output, or the LQ photo
+    scores: dict[str, float] | None = None
+    quality: float = 0.0  # the combined score among the candidates it was ranked with
+
+
+@dataclass
+class Cost:
+    tool_calls: int = 0
+    score_calls: int = 0
+
+
+# ---------------------------------------------------------------- running and scoring
+
+
+async def execute(pool, lq: np.ndarray, tools: Sequence[str], cost: Cost) -> Schedule | None:
+    """Run ``tools`` in order from the LQ photo; None if a call fails."""
+    schedule = Schedule((), (), lq)
+    for tool in tools:
+        schedule = await extend(pool, schedule, tool, cost)
+        if schedule is None:
+            return None
+    return schedule
+
+
+async def extend(pool, schedule: Schedule, tool: str, cost: Cost) -> Schedule | None:
+    """``schedule`` plus one call of ``tool`` on its current image; None when the pool says the
+    call failed (that schedule is dropped)."""
+    cost.tool_calls += 1
+    try:
+        output = await pool.run(tool, schedule.image)
+    except PoolError:
+        return None
+    return Schedule(schedule.tools + (tool,), schedule.images + (output,), output)
+
+
+def comparable(image: np.ndarray, hq: np.ndarray) -> np.ndarray:
+    """``image`` at the HQ size (the protocol upscales a 1/4-size output before full-reference
+    scoring; a path that has not super-resolved yet is judged the same way)."""
+    import cv2
+
+    if image.shape[:2] == hq.shape[:2]:
+        return image
+    return cv2.resize(image, (hq.shape[1], hq.shape[0]), interpolation=cv2.INTER_CUBIC)
+
+
+async def score(pool, image: np.ndarray, hq: np.ndarray, metrics: Sequence[str], cost: Cost) -> dict[str, float]:
+    """Each metric of ``image`` against HQ; a metric that cannot score this image (NIQE on a
+    flat one, say) is left out rather than failing the sample."""
+    cost.score_calls += 1
+    image = comparable(image, hq)
+    values = await asyncio.gather(*(pool.score([m], image, hq) for m in metrics), return_exceptions=True)
+    for value in values:
+        if isinstance(value, BaseException) and not isinstance(value, PoolError):
+            raise value
+    return {m: v[m] for m, v in zip(metrics, values) if not isinstance(v, BaseException)}
+
+
+def quality(candidate_scores: Sequence[Mapping], input_scores: Mapping, settings: ExpertSettings) -> np.ndarray:
+    """One number per candidate, as the reward combines metrics: gains over the input,
+    standardised across the candidates, weighted. A candidate a metric could not score gets
+    that metric's worst gain among the others (breaking a metric is no merit)."""
+    metrics = [m for m in settings.metrics if m in input_scores and any(m in s for s in candidate_scores)]
+    if not metrics:
+        raise ValueError(f"no metric of {list(settings.metrics)} could score this sample")
+    gains = np.full((len(candidate_scores), len(metrics)), np.nan)
+    for i, scores in enumerate(candidate_scores):
+        present = [m for m in metrics if m in scores]
+        row = metric_gains([{m: scores[m] for m in present}], [input_scores], present, LOWER_BETTER)[0]
+        gains[i, [metrics.index(m) for m in present]] = row
+    gains = np.where(np.isnan(gains), np.nanmin(gains, axis=0, keepdims=True), gains)
+    normalized = normalize_gains(gains, group_size=len(candidate_scores))
+    weights = np.array([float(settings.weights.get(m, 0.0)) if settings.weights else 1.0 for m in metrics])
+    if weights.sum() <= 0:  # the weighted metrics all failed on this sample: the rest count equally
+        weights = np.ones(len(metrics))
+    return normalized @ (weights / weights.sum())
+
+
+# ---------------------------------------------------------------- the search
+
+
+def needed_subtasks(degradations: Sequence[str]) -> list[str]:
+    unknown = [d for d in degradations if d not in SUBTASK_FOR_DEGRADATION]
+    if unknown:
+        raise KeyError(f"unknown degradation(s) {unknown}; expected some of {', '.join(SUBTASK_FOR_DEGRADATION)}")
+    return list(dict.fromkeys(SUBTASK_FOR_DEGRADATION[d] for d in degradations))
+
+
+async def search_expert(pool, lq: np.ndarray, hq: np.ndarray, degradations: Sequence[str], tools_by_subtask: Mapping[str, Sequence[str]],
+                        settings: ExpertSettings, cost: Cost, input_scores: Mapping) -> tuple[Schedule, list[Schedule], str]:  # fmt: skip
+    """The expert schedule for this sample (``pick_expert``), every complete schedule scored
+    (best first), and the search mode ("exhaustive" or "beam"). Partial schedules share their
+    prefix's executions."""
+    subtasks = needed_subtasks(degradations)
+    missing = [s for s in subtasks if not tools_by_subtask.get(s)]
+    if missing:
+        raise ValueError(f"the pool serves no tool for subtask(s) {missing}")
+    subtask_of = {tool: s for s, tools in tools_by_subtask.items() for tool in tools}
+    exhaustive = len(subtasks) <= settings.exhaustive_up_to
+    frontier = [Schedule((), (), lq)]
+    for depth in range(len(subtasks)):
+        moves = [(schedule, tool) for schedule in frontier for subtask in subtasks
+                 if subtask not in {subtask_of[t] for t in schedule.tools} for tool in tools_by_subtask[subtask]]  # fmt: skip
+        children = await asyncio.gather(*(extend(pool, schedule, tool, cost) for schedule, tool in moves))
+        frontier = [child for child in children if child is not None]
+        if not frontier:
+            raise RuntimeError(f"every schedule failed at step {depth + 1} (subtasks {subtasks})")
+        last = depth == len(subtasks) - 1
+        if last or not exhaustive:  # exhaustive search scores complete schedules only
+            frontier = await best_first(pool, frontier, hq, input_scores, settings, cost)
+            if not last:
+                frontier = frontier[: settings.beam_width]
+    return pick_expert(frontier, tools_by_subtask, settings.tie_margin), frontier, "exhaustive" if exhaustive else "beam"
+
+
+async def best_first(pool, schedules: list[Schedule], hq: np.ndarray, input_scores: Mapping, settings: ExpertSettings, cost: Cost) -> list[Schedule]:
+    """``schedules`` scored against HQ and sorted best first (ties: the order they came in)."""
+    scores = await asyncio.gather(*(score(pool, s.image, hq, settings.metrics, cost) for s in schedules))
+    for schedule, values, value in zip(schedules, scores, quality(scores, input_scores, settings)):
+        schedule.scores, schedule.quality = values, float(value)
+    return sorted(schedules, key=lambda s: -s.quality)
+
+
+def pick_expert(ranked: Sequence[Schedule], tools_by_subtask: Mapping[str, Sequence[str]], margin: float) -> Schedule:
+    """The best schedule, except that near ties (within ``margin`` of the best) go to the
+    conventional schedule: the order prior of the training-free agents first, then each
+    subtask's usual tool. Near ties are measurement noise; breaking them the same way every time
+    keeps the expert's choices learnable (with margin 0: the plain best)."""
+    near = [s for s in ranked if s.quality >= ranked[0].quality - margin]
+    return min(near, key=lambda s: (*unconventional(s.tools, tools_by_subtask), -s.quality))
+
+
+def unconventional(tools: Sequence[str], tools_by_subtask: Mapping[str, Sequence[str]]) -> tuple[int, int]:
+    """(1 if the order departs from the order prior, number of steps not using their subtask's usual tool)."""
+    from tir.baselines import FIXED_TOOLS, restoration_order
+
+    subtask_of = {tool: s for s, names in tools_by_subtask.items() for tool in names}
+    degradation_of = {s: d for d, s in SUBTASK_FOR_DEGRADATION.items()}
+    order = [degradation_of[subtask_of[t]] for t in tools]
+    usual = {s: FIXED_TOOLS[s] if FIXED_TOOLS.get(s) in names else sorted(names)[0] for s, names in tools_by_subtask.items() if names}
+    return int(order != restoration_order(order)), sum(usual[subtask_of[t]] != t for t in tools)
+
+
+# ---------------------------------------------------------------- perturbation
+
+
+def perturb_tools(tools: Sequence[str], tools_by_subtask: Mapping[str, Sequence[str]], rng: np.random.Generator,
+                  reorder_prob: float, swap_tool_prob: float) -> tuple[list[str], dict]:  # fmt: skip
+    """A perturbed copy of a schedule and what was done, each with its probability per
+    trajectory: ``reordered`` (another order of the same steps) and ``swapped`` (the index, in
+    the new order, of the one step whose tool became another tool of its subtask). A schedule of
+    one step cannot be reordered, nor a step whose subtask has a single tool swapped."""
+    subtask_of = {tool: s for s, names in tools_by_subtask.items() for tool in names}
+    out = list(tools)
+    reordered = len(out) > 1 and rng.random() < reorder_prob
+    if reordered:
+        orders = [p for p in itertools.permutations(range(len(out))) if list(p) != list(range(len(out)))]
+        out = [out[i] for i in orders[int(rng.integers(len(orders)))]]
+    alternatives = {i: [t for t in tools_by_subtask.get(subtask_of.get(tool), []) if t != tool] for i, tool in enumerate(out)}
+    swappable = [i for i, others in alternatives.items() if others]
+    swapped = []
+    if swappable and rng.random() < swap_tool_prob:
+        index = swappable[int(rng.integers(len(swappable)))]
+        out[index] = alternatives[index][int(rng.integers(len(alternatives[index])))]
+        swapped.append(index)
+    return out, {"reordered": bool(reordered), "swapped": swapped}
+
+
+def sample_generator(seed: int, row: Mapping) -> np.random.Generator:
+    """The perturbation's generator of one row: a function of the run seed and the sample only,
+    so that a resumed or re-sharded run perturbs every sample the same way."""
+    return np.random.default_rng([int(seed), stable_hash(str(row.get("image_id", ""))), stable_hash(str(row.get("combo", ""))), int(row.get("seed", 0))])
+
+
+# ---------------------------------------------------------------- one sample, many samples
+
+
+async def expert_row(pool, row: Mapping, tools_by_subtask: Mapping[str, Sequence[str]], settings: ExpertSettings) -> dict:
+    """The sample's row with the expert (or perturbed) trajectory's columns added."""
+    started, cost = time.perf_counter(), Cost()
+    lq, hq = row["lq"], row["hq"]
+    input_scores = await score(pool, lq, hq, settings.metrics, cost)
+    best, candidates, mode = await search_expert(pool, lq, hq, row["degradations"], tools_by_subtask, settings, cost, input_scores)
+    search_s, search_calls = time.perf_counter() - started, cost.tool_calls
+    chosen, info = best, NOT_PERTURBED
+    if settings.perturb:
+        tools, info = perturb_tools(best.tools, tools_by_subtask, sample_generator(settings.seed, row), settings.reorder_prob, settings.swap_tool_prob)
+        if tools != list(best.tools):
+            executed = await execute(pool, lq, tools, cost)
+            if executed is not None:  # a failing perturbed schedule falls back to the expert
+                executed.scores = await score(pool, executed.image, hq, settings.metrics, cost)
+                chosen = executed
+    return {
+        **row, "expert_tools": list(best.tools), "expert_scores": best.scores, "tools": list(chosen.tools),
+        "step_images": list(chosen.images), "final_image": chosen.image, "input_scores": input_scores,
+        "final_scores": chosen.scores, "perturbed": chosen is not best, "perturbation": info if chosen is not best else NOT_PERTURBED,
+        "search_mode": mode, "search_candidates": [{"tools": list(c.tools), "quality": c.quality, "scores": c.scores} for c in candidates],
+        "search_tool_calls": search_calls,
+        "search_score_calls": cost.score_calls, "search_s": search_s, "perturb_tool_calls": cost.tool_calls - search_calls,
+    }  # fmt: skip
+
+
+async def expert_batch(pool, samples: Batch, settings: ExpertSettings, tools_by_subtask: Mapping[str, Sequence[str]] | None = None,
+                       concurrency: int = 8, progress=None) -> Batch:  # fmt: skip
+    """Expert trajectories of every row of ``samples`` (a ``tir data synth`` batch), in order.
+    ``progress``: called once per finished sample (e.g. a tqdm bar's ``update``)."""
+    if tools_by_subtask is None:
+        tools_by_subtask = await served_tools_by_subtask(pool)
+    rows, slots = samples.rows(), asyncio.Semaphore(concurrency)
+
+    async def one(row):
+        async with slots:
+            out = await expert_row(pool, row, tools_by_subtask, settings)
+        if progress is not None:
+            progress(1)
+        return out
+
+    done = await asyncio.gather(*(one(row) for row in rows))
+    kinds = {name: samples.kind(name) for name in samples.columns} | EXPERT_KINDS
+    return Batch.from_rows(done, meta={**samples.meta, "kind": "expert", "expert": _settings_dict(settings)}, kinds=kinds)
+
+
+async def served_tools_by_subtask(pool) -> dict[str, list[str]]:
+    from tir.baselines import tools_by_subtask
+
+    return tools_by_subtask(await pool.available_tools())
+
+
+def _settings_dict(settings: ExpertSettings) -> dict:
+    out = asdict(settings)
+    out["metrics"], out["weights"] = list(settings.metrics), dict(settings.weights)
+    return out
+
+
+# ---------------------------------------------------------------- resumable runs: shards
+
+
+def parts_dir(out: str | Path) -> Path:
+    out = Path(out)
+    return out.with_name(out.name + ".parts")
+
+
+def run_shards(pool, samples: Batch, out: str | Path, settings: ExpertSettings, shard_size: int = 16, concurrency: int = 8,
+               progress: bool = True) -> Batch:  # fmt: skip
+    """Expert rows of ``samples`` written shard by shard into ``<out>.parts/`` (each shard
+    atomically), then concatenated into ``out``. Shards already there are kept: rerunning after
+    a kill computes only the rest. A rerun with other settings or inputs is refused."""
+    from tqdm import tqdm
+
+    from tir.data import _check_manifest
+
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    folder = parts_dir(out)
+    fingerprint = {"samples": len(samples), "seeds": _fingerprint(samples), "shard_size": shard_size, "settings": _settings_dict(settings)}
+    _check_manifest(folder, fingerprint)
+    starts = list(range(0, len(samples), shard_size))
+    paths = [folder / f"part-{index:05d}.parquet" for index in range(len(starts))]
+    finished = sum(min(shard_size, len(samples) - start) for start, path in zip(starts, paths) if path.exists())
+    with tqdm(total=len(samples), initial=finished, desc="expert", unit="sample", disable=not progress) as bar:
+        if finished:
+            bar.write(f"resuming: {finished} of {len(samples)} samples already done in {folder}")
+
+        async def missing_shards():  # one event loop for the whole run: pool clients are bound to it
+            tools = await served_tools_by_subtask(pool)
+            for start, path in zip(starts, paths):
+                if not path.exists():
+                    chunk = samples.slice(start, start + shard_size)
+                    (await expert_batch(pool, chunk, settings, tools, concurrency, bar.update)).to_parquet(path)
+
+        asyncio.run(missing_shards())
+    batch = Batch.concat([Batch.from_parquet(p) for p in paths])
+    batch.to_parquet(out)
+    return batch
+
+
+def _fingerprint(samples: Batch) -> str:
+    keys = [f"{i}:{c}:{s}" for i, c, s in zip(samples.column("image_id"), samples.column("combo"), samples.column("seed"))]
+    return f"{stable_hash('|'.join(keys)):016x}"
+
+
+# ---------------------------------------------------------------- CLI: tir data expert
+
+
+def add_expert_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Arguments of ``tir data expert``."""
+    parser.add_argument("--in", dest="inp", required=True, help="samples from `tir data synth` (.parquet file or shard folder)")
+    parser.add_argument("--out", required=True, help="output .parquet (shards go to <out>.parts/ while it runs)")
+    parser.add_argument("--recipe", default="tiny_cpu", help="recipe naming the pool, the reward's metrics and the sft section")
+    parser.add_argument("--shard-size", type=int, default=16, help="samples per shard: what a kill can lose at most")
+    parser.add_argument("--concurrency", type=int, default=8, help="samples searched at once")
+    parser.add_argument("--no-perturb", action="store_true", help="expert schedules only (the ablation); overrides sft.perturb")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N samples")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. pool.backend=local sft.beam_width=2")
+    return parser
+
+
+def expert_main(args: argparse.Namespace) -> int:
+    from tir.config import RecipeError, load_recipe
+    from tir.data import read_synth
+
+    try:
+        cfg = load_recipe(args.recipe, list(args.overrides))
+        samples = read_synth(args.inp)
+        if args.limit is not None:
+            samples = samples.slice(0, args.limit)
+        settings = ExpertSettings.from_recipe(cfg, perturb=False if args.no_perturb else None)
+    except (RecipeError, FileNotFoundError, ValueError) as err:
+        print(f"tir data expert: error: {err}", file=sys.stderr)
+        return 2
+    pool, release = open_pool(cfg)
+    try:
+        started = time.perf_counter()
+        batch = run_shards(pool, samples, args.out, settings, args.shard_size, args.concurrency, progress=not args.no_progress)
+    finally:
+        release()
+    print(summary(batch, time.perf_counter() - started))
+    print(f"wrote {len(batch)} expert trajectories to {args.out}")
+    return 0
+
+
+def open_pool(cfg):
+    """The recipe's pool and a function that releases what this process started."""
+    from tool_pool.client import make_pool
+
+    if cfg.pool.backend == "local":
+        return make_pool(cfg.pool), lambda: None
+    import ray
+
+    from tir.cluster import init_ray
+
+    was_running = ray.is_initialized()
+    init_ray(cfg.ray)
+    return make_pool(cfg.pool), (lambda: None) if was_running else ray.shutdown
+
+
+def summary(batch: Batch, seconds: float) -> str:
+    calls, scores, search = (np.asarray(batch.column(c), float) for c in ("search_tool_calls", "search_score_calls", "search_s"))
+    perturbed = int(np.sum(batch.column("perturbed")))
+    modes = json.dumps({m: batch.column("search_mode").count(m) for m in sorted(set(batch.column("search_mode")))})
+    return (f"{len(batch)} samples in {seconds:.1f}s; search per sample: {calls.mean():.1f} tool calls, {scores.mean():.1f} "
+            f"scorings, {search.mean():.2f}s (modes {modes}); perturbed rows: {perturbed} ({perturbed / max(1, len(batch)):.0%})")  # fmt: skip
+
+
+if __name__ == "__main__":  # python -m tir.expert ... (before `tir data expert` is wired)
+    sys.exit(expert_main(add_expert_arguments(argparse.ArgumentParser(prog="tir data expert")).parse_args()))

@@ -1,0 +1,80 @@
+"""Tool-choice accuracy: does the policy call what the expert called, on photos it never saw?
+
+The policy plays each held-out sample greedily through the agent loop, with real tools from the
+pool (so its later turns see the images its own earlier calls produced), and is compared with
+the expert's schedule (``expert_tools``, never perturbed):
+
+- ``first_call``: the first reply is a well-formed call of the expert's first tool;
+- ``first_subtask``: ... of a tool of the same subtask (the right kind of fix, any tool);
+- ``first_call_tie``: ... of the first tool of a schedule the expert search scored within
+  ``tie_margin`` of the best (``search_candidates``): a choice as good as the expert's, up to
+  the noise the expert itself breaks ties over (needs that column; else not reported);
+- ``sequence``: the tools called, in order, are exactly the expert's, with no malformed reply;
+- ``format_ok``: the first reply is a well-formed tool call or answer.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+
+from tir import prompts
+from tir.agent_loop import LoopSettings, rollout
+from tir.protocol import Batch
+
+SAMPLE_COLUMNS = ("lq", "expert_tools", "search_candidates", "image_id", "combo")
+
+
+def first_action(messages: Sequence[Mapping], schemas: Sequence[Mapping]) -> prompts.Action | None:
+    """The action of the episode's first policy reply (None if it never replied)."""
+    for message in messages:
+        if message["role"] == "assistant":
+            return prompts.parse_action(message["text"], schemas)
+    return None
+
+
+def tool_choice(episodes: Batch, schemas: Sequence[Mapping], tie_margin: float = 0.25) -> dict[str, float]:
+    """Accuracies (fractions) over the episodes, each holding ``expert_tools``, ``messages``,
+    ``tool_calls`` and ``format_errors`` (a rollout of expert rows)."""
+    from tool_pool.tools import get_tool
+
+    def subtask(name: str) -> str | None:
+        try:
+            return get_tool(name).subtask
+        except KeyError:
+            return None
+
+    counts = {"first_call": 0, "first_subtask": 0, "sequence": 0, "format_ok": 0}
+    ties = episodes.column("search_candidates") if "search_candidates" in episodes.columns else None
+    if ties is not None:
+        counts["first_call_tie"] = 0
+    rows = zip(episodes.column("expert_tools"), episodes.column("messages"), episodes.column("tool_calls"), episodes.column("format_errors"))
+    for index, (expert, messages, calls, format_errors) in enumerate(rows):
+        action = first_action(messages, schemas)
+        called = [call["name"] for call in calls if call["committed"]]
+        is_call = isinstance(action, prompts.ToolCall)
+        counts["format_ok"] += isinstance(action, (prompts.ToolCall, prompts.Stop))
+        counts["first_call"] += is_call and action.name == expert[0]
+        counts["first_subtask"] += is_call and subtask(action.name) == subtask(expert[0])
+        counts["sequence"] += called == list(expert) and format_errors == 0
+        if ties is not None:
+            counts["first_call_tie"] += is_call and action.name in tied_first_tools(ties[index], tie_margin)
+    total = max(1, len(episodes))
+    return {name: value / total for name, value in counts.items()} | {"samples": len(episodes)}
+
+
+def tied_first_tools(candidates: Sequence[Mapping], tie_margin: float) -> set[str]:
+    """First tools of the scored schedules within ``tie_margin`` of the best one."""
+    best = max(c["quality"] for c in candidates)
+    return {c["tools"][0] for c in candidates if c["quality"] >= best - tie_margin}
+
+
+async def evaluate_tool_choice(engine, processor, pool, heldout: Batch, schemas: Sequence[Mapping], settings: LoopSettings,
+                               cues=None, tie_margin: float = 0.25) -> tuple[dict[str, float], Batch]:  # fmt: skip
+    """Greedy episodes of the held-out expert rows; (accuracies, the episodes)."""
+    samples = heldout.select([c for c in SAMPLE_COLUMNS if c in heldout.columns])
+    episodes = await rollout(engine, processor, pool, samples, greedy(settings), schemas, cues)
+    return tool_choice(episodes, schemas, tie_margin), episodes
+
+
+def greedy(settings: LoopSettings) -> LoopSettings:
+    return replace(settings, temperature=0.0, top_p=1.0, top_k=0, seed=None, choices=None)

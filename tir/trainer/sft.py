@@ -1,0 +1,257 @@
+"""SFT: teach the policy the expert's tool schedules. ``tir train sft recipe=... key=value``.
+
+The story (``sft_main``, top to bottom):
+
+    recipe -> the resolved config next to the outputs (<run.output_dir>/sft/)
+    Ray, the tool pool, the policy's processor, the served tools, perception cues if the recipe shows them
+    expert trajectories (`tir data expert`) -> held-out photos set aside -> tokenized rows, built by
+        the agent loop itself (tir.sft_data), so they are what the policy sees at rollout time
+    the actor group (FSDP2 or DeepSpeed over actor.num_workers), resumed from the last checkpoint
+    evaluate the untrained policy; then per epoch: shuffled batches -> train_step with the loss
+        on the policy's own tokens only -> checkpoint -> weights to the evaluation engine ->
+        tool-choice accuracy on the held-out photos (greedy episodes with real tools)
+    an HF checkpoint (<out>/hf) that `tir restore --agent <out>/hf` and the RL trainer load
+
+Outputs in <run.output_dir>/sft/: config.yaml, metrics.jsonl (one line per step and per
+evaluation), checkpoints/ (engine state + progress.json; ``latest.json`` names the newest),
+hf/, summary.json.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from omegaconf import OmegaConf
+
+from tir.algos import masked_mean
+
+DEFAULT_HELDOUT = ("chelsea", "stereo_motorcycle")  # 2 of the 8 built-in photos: never trained on
+KEEP_CHECKPOINTS = 2
+
+
+def sft_loss(logprobs, tensors):
+    """Negative log-likelihood of the policy's tokens (the loss mask: assistant turns only)."""
+    nll = -masked_mean(logprobs, tensors["loss_mask"])
+    return nll, {"nll": nll.item()}
+
+
+def sft_main(cli_args: list[str]) -> int:
+    """``tir train sft recipe=... key=value ...``; exit status."""
+    import ray
+
+    from tir.cluster import init_ray
+    from tir.config import load_recipe, split_cli_overrides
+
+    recipe, overrides = split_cli_overrides(cli_args)
+    cfg = load_recipe(recipe or "sft_tiny_cpu", overrides)
+    was_running = ray.is_initialized()  # a cluster we attached to outlives this run
+    init_ray(cfg.ray)
+    try:
+        return run_sft(cfg)
+    finally:
+        if not was_running:
+            ray.shutdown()
+
+
+def run_sft(cfg) -> int:
+    from tir.agent_loop import LoopSettings, pool_tool_schemas
+    from tir.config import save_resolved
+    from tir.env import perception_cues
+    from tir.expert import ExpertSettings
+    from tir.models import load_policy
+    from tir.protocol import Batch
+    from tir.sft_data import TRAIN_COLUMNS, sft_rows, split_by_image
+    from tool_pool.client import make_pool
+    from workers.actor import actor_group
+    from workers.rollout.hf_engine import HFEngine
+
+    out = Path(cfg.run.output_dir) / "sft"
+    save_resolved(cfg, out)
+    log = MetricsLog(out / "metrics.jsonl")
+    print(f"[sft] recipe resolved -> {out / 'config.yaml'}")
+
+    pool = make_pool(cfg.pool)
+    model, processor = load_policy(cfg.model.path, dtype=cfg.model.dtype)
+    schemas = asyncio.run(pool_tool_schemas(pool, list(cfg.pool.tools) or None))
+    cues = perception_cues() if cfg.model.perception_cues else None
+    loop = LoopSettings.from_recipe(cfg.rollout)
+    tie_margin = ExpertSettings.from_recipe(cfg).tie_margin  # what the expert counted as a tie
+
+    data_path = option(cfg, "sft.data_path", f"{cfg.run.output_dir}/data/sft.parquet")
+    if not Path(data_path).exists():
+        print(f"[sft] error: no expert trajectories at {data_path}; make them with `tir data expert --in ... --out {data_path}`")
+        return 2
+    train_expert, heldout = split_by_image(Batch.from_parquet(data_path), option(cfg, "sft.heldout_images", DEFAULT_HELDOUT))
+    heldout = evaluation_subset(heldout, option(cfg, "sft.eval_samples", 64), cfg.run.seed)
+    started = time.perf_counter()
+    train = sft_rows(processor, train_expert, schemas, loop, cues).select(TRAIN_COLUMNS)
+    tokens = sum(len(ids) for ids in train.column("input_ids"))
+    print(f"[sft] {len(train)} training trajectories ({tokens} tokens, cues {'on' if cues else 'off'}) tokenized in "
+          f"{time.perf_counter() - started:.1f}s; {len(heldout)} held-out samples")  # fmt: skip
+
+    epochs, batch_size = int(cfg.sft.epochs), int(option(cfg, "sft.batch_size", cfg.trainer.batch_size))
+    steps_per_epoch = len(epoch_batches(len(train), batch_size, cfg.actor.num_workers, cfg.run.seed, 0))
+    actors = actor_group(cfg, name="sft_actor", lr=cfg.sft.lr, total_steps=max(1, steps_per_epoch * epochs))
+    train_s = 0.0  # seconds in train steps (this process's share of the run)
+    try:
+        progress = resume(actors, out, cfg.trainer.resume, steps_per_epoch)
+        engine = HFEngine(model=model, processor=processor, max_batch_size=cfg.rollout.max_batch_size, seed=cfg.run.seed)
+
+        def evaluate(epoch: int) -> None:
+            push_weights(actors, engine)
+            accuracy = evaluate_heldout(engine, processor, pool, heldout, schemas, loop, cues, tie_margin)
+            progress.evaluations.append({"epoch": epoch, **accuracy})
+            log.write({"kind": "eval", "epoch": epoch, "step": progress.global_step, **accuracy})
+            tie = f" (or a tie: {accuracy['first_call_tie']:.0%})" if "first_call_tie" in accuracy else ""
+            print(f"[sft] epoch {epoch} held-out: first call {accuracy['first_call']:.0%}{tie}, subtask {accuracy['first_subtask']:.0%}, "
+                  f"sequence {accuracy['sequence']:.0%}, well-formed {accuracy['format_ok']:.0%} ({accuracy['samples']} samples)")  # fmt: skip
+
+        if not progress.evaluations:
+            evaluate(0)  # the policy before SFT
+        if progress.epoch >= epochs:
+            print(f"[sft] all {epochs} epochs were already trained (checkpoint {latest_checkpoint(out)}); writing the HF checkpoint only")
+        for epoch in range(progress.epoch, epochs):
+            batches = epoch_batches(len(train), batch_size, cfg.actor.num_workers, cfg.run.seed, epoch)
+            for index in range(progress.step_in_epoch, len(batches)):
+                step_started = time.perf_counter()
+                metrics = actors.train_step(train.take(batches[index]), sft_loss)[0]
+                train_s += time.perf_counter() - step_started
+                progress.step_in_epoch, progress.global_step = index + 1, progress.global_step + 1
+                log.write({"kind": "train", "epoch": epoch + 1, "global_step": progress.global_step, **metrics})
+                if progress.global_step % max(1, cfg.trainer.log_every) == 0:
+                    print(f"[sft] epoch {epoch + 1} step {index + 1}/{len(batches)}: nll {metrics['nll']:.3f}, "
+                          f"grad norm {metrics['grad_norm']:.2f}, lr {metrics['lr']:.2e}")  # fmt: skip
+                if cfg.trainer.save_every and progress.global_step % cfg.trainer.save_every == 0 and index + 1 < len(batches):
+                    save(actors, out, progress)
+            progress.epoch, progress.step_in_epoch = epoch + 1, 0
+            evaluate(epoch + 1)
+            save(actors, out, progress)
+
+        hf = actors.save_hf(str(out / "hf"))[0]
+    finally:
+        actors.shutdown()
+    summary = {"before": progress.evaluations[0], "after": progress.evaluations[-1], "epochs": epochs, "steps": progress.global_step,
+               "train_rows": len(train), "cues": bool(cues), "train_s": train_s, "hf_checkpoint": hf}  # fmt: skip
+    write_json(out / "summary.json", summary)
+    print(f"[sft] first-call accuracy {summary['before']['first_call']:.0%} -> {summary['after']['first_call']:.0%} "
+          f"({progress.global_step} steps, {train_s:.0f}s training); HF checkpoint: {hf}")  # fmt: skip
+    return 0
+
+
+# ---------------------------------------------------------------- the pieces the story calls
+
+
+def option(cfg, key: str, default):
+    """A recipe value that the schema may not define (yet): the default when absent or null."""
+    value = OmegaConf.select(cfg, key, default=None)
+    if value is None:
+        return default
+    return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+
+
+def evaluation_subset(heldout, size: int, seed: int):
+    """At most ``size`` held-out rows, a fixed random draw (the same every epoch and run)."""
+    if len(heldout) <= size:
+        return heldout
+    return heldout.take(sorted(np.random.default_rng([seed, 7]).permutation(len(heldout))[:size].tolist()))
+
+
+def epoch_batches(rows: int, batch_size: int, num_workers: int, seed: int, epoch: int) -> list[list[int]]:
+    """Row indices of each batch of one epoch: a permutation fixed by (seed, epoch), so that a
+    run resumed mid-epoch skips exactly the batches it trained. A last batch too small to give
+    every worker a row joins the one before."""
+    if rows < num_workers:
+        raise ValueError(f"{rows} training rows cannot feed {num_workers} actor workers")
+    order = np.random.default_rng([seed, epoch]).permutation(rows).tolist()
+    batches = [order[start : start + batch_size] for start in range(0, rows, batch_size)]
+    if len(batches) > 1 and len(batches[-1]) < num_workers:
+        last = batches.pop()
+        batches[-1] += last
+    return batches
+
+
+def push_weights(actors, engine) -> None:
+    """The actors' current weights into the evaluation engine (rank 0 holds the full state)."""
+    weights = actors.state_dict_for_rollout()[0]
+    engine.update_weights(weights.items())
+
+
+def evaluate_heldout(engine, processor, pool, heldout, schemas, loop, cues, tie_margin: float) -> dict:
+    from tir.trainer.evaluate import evaluate_tool_choice
+
+    accuracy, _ = asyncio.run(evaluate_tool_choice(engine, processor, pool, heldout, schemas, loop, cues, tie_margin))
+    return accuracy
+
+
+class MetricsLog:
+    """One JSON object per line, appended (a resumed run continues the same file)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, record: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps({"time": time.time(), **record}) + "\n")
+
+
+# ---------------------------------------------------------------- checkpoints and resume
+
+
+@dataclass
+class Progress:
+    epoch: int = 0  # epochs finished
+    step_in_epoch: int = 0  # batches of the current epoch already trained
+    global_step: int = 0
+    steps_per_epoch: int = 0
+    evaluations: list = field(default_factory=list)  # {"epoch": e, accuracies...}; epoch 0: before SFT
+
+
+def save(actors, out: Path, progress: Progress) -> Path:
+    """Engine state (every rank's shards) + progress, then ``latest.json`` names it: a kill at
+    any moment leaves ``latest.json`` naming a complete checkpoint."""
+    folder = out / "checkpoints"
+    path = folder / f"step_{progress.global_step:06d}"
+    actors.save_checkpoint(str(path))
+    write_json(path / "progress.json", asdict(progress))
+    write_json(folder / "latest.json", {"path": path.name})
+    for old in sorted(folder.glob("step_*"))[:-KEEP_CHECKPOINTS]:
+        shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    pointer = out / "checkpoints" / "latest.json"
+    if not pointer.is_file():
+        return None
+    return out / "checkpoints" / json.loads(pointer.read_text())["path"]
+
+
+def resume(actors, out: Path, how: str, steps_per_epoch: int) -> Progress:
+    """``trainer.resume``: "auto" (the latest checkpoint if any), "never", or a checkpoint dir."""
+    if how == "never":
+        return Progress(steps_per_epoch=steps_per_epoch)
+    path = latest_checkpoint(out) if how == "auto" else Path(how)
+    if path is None:
+        return Progress(steps_per_epoch=steps_per_epoch)
+    if not (path / "progress.json").is_file():
+        raise FileNotFoundError(f"{path} is not an SFT checkpoint (no progress.json)")
+    progress = Progress(**json.loads((path / "progress.json").read_text()))
+    if progress.steps_per_epoch != steps_per_epoch:
+        raise ValueError(f"checkpoint {path} was trained with {progress.steps_per_epoch} steps per epoch, this run has "
+                         f"{steps_per_epoch}: the data or sft batch size changed (use trainer.resume=never to start over)")  # fmt: skip
+    actors.load_checkpoint(str(path))
+    print(f"[sft] resumed from {path}: {progress.epoch} epoch(s) and {progress.step_in_epoch} step(s) done")
+    return progress
+
+
+def write_json(path: Path, value) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=1))
+    os.replace(tmp, path)
