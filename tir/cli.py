@@ -6,6 +6,7 @@
     tir model tiny --out runs/tiny_policy
     tir train sft recipe=sft_tiny_cpu
     tir train rl recipe=tiny_cpu trainer.resume=auto
+    tir dumps summary runs/x/rl/dumps ; tir dumps view runs/x/rl/dumps --out report.html
     tir restore photo.png --agent exhaustive --out restored.png
     tir demo [recipe=...] [key=value ...]
 
@@ -45,6 +46,12 @@ def _train(args: argparse.Namespace) -> int:
     from tir.trainer.rl import rl_main
 
     return rl_main(args.overrides)
+
+
+def _dumps(args: argparse.Namespace) -> int:
+    from tir.dump_analysis import dumps_main
+
+    return dumps_main(args)
 
 
 def _model_tiny(args: argparse.Namespace) -> int:
@@ -97,6 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_tiny_arguments(tiny)
     tiny.set_defaults(run=_model_tiny)
+
+    dumps = commands.add_parser("dumps", help="analyse rollout dumps: summary tables and plots, an HTML trajectory viewer")
+    from tir.dump_analysis import add_dumps_arguments
+
+    add_dumps_arguments(dumps)
+    dumps.set_defaults(run=_dumps)
 
     restore = commands.add_parser("restore", help="restore one photo with a policy checkpoint or a baseline")
     from tir.restore import add_restore_arguments

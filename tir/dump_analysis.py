@@ -1,0 +1,518 @@
+"""Reading rollout dumps back: ``tir dumps summary DIR`` (tables + plots) and ``tir dumps view DIR``
+(a self-contained HTML page to browse trajectories; see ``tir.dump_viewer``).
+
+The dump schema
+---------------
+One Parquet file per RL step, ``DIR/step_NNNNNN.parquet`` (``tir.dumps``), one row per trajectory
+(a GRPO group is ``rollout.n`` adjacent rows). Image columns are ``struct<height, width, pixels:
+large_binary>`` (uint8 RGB, row-major); ``json`` columns are JSON strings (the field metadata
+``tir.kind`` says which kind a column is). The sample's columns:
+
+- ``image_id``: the HQ photo's name; ``combo``: the degradation combination ("noise+jpeg");
+  ``group``: its group in the recipe; ``degradations``: list of names; ``params`` (json): each
+  degradation's sampled parameters; ``depth_source``, ``seed``, ``crop_box``: how it was made;
+- ``lq`` (image): the degraded photo the episode started from; ``hq`` (image): the clean reference.
+
+The trajectory (``tir.agent_loop.rollout``):
+
+- ``input_ids``: every token of the chat (prompt, replies, observations); ``loss_mask``: 1 on the
+  policy's own tokens; ``rollout_logprobs``: the sampler's log-prob of each policy token (0 elsewhere);
+  ``prompt_length``: tokens before the first reply;
+- ``images`` (list of images): every image the policy saw, in order (the LQ first, then each
+  successful tool call's output that was shown); ``final_image`` (image): the episode's result;
+- ``tool_calls`` (json): one record per executed call: name, arguments, ok, error_kind, error,
+  seconds, committed (False: explored by a baseline, not a turn);
+- ``num_turns``, ``num_tool_calls``, ``format_errors``, ``tool_errors``: counts; ``stop_reason``:
+  answer | max_turns | parse_error_limit | max_length | error; ``error``: "" unless the episode crashed;
+- ``messages`` (json): the chat as ``{role, text, image}`` records (image: the turn showed one; the
+  shown images are ``images`` in order); ``timings`` (json): wall_s, generate_s, env_s, tool_s, spans.
+
+The reward (``tir.dumps.step_dump``):
+
+- ``final_scores`` / ``input_scores`` (json): ``{metric: value}`` of the final image and of the LQ,
+  each against the HQ;
+- ``reward``: the scalar reward; ``reward_terms`` (json): quality, format and tool terms, and per
+  metric its raw ``gain``, group-``normalized`` gain and ``contribution`` (weight x normalized);
+- ``reward_weights`` (json): the metric weights of this step (adaptive: they move step to step);
+- ``advantage``: the GRPO advantage; ``ref_logprobs`` / ``old_logprobs``: per-token log-probs of
+  the reference and of the policy before the update, when the run computed them.
+
+The file's schema metadata ``tir.meta`` (json) holds ``step``, ``config_hash``, ``reward_weights``,
+``wall_s`` and the sample set's settings. Reading a dump without tir::
+
+    import json, numpy as np, pyarrow.parquet as pq
+    table = pq.read_table("runs/x/rl/dumps/step_000012.parquet", columns=["combo", "reward", "tool_calls", "lq"])
+    meta = json.loads(table.schema.metadata[b"tir.meta"])          # {"step": 12, ...}
+    df = table.drop(["lq"]).to_pandas()
+    df["tool_calls"] = df["tool_calls"].map(json.loads)              # json columns are strings
+    lq = table.column("lq")[0].as_py()                               # one image: a dict
+    photo = np.frombuffer(lq["pixels"], np.uint8).reshape(lq["height"], lq["width"], 3)
+
+or with tir: ``tir.dumps.read_dump(folder, step).column("tool_calls")`` (decoded).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections import Counter, defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+# Columns the summary reads (never the images); those absent from a dump are skipped.
+SUMMARY_COLUMNS = ("image_id", "combo", "tool_calls", "num_turns", "num_tool_calls", "format_errors", "tool_errors",
+                   "stop_reason", "error", "final_scores", "input_scores", "reward", "reward_terms", "reward_weights", "advantage")  # fmt: skip
+REQUIRED_COLUMNS = ("combo", "tool_calls", "num_turns", "stop_reason")
+# Subtasks of tools the registry does not know (neural tools from a manifest not loaded here).
+SUBTASK_PREFIXES = (("deblur_motion", "motion_deblurring"), ("deblur_defocus", "defocus_deblurring"), ("sharpen", "defocus_deblurring"),
+                    ("denoise", "denoising"), ("dehaze", "dehazing"), ("derain", "deraining"), ("jpeg", "jpeg_artifact_removal"),
+                    ("brighten", "brightening"), ("sr_", "super_resolution"))  # fmt: skip
+
+
+class DumpError(ValueError):
+    """A dump folder or file that cannot be analysed; the message names it."""
+
+
+# ---------------------------------------------------------------- reading
+
+
+def dump_files(folder: str | Path, steps: Sequence[int] | None = None) -> dict[int, Path]:
+    """Step -> file of the dumps in ``folder`` (only ``steps``, when given); a clear error when none."""
+    from tir.dumps import list_dumps
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DumpError(f"{folder}: no such folder (expected a run's dumps folder, e.g. runs/NAME/rl/dumps)")
+    found = list_dumps(folder)
+    if not found:
+        raise DumpError(f"{folder}: no rollout dumps in it (expected step_NNNNNN.parquet files, written when trainer.dump_rollouts is on)")
+    if steps is not None:
+        missing = [s for s in steps if s not in found]
+        if missing:
+            raise DumpError(f"{folder}: no dump of step(s) {missing[:10]} (dumped steps: {_range_text(list(found))})")
+        found = {s: found[s] for s in steps}
+    return found
+
+
+def read_batch(path: Path, columns: Sequence[str] | None = None, required: Sequence[str] = ()):
+    """``Batch`` of one dump file (only ``columns`` that it has); ``DumpError`` naming the file
+    when it is not a readable Parquet dump or lacks a ``required`` column."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tir.protocol import Batch
+
+    try:
+        names = pq.read_schema(path).names
+        missing = [c for c in required if c not in names]
+        if missing:
+            raise DumpError(f"{path}: not a rollout dump, it has no column(s) {', '.join(missing)}")
+        return Batch.from_parquet(path, columns=[c for c in columns if c in names] if columns is not None else None)
+    except (pa.ArrowException, OSError, ValueError) as err:
+        if isinstance(err, DumpError):
+            raise
+        raise DumpError(f"{path}: cannot read this dump (corrupt or not Parquet): {_first_line(err)}") from err
+
+
+def load_episodes(folder: str | Path, steps: Sequence[int] | None = None) -> list[dict]:
+    """One light record per trajectory of every dump (no images): what the summary works on."""
+    import pyarrow.compute as pc
+
+    episodes = []
+    for step, path in dump_files(folder, steps).items():
+        batch = read_batch(path, [*SUMMARY_COLUMNS, "input_ids"], REQUIRED_COLUMNS)
+        try:
+            columns = {name: batch.column(name) for name in SUMMARY_COLUMNS if name in batch.columns}
+            tokens = pc.list_value_length(batch.table.column("input_ids")).to_pylist() if "input_ids" in batch.columns else None
+        except ValueError as err:  # a json column that does not parse
+            raise DumpError(f"{path}: a column cannot be decoded: {_first_line(err)}") from err
+        step = int(batch.meta.get("step", step))
+        for i in range(len(batch)):
+            episodes.append(episode_record(step, i, {name: values[i] for name, values in columns.items()}, tokens[i] if tokens else None))
+    return episodes
+
+
+def episode_record(step: int, row: int, values: Mapping, tokens: int | None = None) -> dict:
+    """The summary's view of one dumped row (missing reward columns: None / empty)."""
+    calls = [c for c in (values.get("tool_calls") or []) if c.get("committed", True)]
+    terms = values.get("reward_terms") or {}
+    return {
+        "step": step, "row": row, "image_id": values.get("image_id"), "combo": values.get("combo") or "?",
+        "calls": [c["name"] for c in calls], "calls_ok": [bool(c.get("ok", True)) for c in calls],
+        "num_turns": int(values.get("num_turns") or 0), "format_errors": int(values.get("format_errors") or 0),
+        "tool_errors": int(values.get("tool_errors") or sum(not c.get("ok", True) for c in calls)),
+        "stop_reason": values.get("stop_reason") or "?", "crashed": bool(values.get("error")), "tokens": tokens,
+        "reward": values.get("reward"), "advantage": values.get("advantage"),
+        "input_scores": values.get("input_scores") or {}, "final_scores": values.get("final_scores") or {},
+        "gains": terms.get("gain") or {}, "contributions": terms.get("contribution") or {},
+        "weights": values.get("reward_weights") or {},
+    }  # fmt: skip
+
+
+# ---------------------------------------------------------------- statistics (pure)
+
+
+def subtask_of(name: str) -> str:
+    """A tool's subtask: from the registry when it knows the tool, else from the name's prefix."""
+    try:
+        from tool_pool.tools import TOOLS
+
+        if name in TOOLS.names():
+            return TOOLS.get(name).subtask
+    except ImportError:
+        pass
+    return next((subtask for prefix, subtask in SUBTASK_PREFIXES if name.startswith(prefix)), "other")
+
+
+def tool_usage_by_subtask(episodes: Sequence[dict], subtask: Callable[[str], str] = subtask_of) -> dict[str, int]:
+    """Calls per subtask (committed calls, failed ones included), most used first."""
+    return dict(Counter(subtask(name) for ep in episodes for name in ep["calls"]).most_common())
+
+
+def tool_usage_by_position(episodes: Sequence[dict]) -> dict[int, dict[str, int]]:
+    """Position in the episode (1 = first call) -> calls per tool at that position."""
+    out: dict[int, Counter] = defaultdict(Counter)
+    for ep in episodes:
+        for position, name in enumerate(ep["calls"], start=1):
+            out[position][name] += 1
+    return {p: dict(out[p].most_common()) for p in sorted(out)}
+
+
+def episode_lengths(episodes: Sequence[dict]) -> dict:
+    """Mean turns, tool calls and tokens per episode; the turn histogram and stop reasons."""
+    tokens = [ep["tokens"] for ep in episodes if ep["tokens"] is not None]
+    return {
+        "episodes": len(episodes), "turns_mean": _mean([ep["num_turns"] for ep in episodes]),
+        "tool_calls_mean": _mean([len(ep["calls"]) for ep in episodes]), "tokens_mean": _mean(tokens),
+        "tokens_max": max(tokens) if tokens else None,
+        "turns_histogram": dict(sorted(Counter(ep["num_turns"] for ep in episodes).items())),
+        "stop_reasons": dict(Counter(ep["stop_reason"] for ep in episodes).most_common()),
+    }  # fmt: skip
+
+
+def reward_by_metric(episodes: Sequence[dict]) -> dict:
+    """Mean reward and advantage; per metric the mean input and final score, gain, contribution
+    to the reward, and the share of episodes that improved it (gain > 0)."""
+    metrics = sorted({m for ep in episodes for m in (*ep["final_scores"], *ep["gains"])})
+    rewards = [ep["reward"] for ep in episodes if ep["reward"] is not None]
+    out = {"reward_mean": _mean(rewards), "reward_std": _std(rewards),
+           "advantage_mean": _mean([ep["advantage"] for ep in episodes if ep["advantage"] is not None]), "metrics": {}}  # fmt: skip
+    for m in metrics:
+        gains = [ep["gains"][m] for ep in episodes if m in ep["gains"]]
+        out["metrics"][m] = {
+            "input": _mean([ep["input_scores"][m] for ep in episodes if m in ep["input_scores"]]),
+            "final": _mean([ep["final_scores"][m] for ep in episodes if m in ep["final_scores"]]),
+            "gain": _mean(gains), "improved": _mean([float(g > 0) for g in gains]),
+            "contribution": _mean([ep["contributions"][m] for ep in episodes if m in ep["contributions"]]),
+        }  # fmt: skip
+    return out
+
+
+def weights_over_time(episodes: Sequence[dict]) -> dict[int, dict[str, float]]:
+    """Step -> the reward's metric weights at that step (one set per step: the first row's)."""
+    out = {}
+    for ep in episodes:
+        if ep["weights"] and ep["step"] not in out:
+            out[ep["step"]] = dict(ep["weights"])
+    return dict(sorted(out.items()))
+
+
+def format_error_stats(episodes: Sequence[dict]) -> dict:
+    """Format errors (total, per episode, share of episodes with any), episodes stopped by the
+    format-error limit, failed tool calls, crashed episodes."""
+    return {
+        "format_errors": sum(ep["format_errors"] for ep in episodes),
+        "per_episode": _mean([ep["format_errors"] for ep in episodes]),
+        "episodes_with_errors": _mean([float(ep["format_errors"] > 0) for ep in episodes]),
+        "parse_error_limit": sum(ep["stop_reason"] == "parse_error_limit" for ep in episodes),
+        "tool_errors": sum(ep["tool_errors"] for ep in episodes),
+        "crashed": sum(ep["crashed"] for ep in episodes),
+    }  # fmt: skip
+
+
+def top_sequences(episodes: Sequence[dict], k: int = 5) -> dict[str, list[dict]]:
+    """Per degradation combination, its ``k`` most common tool sequences: count, share and mean
+    reward (ties: the higher reward first)."""
+    groups: dict[str, dict[tuple, list]] = defaultdict(lambda: defaultdict(list))
+    for ep in episodes:
+        groups[ep["combo"]][tuple(ep["calls"])].append(ep["reward"])
+    out = {}
+    for combo in sorted(groups):
+        total = sum(len(r) for r in groups[combo].values())
+        ranked = sorted(groups[combo].items(), key=lambda kv: (-len(kv[1]), -(_mean([r for r in kv[1] if r is not None]) or -math.inf), kv[0]))
+        out[combo] = [{"sequence": list(seq), "count": len(rs), "share": len(rs) / total,
+                       "reward_mean": _mean([r for r in rs if r is not None])} for seq, rs in ranked[:k]]  # fmt: skip
+    return out
+
+
+def summarize(episodes: Sequence[dict], top: int = 5, subtask: Callable[[str], str] = subtask_of) -> dict:
+    """Every statistic, per step and overall (``"all"``), as one JSON-able dict."""
+    if not episodes:
+        raise DumpError("no trajectories in the dumps (every file is empty)")
+    by_step: dict[int, list] = defaultdict(list)
+    for ep in episodes:
+        by_step[ep["step"]].append(ep)
+
+    def stats(eps):
+        return {"lengths": episode_lengths(eps), "reward": reward_by_metric(eps), "format": format_error_stats(eps),
+                "subtasks": tool_usage_by_subtask(eps, subtask)}  # fmt: skip
+
+    return {
+        "steps": {step: stats(by_step[step]) for step in sorted(by_step)}, "all": stats(episodes),
+        "positions": tool_usage_by_position(episodes), "position_subtasks": _position_subtasks(episodes, subtask),
+        "weights": weights_over_time(episodes), "sequences": top_sequences(episodes, top),
+    }  # fmt: skip
+
+
+def _position_subtasks(episodes, subtask) -> dict[int, dict[str, int]]:
+    return {p: _sum_by(names, subtask) for p, names in tool_usage_by_position(episodes).items()}
+
+
+def _sum_by(counts: Mapping[str, int], key: Callable[[str], str]) -> dict[str, int]:
+    out: Counter = Counter()
+    for name, count in counts.items():
+        out[key(name)] += count
+    return dict(out)
+
+
+def _mean(values) -> float | None:
+    values = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    return sum(values) / len(values) if values else None
+
+
+def _std(values) -> float | None:
+    mean = _mean(values)
+    return None if mean is None else math.sqrt(sum((float(v) - mean) ** 2 for v in values) / len(values))
+
+
+# ---------------------------------------------------------------- tables and plots
+
+
+def markdown_report(summary: Mapping, max_rows: int = 30) -> str:
+    """The summary as Markdown tables (readable on a console too). At most ``max_rows`` steps per
+    table, evenly spread, first and last included."""
+    steps = shown_steps(list(summary["steps"]), max_rows)
+    rows = [(str(s), summary["steps"][s]) for s in steps] + [("all", summary["all"])]
+    note = f"\n({len(steps)} of {len(summary['steps'])} steps shown; summary.json has all)\n" if len(steps) < len(summary["steps"]) else ""
+    out = ["## Episodes", note, _table(["step", "episodes", "reward", "turns", "tool calls", "tokens", "format err/ep", "tool errors", "crashed", "stop reasons"],
+           [[name, s["lengths"]["episodes"], _fmt(s["reward"]["reward_mean"]), _fmt(s["lengths"]["turns_mean"]), _fmt(s["lengths"]["tool_calls_mean"]),
+             _fmt(s["lengths"]["tokens_mean"], 0), _fmt(s["format"]["per_episode"]), s["format"]["tool_errors"], s["format"]["crashed"],
+             ", ".join(f"{k} {v}" for k, v in s["lengths"]["stop_reasons"].items())] for name, s in rows])]  # fmt: skip
+    metrics = list(summary["all"]["reward"]["metrics"])
+    if metrics:
+        out += ["## Reward per metric (input -> final, mean gain, share improved)", _table(["step", *metrics],
+                [[name] + [_metric_cell(s["reward"]["metrics"].get(m)) for m in metrics] for name, s in rows])]  # fmt: skip
+    if summary["weights"]:
+        names = sorted({m for w in summary["weights"].values() for m in w})
+        wsteps = shown_steps(list(summary["weights"]), max_rows)
+        out += ["## Reward weights over steps", _table(["step", *names], [[s] + [_fmt(summary["weights"][s].get(m), 3) for m in names] for s in wsteps])]
+    subtasks = list(summary["all"]["subtasks"])
+    if subtasks:
+        out += ["## Tool calls by subtask (share of the step's calls)", _table(["step", "calls", *subtasks],
+                [[name, sum(s["subtasks"].values())] + [_share(s["subtasks"].get(t, 0), sum(s["subtasks"].values())) for t in subtasks] for name, s in rows])]  # fmt: skip
+        out += ["## Tool calls by position in the episode", _table(["position", "calls", "tools (count)"],
+                [[p, sum(c.values()), ", ".join(f"{n} {v}" for n, v in list(c.items())[:6])] for p, c in summary["positions"].items()])]  # fmt: skip
+    out += ["## Most common tool sequences per degradation combination", _table(["combo", "sequence", "count", "share", "mean reward"],
+            [[combo, " > ".join(r["sequence"]) or "(no tool)", r["count"], _share(r["count"], r["count"] / r["share"]), _fmt(r["reward_mean"])]
+             for combo, ranked in summary["sequences"].items() for r in ranked])]  # fmt: skip
+    return "\n\n".join(part for part in out if part) + "\n"
+
+
+def shown_steps(steps: Sequence[int], max_rows: int) -> list[int]:
+    if len(steps) <= max_rows or max_rows < 2:
+        return list(steps)
+    picks = {round(i * (len(steps) - 1) / (max_rows - 1)) for i in range(max_rows)}
+    return [steps[i] for i in sorted(picks)]
+
+
+def write_plots(summary: Mapping, out_dir: str | Path) -> list[Path]:
+    """PNG plots of the per-step statistics into ``out_dir``; their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    steps, per = list(summary["steps"]), summary["steps"]
+    paths = []
+
+    def save(fig, name):
+        fig.tight_layout()
+        fig.savefig(out_dir / name, dpi=100)
+        plt.close(fig)
+        paths.append(out_dir / name)
+
+    metrics = list(summary["all"]["reward"]["metrics"])
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    axes[0].plot(steps, [_nan(per[s]["reward"]["reward_mean"]) for s in steps], marker="o", label="reward (mean)")
+    axes[0].set(title="reward", xlabel="step")
+    for m in metrics:
+        axes[1].plot(steps, [_nan(per[s]["reward"]["metrics"].get(m, {}).get("gain")) for s in steps], marker="o", label=m)
+    axes[1].axhline(0, color="grey", lw=0.5)
+    axes[1].set(title="mean gain over the input, per metric", xlabel="step")
+    for ax in axes:
+        ax.legend(fontsize=8)
+    save(fig, "reward.png")
+
+    if summary["weights"]:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        wsteps = list(summary["weights"])
+        for m in sorted({m for w in summary["weights"].values() for m in w}):
+            ax.plot(wsteps, [summary["weights"][s].get(m, math.nan) for s in wsteps], marker="o", label=m)
+        ax.set(title="reward weights", xlabel="step", ylim=(0, None))
+        ax.legend(fontsize=8)
+        save(fig, "weights.png")
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    axes[0].plot(steps, [_nan(per[s]["lengths"]["turns_mean"]) for s in steps], marker="o", label="turns")
+    axes[0].plot(steps, [_nan(per[s]["lengths"]["tool_calls_mean"]) for s in steps], marker="o", label="tool calls")
+    axes[0].set(title="episode length (mean)", xlabel="step")
+    axes[0].legend(fontsize=8)
+    axes[1].plot(steps, [_nan(per[s]["format"]["per_episode"]) for s in steps], marker="o", label="format errors / episode")
+    axes[1].plot(steps, [per[s]["format"]["tool_errors"] / max(1, per[s]["lengths"]["episodes"]) for s in steps], marker="o", label="tool errors / episode")
+    axes[1].set(title="errors", xlabel="step")
+    axes[1].legend(fontsize=8)
+    save(fig, "lengths_errors.png")
+
+    subtasks = list(summary["all"]["subtasks"])
+    if subtasks:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        bottom, width = [0.0] * len(steps), 0.8 * min([b - a for a, b in zip(steps, steps[1:])] or [1])
+        for t in subtasks:
+            shares = [per[s]["subtasks"].get(t, 0) / max(1, sum(per[s]["subtasks"].values())) for s in steps]
+            axes[0].bar(steps, shares, width=width, bottom=bottom, label=t)
+            bottom = [b + v for b, v in zip(bottom, shares)]
+        axes[0].set(title="tool calls by subtask (share per step)", xlabel="step")
+        positions = list(summary["position_subtasks"])
+        bottom = [0.0] * len(positions)
+        for t in subtasks:
+            counts = [summary["position_subtasks"][p].get(t, 0) for p in positions]
+            axes[1].bar([str(p) for p in positions], counts, bottom=bottom, label=t)
+            bottom = [b + v for b, v in zip(bottom, counts)]
+        axes[1].set(title="tool calls by position in the episode", xlabel="position")
+        axes[1].legend(fontsize=7)
+        save(fig, "tools.png")
+    return paths
+
+
+def _table(header: Sequence, rows: Sequence[Sequence]) -> str:
+    cells = [[str(c) for c in header]] + [[str(c).replace("|", "\\|") for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"
+    return "\n".join([line(cells[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, cells[1:])])
+
+
+def _fmt(value, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _share(part, total) -> str:
+    return f"{100 * part / total:.0f}%" if total else "-"
+
+
+def _metric_cell(m: Mapping | None) -> str:
+    if not m:
+        return "-"
+    return f"{_fmt(m['input'])} -> {_fmt(m['final'])} ({'+' if (m['gain'] or 0) >= 0 else ''}{_fmt(m['gain'], 3)}, {_share(m['improved'] or 0, 1)})"
+
+
+def _nan(value) -> float:
+    return math.nan if value is None else value
+
+
+def _range_text(steps: Sequence[int]) -> str:
+    return f"{steps[0]}..{steps[-1]} ({len(steps)} files)" if len(steps) > 5 else str(list(steps))
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
+
+
+def parse_steps(text: str | None) -> list[int] | None:
+    """'3', '1,5,9', '10-20' or '10-20,40' -> step numbers; None: every step."""
+    if not text:
+        return None
+    steps = []
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            if "-" in part:
+                low, high = (int(x) for x in part.split("-", 1))
+                steps += range(low, high + 1)
+            elif part:
+                steps.append(int(part))
+        except ValueError:
+            raise DumpError(f"--steps {text!r}: expected step numbers and ranges such as 3 / 1,5,9 / 10-20") from None
+    return sorted(set(steps))
+
+
+# ---------------------------------------------------------------- CLI: tir dumps summary|view
+
+
+def add_dumps_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Subcommands of ``tir dumps``: ``summary DIR`` and ``view DIR``."""
+    sub = parser.add_subparsers(dest="dumps_command", required=True, metavar="{summary,view}")
+    summary = sub.add_parser("summary", help="tables and plots of a run's rollout dumps",
+                             description="Per-step and overall statistics of the rollout dumps: tool usage by subtask and position, episode "
+                                         "lengths, reward per metric, reward weights, format errors, common tool sequences.")  # fmt: skip
+    summary.add_argument("dir", help="the dumps folder (runs/NAME/rl/dumps)")
+    summary.add_argument("--out", default=None, help="folder for summary.md, summary.json and the PNG plots (default: DIR/summary)")
+    summary.add_argument("--steps", default=None, help="steps to read: 3, 1,5,9 or 10-20 (default: all)")
+    summary.add_argument("--top", type=int, default=5, help="tool sequences listed per degradation combination")
+    summary.add_argument("--max-rows", type=int, default=30, help="steps per table, evenly spread (summary.json has all)")
+    summary.add_argument("--no-plots", action="store_true", help="tables only")
+    view = sub.add_parser("view", help="a self-contained HTML page to browse the trajectories",
+                          description="Write one HTML file (images embedded, no network) to browse trajectories, filter by step, "
+                                      "degradation combination and reward.")  # fmt: skip
+    view.add_argument("dir", help="the dumps folder (runs/NAME/rl/dumps)")
+    view.add_argument("--out", default=None, help="the HTML file to write (default: DIR/report.html)")
+    view.add_argument("--steps", default=None, help="steps to include: 3, 1,5,9 or 10-20 (default: all)")
+    view.add_argument("--max-episodes", type=int, default=500, help="at most this many trajectories (spread over the steps)")
+    view.add_argument("--image-side", type=int, default=256, help="images are shrunk to at most this many pixels a side")
+    view.add_argument("--image-format", choices=("jpeg", "png"), default="jpeg")
+    return parser
+
+
+def dumps_main(args: argparse.Namespace) -> int:
+    try:
+        if args.dumps_command == "summary":
+            return _summary_main(args)
+        return _view_main(args)
+    except DumpError as err:
+        print(f"tir dumps {args.dumps_command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _summary_main(args) -> int:
+    episodes = load_episodes(args.dir, parse_steps(args.steps))
+    summary = summarize(episodes, top=args.top)
+    report = markdown_report(summary, args.max_rows)
+    out = Path(args.out) if args.out else Path(args.dir) / "summary"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.md").write_text(report)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    plots = [] if args.no_plots else write_plots(summary, out)
+    print(report)
+    print(f"wrote {out / 'summary.md'}, {out / 'summary.json'}" + (f" and {len(plots)} plot(s): {', '.join(p.name for p in plots)}" if plots else ""))
+    return 0
+
+
+def _view_main(args) -> int:
+    from tir.dump_viewer import write_viewer
+
+    out = Path(args.out) if args.out else Path(args.dir) / "report.html"
+    result = write_viewer(args.dir, out, steps=parse_steps(args.steps), max_episodes=args.max_episodes,
+                          image_side=args.image_side, image_format=args.image_format)  # fmt: skip
+    size = out.stat().st_size
+    size = f"{size / 2**20:.1f} MiB" if size >= 2**20 else f"{size / 2**10:.0f} KiB"
+    more = f" (of {result['available']}; use --steps or --max-episodes for others)" if result["available"] > result["episodes"] else ""
+    print(f"wrote {out} ({size}): {result['episodes']} trajectories{more} from {result['steps']} step(s); open it in a browser")
+    return 0
+
+
+if __name__ == "__main__":  # python -m tir.dump_analysis summary DIR
+    _parser = add_dumps_arguments(argparse.ArgumentParser(prog="tir dumps"))
+    sys.exit(dumps_main(_parser.parse_args()))
