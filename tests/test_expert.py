@@ -89,14 +89,24 @@ def test_three_degradations_use_the_beam(samples):
 
 
 def test_near_ties_go_to_the_conventional_schedule():
-    def schedule(tools, quality):
-        return expert.Schedule(tuple(tools), (), np.zeros((1, 1, 3), np.uint8), {}, quality)
+    def schedule(tools, quality, psnr, niqe):
+        return expert.Schedule(tuple(tools), (), np.zeros((1, 1, 3), np.uint8), {"psnr": psnr, "niqe": niqe}, quality)
 
-    ranked = [schedule(["denoise_dct", "jpeg_deblock_dct"], 1.0), schedule(["jpeg_deblock_dct", "denoise_tv"], 0.9),
-              schedule(["jpeg_reapply", "denoise_tv"], 0.2)]  # fmt: skip
+    ranked = [schedule(["denoise_dct", "jpeg_deblock_dct"], 1.0, 25.0, 5.0), schedule(["jpeg_deblock_dct", "denoise_tv"], 0.9, 24.8, 5.2),
+              schedule(["jpeg_reapply", "denoise_tv"], 0.2, 22.0, 5.0)]  # fmt: skip
     assert expert.pick_expert(ranked, BY_SUBTASK, margin=0.0).tools == ("denoise_dct", "jpeg_deblock_dct")
-    # within 0.25: the order prior (undo jpeg first) and the usual tools win
-    assert expert.pick_expert(ranked, BY_SUBTASK, margin=0.25).tools == ("jpeg_deblock_dct", "denoise_tv")
+    # within one tolerance (0.3 dB, 0.3 NIQE): the order prior (undo jpeg first) and the usual tools win
+    assert expert.pick_expert(ranked, BY_SUBTASK, margin=1.0).tools == ("jpeg_deblock_dct", "denoise_tv")
+    # 0.2 dB apart but NIQE 0.2 worse: a tie only once the margin covers NIQE's difference too
+    assert expert.pick_expert(ranked, BY_SUBTASK, margin=0.5).tools == ("denoise_dct", "jpeg_deblock_dct")
+
+
+def test_ties_are_judged_in_each_metrics_own_units_and_direction():
+    best = {"psnr": 25.0, "niqe": 5.0, "unlisted": 1.0}
+    assert expert.ties({"psnr": 24.8, "niqe": 5.2, "unlisted": -9.0}, best, 1.0)  # unlisted metrics never break a tie
+    assert not expert.ties({"psnr": 24.6, "niqe": 5.0}, best, 1.0)  # 0.4 dB worse
+    assert expert.ties({"psnr": 30.0, "niqe": 2.0}, best, 0.0)  # better on both: never "worse than a tie"
+    assert not expert.ties({"psnr": 25.0, "niqe": 5.4}, best, 1.0)  # NIQE: lower is better
 
 
 def test_a_metric_that_cannot_score_a_candidate_counts_as_its_worst():

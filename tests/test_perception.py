@@ -237,3 +237,33 @@ def test_rendered_cues_sit_in_the_policy_prompt(crops):
     assert len(line) < 110  # a short line: few tokens per image
     text = user_message((CROP, CROP), line)["content"][-1]["text"]
     assert f"Measured cues: {line}." in text
+
+
+# ------------------------------------------------------------------------------ likely_degradations, observe
+# How often the guess names a crop's single degradation (bars a little under the measured rates;
+# dark is the weak one, for the reason given at SEPARATES).
+GUESS_RECALL = {"noise": 0.9, "motion_blur": 0.45, "defocus_blur": 0.7, "jpeg": 0.9, "haze": 0.8, "rain": 0.9, "dark": 0.4, "lowres": 1.0}
+
+
+def test_the_guess_names_each_degradation_and_mostly_nothing_on_clean_crops(crops):
+    from tir.perception import likely_degradations
+
+    recall = {name: np.mean([name in likely_degradations(measure_cues(image)) for image in crops[name]]) for name in NAMES}
+    print("guess recall:", {name: round(float(r), 2) for name, r in recall.items()})
+    assert all(recall[name] >= GUESS_RECALL[name] for name in NAMES), recall
+    clean_guesses = [likely_degradations(measure_cues(image)) for image in crops["clean"]]
+    assert np.mean([not guess for guess in clean_guesses]) >= 0.5
+
+
+def test_observe_writes_the_cues_then_the_guess():
+    from tir.perception import likely_degradations, observe
+
+    assert likely_degradations({"noise_sigma": 30.0, "rain": 5.0, "width": 32, "height": 32, "sharpness": 0.2}) == ["noise", "rain", "lowres"]
+    assert likely_degradations({"sharpness": 0.3, "motion": 1.5}) == ["motion_blur"]
+    assert likely_degradations({}) == []
+    image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    line = observe(image)
+    assert line.startswith(render_cues(measure_cues(image))) and " likely=" in line
+    flat = np.full((64, 64, 3), 128, np.uint8)  # gray reads hazy (a high dark channel), and small
+    assert observe(flat).endswith("likely=haze+lowres")
+    assert observe(np.full((128, 128, 3), 20, np.uint8)).endswith("likely=dark")

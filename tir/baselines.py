@@ -45,9 +45,6 @@ FIXED_TOOLS = {
 }  # fmt: skip
 # No-reference metrics and their direction (+1: higher is better).
 NR_DIRECTION = {"niqe": -1, "piqe": -1, "brisque": -1, "nrqm": 1, "musiq": 1, "maniqa": 1, "clipiqa": 1}
-# Cue thresholds, measured on 128 px crops of the built-in photos (best single threshold each).
-CUE_THRESHOLDS = {"noise_sigma": 5.0, "blockiness": 1.3, "rain": 2.3, "haze": 0.3, "brightness": 0.35, "sharpness": 0.41, "motion": 1.1}
-LOWRES_SIDE = 96  # a photo whose short side is below this is treated as low resolution
 
 
 def restoration_order(degradations: Sequence[str]) -> list[str]:
@@ -59,19 +56,10 @@ def restoration_order(degradations: Sequence[str]) -> list[str]:
 
 
 def perceive_degradations(image: np.ndarray) -> list[str]:
-    """Degradations guessed from measured cues (rough: thresholds separate 80-100% of crops)."""
-    from tir.perception import measure_cues
+    """Degradations guessed from measured cues (``tir.perception.likely_degradations``), in the order prior's order."""
+    from tir.perception import likely_degradations, measure_cues
 
-    cues, t = measure_cues(image), CUE_THRESHOLDS
-    found = []
-    if min(image.shape[:2]) < LOWRES_SIDE:
-        found.append("lowres")
-    found += [name for name, hit in (("noise", cues["noise_sigma"] > t["noise_sigma"]), ("jpeg", cues["blockiness"] > t["blockiness"]),
-                                     ("rain", cues["rain"] > t["rain"]), ("haze", cues["haze"] > t["haze"]),
-                                     ("dark", cues["brightness"] < t["brightness"])) if hit]  # fmt: skip
-    if cues["sharpness"] < t["sharpness"] and "lowres" not in found:
-        found.append("motion_blur" if cues["motion"] > t["motion"] else "defocus_blur")
-    return restoration_order(found)
+    return restoration_order(likely_degradations(measure_cues(image)))
 
 
 async def nr_score(pool, image: np.ndarray, metric: str = "niqe") -> float | None:

@@ -6,6 +6,7 @@
     tir model tiny --out runs/tiny_policy
     tir train sft recipe=sft_tiny_cpu
     tir train rl recipe=tiny_cpu trainer.resume=auto
+    tir eval --test data/test.parquet --agents identity,random,fixed_order,exhaustive,sft=runs/x/sft/hf --out runs/x/eval
     tir dumps summary runs/x/rl/dumps ; tir dumps view runs/x/rl/dumps --out report.html
     tir restore photo.png --agent exhaustive --out restored.png
     tir demo [recipe=...] [key=value ...]
@@ -46,6 +47,12 @@ def _train(args: argparse.Namespace) -> int:
     from tir.trainer.rl import rl_main
 
     return rl_main(args.overrides)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from tir.evaluation import eval_main
+
+    return eval_main(args)
 
 
 def _dumps(args: argparse.Namespace) -> int:
@@ -104,6 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_tiny_arguments(tiny)
     tiny.set_defaults(run=_model_tiny)
+
+    evaluate = commands.add_parser("eval", help="score agents (checkpoints and baselines) on a test set, per group")
+    from tir.evaluation import add_eval_arguments
+
+    add_eval_arguments(evaluate)
+    evaluate.set_defaults(run=_eval)
 
     dumps = commands.add_parser("dumps", help="analyse rollout dumps: summary tables and plots, an HTML trajectory viewer")
     from tir.dump_analysis import add_dumps_arguments

@@ -49,10 +49,10 @@ class StepResult:
 
 
 def perception_cues(names: Sequence[str] | None = None) -> Cues:
-    """The measured cues of ``tir.perception`` as one rendered line per image."""
-    from tir.perception import measure_cues, render_cues
+    """The measured cues of ``tir.perception`` and the degradations they suggest, one line per image."""
+    from tir.perception import observe
 
-    return lambda image: render_cues(measure_cues(image, names))
+    return lambda image: observe(image, names)
 
 
 class RestorationEnv:

@@ -48,6 +48,9 @@ EXPERT_KINDS = {
     "search_score_calls": "auto", "search_s": "auto", "perturb_tool_calls": "auto",
 }  # fmt: skip
 NOT_PERTURBED = {"reordered": False, "swapped": []}
+# Score differences too small to prefer one schedule over another (per metric, its own units): a
+# few tenths of a dB moves with the crop and the noise draw (tir.expert.ties).
+TIE_TOLERANCE = {"psnr": 0.3, "ssim": 0.01, "ms_ssim": 0.01, "fsim": 0.01, "vif": 0.02, "gmsd": 0.005, "lpips": 0.01, "niqe": 0.3, "piqe": 2.0}
 
 
 @dataclass(frozen=True)
@@ -56,7 +59,7 @@ class ExpertSettings:
     weights: Mapping[str, float] = field(default_factory=dict)  # empty: equal
     beam_width: int = 4
     exhaustive_up_to: int = 2  # degradations searched exhaustively; more use the beam
-    tie_margin: float = 0.25  # schedules this close to the best (in candidate std units) count as ties
+    tie_margin: float = 1.0  # schedules within this many TIE_TOLERANCEs of the best, on every metric, tie
     perturb: bool = True
     reorder_prob: float = 0.3
     swap_tool_prob: float = 0.3
@@ -75,7 +78,7 @@ class ExpertSettings:
     @classmethod
     def from_recipe(cls, cfg, **overrides) -> "ExpertSettings":
         """The reward's metrics and weights, the ``sft`` section's perturbation, beam width and
-        tie margin (``sft.tie_margin``, 0.25 where the recipe schema has no such key)."""
+        tie margin (``sft.tie_margin``, 1.0 where the recipe schema has no such key)."""
         from omegaconf import OmegaConf
 
         tie_margin = OmegaConf.select(cfg, "sft.tie_margin", default=None)
@@ -215,12 +218,21 @@ async def best_first(pool, schedules: list[Schedule], hq: np.ndarray, input_scor
 
 
 def pick_expert(ranked: Sequence[Schedule], tools_by_subtask: Mapping[str, Sequence[str]], margin: float) -> Schedule:
-    """The best schedule, except that near ties (within ``margin`` of the best) go to the
+    """The best schedule, except that near ties (``ties`` the best within ``margin``) go to the
     conventional schedule: the order prior of the training-free agents first, then each
     subtask's usual tool. Near ties are measurement noise; breaking them the same way every time
     keeps the expert's choices learnable (with margin 0: the plain best)."""
-    near = [s for s in ranked if s.quality >= ranked[0].quality - margin]
+    near = [s for s in ranked if ties(s.scores, ranked[0].scores, margin)]
     return min(near, key=lambda s: (*unconventional(s.tools, tools_by_subtask), -s.quality))
+
+
+def ties(scores: Mapping[str, float], best: Mapping[str, float], margin: float) -> bool:
+    """Whether ``scores`` are as good as ``best`` up to ``margin`` x ``TIE_TOLERANCE`` on every
+    metric both have (metrics without a tolerance do not break ties). Absolute units, not the
+    search's standardised quality: with two candidates standardised gains are always +-1, so a
+    margin in those units could never see a tie."""
+    common = [m for m in best if m in scores and m in TIE_TOLERANCE]
+    return all((best[m] - scores[m]) * (-1 if LOWER_BETTER[m] else 1) <= margin * TIE_TOLERANCE[m] for m in common)
 
 
 def unconventional(tools: Sequence[str], tools_by_subtask: Mapping[str, Sequence[str]]) -> tuple[int, int]:

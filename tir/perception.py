@@ -29,6 +29,9 @@ width, height   image size in pixels                         lowres: down
 ==============  ===========================================  ================================
 
 ``measure_cues`` runs several, ``render_cues`` writes them as a fixed, rounded line.
+``likely_degradations`` turns them into a guess (one threshold per cue) and ``observe`` writes
+both, the line the policy reads: a tiny policy learns words far faster than it learns to compare
+numbers written as digits (with numbers alone a tiny SFT'd policy stayed near chance).
 ``tests/test_perception.py`` measures how well each cue separates its degradation from clean
 crops of the built-in photos (and reports where a cue also fires on another degradation).
 """
@@ -50,6 +53,10 @@ JPEG_BLOCK = 8  # JPEG's block size, on a grid at the image's origin
 MIN_SIDE = 8  # below this the directional and block statistics have nothing to measure
 # Decimals each cue is rendered with: enough to separate its degradation, few enough tokens.
 DECIMALS = {"noise_sigma": 0, "sharpness": 2, "motion": 2, "brightness": 2, "haze": 2, "blockiness": 1, "rain": 1, "width": 0, "height": 0}
+# Cue thresholds, measured on 128 px crops of the built-in photos (the best single threshold
+# between clean and degraded crops; tests/test_perception.py checks how often each guess is right).
+THRESHOLDS = {"noise_sigma": 5.0, "blockiness": 1.3, "rain": 2.3, "haze": 0.3, "brightness": 0.35, "sharpness": 0.41, "motion": 1.1}
+LOWRES_SIDE = 96  # a photo whose short side is below this is treated as low resolution
 # The four directions (dy, dx) that directional statistics look along: 0, 45, 90, 135 degrees.
 DIRECTIONS = ((0, 1), (1, 1), (1, 0), (1, -1))
 # A Gaussian's median absolute value is 0.6745 sigma (the MAD estimator, as Donoho's).
@@ -272,6 +279,32 @@ def measure_cues(image: np.ndarray, names: Sequence[str] | None = None) -> dict[
 def _format(name: str, value: float) -> str:
     decimals = DECIMALS.get(name, 2)
     return f"{round(float(value), decimals) + 0.0:.{decimals}f}"  # + 0.0 turns -0.0 into 0.0
+
+
+def likely_degradations(cues: Mapping[str, float]) -> list[str]:
+    """Degradations guessed from measured cues (rough: each threshold separates 80-100% of
+    crops), in ``tir.degradations.NAMES`` order; a cue that was not measured guesses nothing."""
+    from tir.degradations import NAMES
+
+    t = THRESHOLDS
+    found = {name for name, cue, hit in (
+        ("noise", "noise_sigma", lambda v: v > t["noise_sigma"]), ("jpeg", "blockiness", lambda v: v > t["blockiness"]),
+        ("rain", "rain", lambda v: v > t["rain"]), ("haze", "haze", lambda v: v > t["haze"]),
+        ("dark", "brightness", lambda v: v < t["brightness"]),
+    ) if cue in cues and hit(cues[cue])}  # fmt: skip
+    small = "width" in cues and "height" in cues and min(cues["width"], cues["height"]) < LOWRES_SIDE
+    if small:
+        found.add("lowres")
+    if not small and cues.get("sharpness", math.inf) < t["sharpness"]:  # a thumbnail always looks sharp-edged
+        found.add("motion_blur" if cues.get("motion", 0.0) > t["motion"] else "defocus_blur")
+    return [name for name in NAMES if name in found]
+
+
+def observe(image: np.ndarray, names: Sequence[str] | None = None) -> str:
+    """What the policy reads beside ``image``: the rendered cues, then ``likely=`` the guessed
+    degradations joined by ``+`` (``none`` when nothing fires)."""
+    cues = measure_cues(image, names)
+    return f"{render_cues(cues)} likely={'+'.join(likely_degradations(cues)) or 'none'}"
 
 
 def render_cues(cues: Mapping[str, float]) -> str:

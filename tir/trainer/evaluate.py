@@ -6,9 +6,10 @@ the expert's schedule (``expert_tools``, never perturbed):
 
 - ``first_call``: the first reply is a well-formed call of the expert's first tool;
 - ``first_subtask``: ... of a tool of the same subtask (the right kind of fix, any tool);
-- ``first_call_tie``: ... of the first tool of a schedule the expert search scored within
-  ``tie_margin`` of the best (``search_candidates``): a choice as good as the expert's, up to
-  the noise the expert itself breaks ties over (needs that column; else not reported);
+- ``first_call_tie``: ... of the first tool of a schedule the expert search scored as a tie of
+  the best (``tir.expert.ties`` within ``tie_margin``, on ``search_candidates``): a choice as
+  good as the expert's, up to the noise the expert itself breaks ties over (needs that column;
+  else not reported);
 - ``sequence``: the tools called, in order, are exactly the expert's, with no malformed reply;
 - ``format_ok``: the first reply is a well-formed tool call or answer.
 """
@@ -32,7 +33,7 @@ def first_action(messages: Sequence[Mapping], schemas: Sequence[Mapping]) -> pro
     return None
 
 
-def tool_choice(episodes: Batch, schemas: Sequence[Mapping], tie_margin: float = 0.25) -> dict[str, float]:
+def tool_choice(episodes: Batch, schemas: Sequence[Mapping], tie_margin: float = 1.0) -> dict[str, float]:
     """Accuracies (fractions) over the episodes, each holding ``expert_tools``, ``messages``,
     ``tool_calls`` and ``format_errors`` (a rollout of expert rows)."""
     from tool_pool.tools import get_tool
@@ -63,13 +64,15 @@ def tool_choice(episodes: Batch, schemas: Sequence[Mapping], tie_margin: float =
 
 
 def tied_first_tools(candidates: Sequence[Mapping], tie_margin: float) -> set[str]:
-    """First tools of the scored schedules within ``tie_margin`` of the best one."""
-    best = max(c["quality"] for c in candidates)
-    return {c["tools"][0] for c in candidates if c["quality"] >= best - tie_margin}
+    """First tools of the scored schedules that tie the best one (``tir.expert.ties``)."""
+    from tir.expert import ties
+
+    best = max(candidates, key=lambda c: c["quality"])
+    return {c["tools"][0] for c in candidates if ties(c["scores"], best["scores"], tie_margin)}
 
 
 async def evaluate_tool_choice(engine, processor, pool, heldout: Batch, schemas: Sequence[Mapping], settings: LoopSettings,
-                               cues=None, tie_margin: float = 0.25) -> tuple[dict[str, float], Batch]:  # fmt: skip
+                               cues=None, tie_margin: float = 1.0) -> tuple[dict[str, float], Batch]:  # fmt: skip
     """Greedy episodes of the held-out expert rows; (accuracies, the episodes)."""
     samples = heldout.select([c for c in SAMPLE_COLUMNS if c in heldout.columns])
     episodes = await rollout(engine, processor, pool, samples, greedy(settings), schemas, cues)

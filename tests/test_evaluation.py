@@ -1,0 +1,197 @@
+"""`tir eval`: agents on a small synthetic test set through LocalPool, real pyiqa PSNR/SSIM.
+
+One module-scoped evaluation (identity, random, fixed_order, exhaustive, the expert oracle and a
+tiny random policy on 5 crops of 64 px) feeds most tests; a second run checks determinism.
+"""
+import json
+import statistics
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+import tir  # noqa: F401  - shims before transformers
+from tir import evaluation, models
+from tir.agent_loop import LoopSettings
+from tir.data import synthesize
+from tir.eval_report import render_markdown
+from tir.evaluation import (
+    EvalError,
+    EvalSettings,
+    aggregate,
+    evaluate_agents,
+    parse_agents,
+)
+from tir.expert import ExpertSettings
+from tir.protocol import Batch
+from tool_pool.client import LocalPool
+from tool_pool.tools import tool_schemas
+
+TOOLS = ["denoise_tv", "deblur_motion_rl", "deblur_defocus_wiener", "jpeg_deblock_dct", "dehaze_dcp", "derain_opening", "brighten_shift", "sr_backprojection"]
+METRICS = ("psnr", "ssim")
+AGENTS = "identity,random,fixed_order,exhaustive,expert"
+
+
+def small_test_set() -> Batch:
+    """5 rows over groups A, B, C and single; two of them at 1/4 size (lowres)."""
+    rows = synthesize("builtin", "noise+jpeg,motion_blur+lowres,haze+noise,rain+noise+lowres,dark", per_image=1, seed=0, crop=64, progress=False)
+    keep = [i for i, image_id in enumerate(rows.column("image_id")) if image_id == "astronaut"]
+    groups = {"noise+jpeg": "groupA", "motion_blur+lowres": "groupA", "haze+noise": "groupB", "rain+noise+lowres": "groupC", "dark": "single"}
+    test = rows.take(keep)
+    return test.with_column("group", [groups[c] for c in test.column("combo")])
+
+
+def settings(**overrides) -> EvalSettings:
+    values = {"metrics": METRICS, "seed": 0, "max_turns": 3, "tools": tuple(TOOLS), "loop": LoopSettings(max_new_tokens=24),
+              "progress": False, "expert": ExpertSettings(metrics=METRICS, perturb=False)}  # fmt: skip
+    return EvalSettings(**{**values, **overrides})
+
+
+@pytest.fixture(scope="module")
+def test_set():
+    return small_test_set()
+
+
+@pytest.fixture(scope="module")
+def policy(tmp_path_factory):
+    return str(models.build_tiny_policy(tmp_path_factory.mktemp("policy") / "tiny", tool_schemas(TOOLS), seed=0))
+
+
+@pytest.fixture(scope="module")
+def report(test_set, policy, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval")
+    agents = parse_agents(f"{AGENTS},tiny={policy}")
+    return evaluate_agents(agents, test_set, LocalPool(TOOLS), settings=settings(), out_dir=out)
+
+
+# ---------------------------------------------------------------- aggregation
+
+
+def test_per_group_aggregates_match_hand_computed_values():
+    rows = [
+        {"agent": "a", "group": "A", "scores": {"psnr": 20.0, "ssim": 0.5}, "tool_calls": 1, "turns": 2, "wall_s": 0.1, "format_errors": 0},
+        {"agent": "a", "group": "A", "scores": {"psnr": 24.0, "ssim": 0.7}, "tool_calls": 3, "turns": 4, "wall_s": 0.3, "format_errors": 1},
+        {"agent": "a", "group": "B", "scores": {"psnr": 18.0, "ssim": None}, "tool_calls": 2, "turns": 3, "wall_s": 0.2, "format_errors": 0},
+        {"agent": "a", "group": "ood", "scores": {"psnr": 30.0, "ssim": 0.9}, "tool_calls": 0, "turns": 1, "wall_s": 0.0, "format_errors": 0},
+        {"agent": "b", "group": "A", "scores": {"psnr": 10.0, "ssim": 0.1}, "tool_calls": 0, "turns": 1, "wall_s": 0.0, "format_errors": 2, "error": "boom"},
+    ]  # fmt: skip
+    out = aggregate(rows, METRICS)
+    a = out["a"]
+    assert list(a) == ["A", "B", "A-C", "ood", "overall"]
+    assert a["A"]["psnr"] == {"mean": 22.0, "std": pytest.approx(statistics.stdev([20, 24])), "n": 2, "missing": 0}
+    assert a["A"]["tool_calls"]["mean"] == 2.0 and a["A"]["format_errors"]["mean"] == 0.5
+    assert a["B"]["psnr"] == {"mean": 18.0, "std": 0.0, "n": 1, "missing": 0}
+    assert a["B"]["ssim"] == {"mean": None, "std": None, "n": 0, "missing": 1}  # a metric that could not score
+    assert a["A-C"]["psnr"]["mean"] == pytest.approx((20 + 24 + 18) / 3)
+    assert a["A-C"]["ssim"]["mean"] == pytest.approx(0.6) and a["A-C"]["ssim"]["n"] == 2
+    assert a["overall"]["psnr"]["mean"] == pytest.approx(23.0) and a["overall"]["psnr"]["std"] == pytest.approx(statistics.stdev([20, 24, 18, 30]))
+    assert a["overall"]["wall_s"]["mean"] == pytest.approx(0.15) and a["overall"]["images"] == 4 and a["overall"]["errors"] == 0
+    assert list(out["b"]) == ["A", "overall"] and out["b"]["overall"]["errors"] == 1
+    assert aggregate(rows[:2], METRICS)["a"].keys() == {"A", "overall"}  # no A-C that would repeat overall
+
+
+def test_report_aggregates_are_the_per_image_rows(report, test_set):
+    rows = [r for r in report["rows"] if r["agent"] == "exhaustive"]
+    assert [r["group"] for r in rows] == ["A", "A", "B", "C", "single"]
+    for group in ("A", "B", "C", "single"):
+        psnr = [r["scores"]["psnr"] for r in rows if r["group"] == group]
+        calls = [r["tool_calls"] for r in rows if r["group"] == group]
+        cell = report["aggregates"]["exhaustive"][group]
+        assert cell["psnr"]["mean"] == pytest.approx(np.mean(psnr)) and cell["psnr"]["n"] == len(psnr)
+        assert cell["tool_calls"]["mean"] == pytest.approx(np.mean(calls))
+    assert report["aggregates"]["exhaustive"]["A-C"]["psnr"]["n"] == 4
+    assert report["aggregates"]["exhaustive"]["overall"]["psnr"]["std"] == pytest.approx(statistics.stdev([r["scores"]["psnr"] for r in rows]))
+
+
+# ---------------------------------------------------------------- scoring
+
+
+def test_an_output_at_quarter_size_is_upscaled_x4_cubic_before_scoring(test_set):
+    row = test_set.rows()[test_set.column("combo").index("motion_blur+lowres")]
+    lq, hq = row["lq"], row["hq"]
+    assert lq.shape[0] * 4 == hq.shape[0] and lq.shape[1] * 4 == hq.shape[1]
+    upscaled = evaluation.comparable(lq, hq)
+    assert upscaled.shape == hq.shape
+    assert np.array_equal(upscaled, cv2.resize(lq, (hq.shape[1], hq.shape[0]), interpolation=cv2.INTER_CUBIC))
+    assert evaluation.comparable(hq, hq) is hq  # an image at the HQ size is scored as it is
+    import asyncio
+
+    pool = LocalPool(TOOLS)
+    scores = asyncio.run(evaluation.score_against_hq(pool, lq, hq, METRICS))
+    direct = asyncio.run(pool.score(list(METRICS), upscaled, hq))
+    assert scores == pytest.approx(direct)
+
+
+def test_identity_makes_no_tool_call_and_scores_the_degraded_input(report):
+    rows = [r for r in report["rows"] if r["agent"] == "identity"]
+    assert len(rows) == 5 and all(r["tool_calls"] == 0 and r["tools"] == [] for r in rows)
+    for r in rows:
+        assert r["scores"] == r["input_scores"]  # the degraded input's PSNR/SSIM (x4-upscaled where it is 1/4 size)
+    assert report["aggregates"]["identity"]["overall"]["tool_calls"] == {"mean": 0.0, "std": 0.0, "n": 5, "missing": 0}
+    others = [r for r in report["rows"] if r["agent"] in ("exhaustive", "expert")]
+    assert all(r["tool_calls"] > 0 for r in others)
+
+
+def test_every_agent_ran_on_every_image(report, policy):
+    assert list(report["aggregates"]) == ["identity", "random", "fixed_order", "exhaustive", "expert", "tiny"]
+    assert report["meta"]["agents"]["tiny"].endswith("(greedy)") and policy in report["meta"]["agents"]["tiny"]
+    tiny = [r for r in report["rows"] if r["agent"] == "tiny"]
+    assert len(tiny) == 5 and all(r["error"] == "" for r in tiny)
+    # the expert oracle knows HQ: on average it beats the degraded input
+    overall = report["aggregates"]
+    assert overall["expert"]["overall"]["psnr"]["mean"] > overall["identity"]["overall"]["psnr"]["mean"]
+
+
+# ---------------------------------------------------------------- determinism and outputs
+
+
+def test_the_same_seed_and_checkpoint_give_the_same_table(report, test_set, policy):
+    again = evaluate_agents(parse_agents(f"{AGENTS},tiny={policy}"), test_set, LocalPool(TOOLS), settings=settings())
+    assert render_markdown(again, timing=False) == render_markdown(report, timing=False)
+
+    def strip(rows):
+        return [{k: v for k, v in r.items() if k != "wall_s"} for r in rows]
+
+    assert json.dumps(strip(again["rows"]), default=str) == json.dumps(strip(report["rows"]), default=str)
+    other = evaluate_agents("random", test_set, LocalPool(TOOLS), settings=settings(seed=1))
+    assert [r["tools"] for r in other["rows"]] != [r["tools"] for r in report["rows"] if r["agent"] == "random"]
+
+
+def test_outputs_are_a_table_a_json_file_and_a_png(report):
+    files = report["files"]
+    markdown = Path(files["markdown"]).read_text()
+    assert markdown == report["markdown"] and "| expert |" in markdown and "## A (2 images)" in markdown and "PSNR ↑" in markdown
+    body = json.loads(Path(files["json"]).read_text())
+    assert set(body) == {"meta", "aggregates", "rows"} and len(body["rows"]) == 6 * 5
+    assert "final_image" not in body["rows"][0]
+    with open(files["plot"], "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert cv2.imread(files["plot"]) is not None
+
+
+# ---------------------------------------------------------------- errors
+
+
+def test_an_unknown_agent_gets_a_did_you_mean():
+    with pytest.raises(EvalError, match="unknown agent 'exhaustve'; did you mean 'exhaustive'"):
+        parse_agents("identity,exhaustve")
+    with pytest.raises(EvalError, match="two agents are labelled 'random'"):
+        parse_agents("random,random")
+
+
+def test_a_folder_that_is_no_policy_and_a_missing_path_are_refused(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    with pytest.raises(EvalError, match="lacks config.json.*is .* a policy checkpoint"):
+        parse_agents(f"sft={tmp_path}")
+    with pytest.raises(EvalError, match="does not exist"):
+        parse_agents("runs/nowhere/sft/hf")
+
+
+def test_the_cli_reports_bad_input_in_one_line(tmp_path, capsys):
+    parser = evaluation.add_eval_arguments(__import__("argparse").ArgumentParser())
+    code = evaluation.eval_main(parser.parse_args(["--test", str(tmp_path / "missing.parquet"), "--out", str(tmp_path / "out"), "--pool", "local"]))
+    assert code == 2 and "test set" in capsys.readouterr().err
+    small_test_set().to_parquet(tmp_path / "test.parquet")
+    code = evaluation.eval_main(parser.parse_args(["--test", str(tmp_path / "test.parquet"), "--agents", "identty", "--out", str(tmp_path / "out")]))
+    assert code == 2 and "did you mean 'identity'" in capsys.readouterr().err

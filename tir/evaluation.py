@@ -1,0 +1,550 @@
+"""``tir eval``: any agent on a test set, through the same env and pool, scored against HQ.
+
+    tir eval --test data/test.parquet --agents identity,random,fixed_order,exhaustive,expert,sft=runs/x/sft/hf \
+             --out runs/x/eval [--recipe tiny_cpu] [--limit N] [--seed 0] [--pool local] [key=value ...]
+
+The story (``evaluate_agents``): for each agent, one episode per test row (a ``tir data synth``
+Parquet: lq, hq, group, degradations, ...), then every final image and every degraded input is
+scored through the pool against its HQ photo (``score_against_hq``: an output smaller than HQ,
+a 1/4-size thumbnail no tool super-resolved, is upscaled bicubically to the HQ size first, as
+the protocol scores it), then per group (A, B, C, their union "A-C", ood, single, ...) and
+overall: mean, sample std and n of each metric, tool calls, turns, wall seconds and format
+errors per image (``aggregate``). Outputs (``tir.eval_report``): report.md, eval.json (per-image
+rows and the aggregates), quality_vs_calls.png.
+
+Agents (``parse_agent``):
+- ``identity``: the degraded input as the answer (no tool call): the "degraded input" row.
+- ``random``, ``fixed_order``, ``exhaustive``: the training-free baselines of ``tir.baselines``;
+  by default they perceive the degradations from measured cues, as a policy must
+  (``baseline_degradations="known"`` hands them the true ones).
+- ``expert``: the expert search of ``tir.expert`` (knows the degradations and the HQ photo):
+  an upper reference, not an agent; its tool calls are every execution of its search.
+- a policy checkpoint folder (``name=path`` to label it; a run folder with ``hf/`` works too),
+  run greedily by the agent loop with the transformers engine.
+
+Deterministic: the same seed and checkpoint give the same table except for wall times (the
+random agent is seeded per row; the policy is greedy and every request carries its own seed, so
+the engine never batches it with others and padding cannot change an argmax).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tir.protocol import Batch
+
+BASELINE_AGENTS = ("random", "fixed_order", "exhaustive")
+KNOWN_AGENTS = ("identity", *BASELINE_AGENTS, "expert")
+# The test set's group column -> the group a report shows (ood2 and ood3 are both out of domain).
+GROUP_NAMES = {"groupA": "A", "groupB": "B", "groupC": "C", "ood": "ood", "ood2": "ood", "ood3": "ood", "single": "single"}
+GROUP_ORDER = ("A", "B", "C", "A-C", "ood", "single", "custom", "overall")
+# Per-image quantities besides the metrics, in table order.
+COUNTS = ("tool_calls", "turns", "wall_s", "format_errors")
+REQUIRED_COLUMNS = ("lq", "hq")
+
+
+class EvalError(ValueError):
+    """Bad input to an evaluation (a missing file, an unknown agent, a folder that is no policy)."""
+
+
+# ---------------------------------------------------------------- agents
+
+
+@dataclass(frozen=True)
+class AgentSpec:
+    """One agent to evaluate. ``kind``: "identity", "baseline" (``name`` in BASELINE_AGENTS),
+    "expert", "policy" (``path``: a checkpoint folder or hub name) or "custom" (``agent``: any
+    object with the baselines' ``act(env, degradations, episode)``, ``name`` and
+    ``needs_degradations``)."""
+
+    label: str
+    kind: str
+    name: str = ""
+    path: str | None = None
+    agent: Any = field(default=None, compare=False)
+
+    def describe(self) -> str:
+        return {"identity": "the degraded input (no tool call)", "baseline": f"baseline {self.name}", "expert": "expert search (oracle: knows the degradations and HQ)",
+                "policy": f"policy checkpoint {self.path} (greedy)", "custom": f"agent {self.name or type(self.agent).__name__}"}[self.kind]  # fmt: skip
+
+
+def parse_agent(text: str, label: str | None = None) -> AgentSpec:
+    """``identity`` | ``random`` | ``fixed_order`` | ``exhaustive`` | ``expert`` | a checkpoint
+    path | ``label=path``. Unknown names get a did-you-mean; a path that is no policy, why not."""
+    text = text.strip()
+    if "=" in text and label is None:
+        label, text = (part.strip() for part in text.split("=", 1))
+        if not label or not text:
+            raise EvalError(f"agent {text!r}: expected NAME=CHECKPOINT, e.g. sft=runs/x/sft/hf")
+    key = text.replace("-", "_")
+    if key in KNOWN_AGENTS and not Path(text).exists():
+        kind = key if key in ("identity", "expert") else "baseline"
+        return AgentSpec(label or key, kind, name=key)
+    looks_like_path = "/" in text or Path(text).exists() or text.startswith(".")
+    if not looks_like_path:
+        from tir.registry import closest
+
+        hint = closest(key, KNOWN_AGENTS)
+        raise EvalError(f"unknown agent {text!r}" + (f"; did you mean {hint!r}?" if hint else "")
+                        + f" (agents: {', '.join(KNOWN_AGENTS)}, or a policy checkpoint folder)")  # fmt: skip
+    path = checkpoint_folder(text)
+    return AgentSpec(label or checkpoint_label(path), "policy", path=path)
+
+
+def checkpoint_folder(path: str) -> str:
+    """The policy folder ``path`` names (a run folder's ``hf/`` too), or EvalError saying why
+    it is not one. A name like ``Qwen/Qwen2.5-VL-3B-Instruct`` that is no folder passes as a hub name."""
+    from tir.models import _checkpoint_source
+
+    folder = Path(path).expanduser()
+    if folder.is_dir() and not (folder / "config.json").is_file() and (folder / "hf" / "config.json").is_file():
+        folder = folder / "hf"
+    if not folder.exists() and (path.startswith(("runs/", ".", "/", "~")) or path.count("/") != 1):
+        raise EvalError(f"policy checkpoint {path!r} does not exist (expected a folder written by `tir train sft`/`rl`, e.g. runs/x/sft/hf)")
+    try:
+        return _checkpoint_source(folder if folder.exists() else path)
+    except FileNotFoundError as err:
+        raise EvalError(f"{err}; is {path!r} a policy checkpoint?") from None
+
+
+def checkpoint_label(path: str) -> str:
+    parts = Path(path).parts
+    return parts[-2] if len(parts) >= 2 and parts[-1] == "hf" else parts[-1]
+
+
+def parse_agents(agents: str | Sequence | Mapping) -> dict[str, AgentSpec]:
+    """Agents by label, from "identity,random,sft=runs/x/sft/hf", a list of such strings or
+    AgentSpecs, or a {label: spec string | AgentSpec | agent object} mapping."""
+    if isinstance(agents, str):
+        agents = [a for a in agents.split(",") if a.strip()]
+    items = agents.items() if isinstance(agents, Mapping) else [(None, a) for a in agents]
+    out: dict[str, AgentSpec] = {}
+    for label, value in items:
+        if isinstance(value, AgentSpec):
+            spec = value if label is None else replace(value, label=label)
+        elif isinstance(value, str):
+            spec = parse_agent(value, label)
+        elif hasattr(value, "act"):
+            spec = AgentSpec(label or getattr(value, "name", type(value).__name__), "custom", name=getattr(value, "name", ""), agent=value)
+        else:
+            raise EvalError(f"agent {label!r}: expected a name, a checkpoint path, an AgentSpec or an object with act(), got {type(value).__name__}")
+        if spec.label in out:
+            raise EvalError(f"two agents are labelled {spec.label!r}; name them, e.g. a=runs/a/hf,b=runs/b/hf")
+        out[spec.label] = spec
+    if not out:
+        raise EvalError("no agents to evaluate")
+    return out
+
+
+# ---------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    metrics: tuple[str, ...] = ("psnr", "ssim")
+    seed: int = 0
+    max_turns: int = 4
+    concurrency: int = 1  # episodes in flight per agent; 1: clean per-image wall times
+    baseline_degradations: str = "perceived"  # or "known": the test set's true degradations
+    exhaustive_metric: str = "niqe"
+    tools: tuple[str, ...] | None = None  # tools offered to agents (None: all the pool serves)
+    cues: bool = False  # perception cues beside each image (as the policy was trained)
+    loop: Any = None  # LoopSettings for policies (None: defaults with max_turns)
+    expert: Any = None  # ExpertSettings for the oracle (None: its defaults, no perturbation)
+    policy_dtype: str = "float32"
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.baseline_degradations not in ("perceived", "known"):
+            raise EvalError(f"baseline_degradations must be 'perceived' or 'known', got {self.baseline_degradations!r}")
+        if self.concurrency < 1 or self.max_turns < 1:
+            raise EvalError(f"concurrency and max_turns must be >= 1, got {self.concurrency} and {self.max_turns}")
+        if not self.metrics:
+            raise EvalError("no metrics to score with")
+
+    @classmethod
+    def from_recipe(cls, cfg, **overrides) -> EvalSettings:
+        """Metrics: psnr, ssim and the reward's; tools, cues, turns and loop from the recipe."""
+        from tir.agent_loop import LoopSettings
+        from tir.expert import ExpertSettings
+
+        metrics = tuple(dict.fromkeys(["psnr", "ssim", *cfg.reward.metrics]))
+        values = {"metrics": metrics, "seed": int(cfg.run.seed), "max_turns": int(cfg.rollout.max_turns), "tools": tuple(cfg.pool.tools) or None,
+                  "cues": bool(cfg.model.perception_cues), "loop": LoopSettings.from_recipe(cfg.rollout), "policy_dtype": cfg.model.dtype,
+                  "expert": ExpertSettings.from_recipe(cfg, perturb=False)}  # fmt: skip
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+# ---------------------------------------------------------------- running
+
+
+def evaluate_agents(agents, test: Batch, pool, metrics: Sequence[str] | None = None, seed: int | None = None, out_dir=None,
+                    settings: EvalSettings | None = None, meta: Mapping | None = None) -> dict:  # fmt: skip
+    """Run every agent on every row of ``test``, score, aggregate; write report.md, eval.json and
+    quality_vs_calls.png into ``out_dir`` (when given). ``metrics``/``seed`` override ``settings``'.
+    ``meta``: extra facts for the report's header (test path, recipe). Returns the report:
+    {"meta", "aggregates", "markdown", "rows", "files"}."""
+    settings = settings or EvalSettings()
+    settings = replace(settings, **{k: v for k, v in {"metrics": tuple(metrics) if metrics else None, "seed": seed}.items() if v is not None})
+    return asyncio.run(evaluate_agents_async(agents, test, pool, settings, out_dir, meta))
+
+
+async def evaluate_agents_async(agents, test: Batch, pool, settings: EvalSettings, out_dir=None, meta: Mapping | None = None) -> dict:
+    from tir.agent_loop import pool_tool_schemas
+    from tir.eval_report import render_markdown, write_outputs
+
+    specs = parse_agents(agents)
+    check_test_set(test, needs_degradations=any(s.kind == "expert" for s in specs.values())
+                   or (settings.baseline_degradations == "known" and any(s.kind in ("baseline", "custom") for s in specs.values())))  # fmt: skip
+    schemas = await pool_tool_schemas(pool, list(settings.tools) if settings.tools else None)
+    started = time.perf_counter()
+    scorer = Scorer(pool, settings.metrics)
+    hqs, lqs = test.column("hq"), test.column("lq")
+    with _progress(len(test), "score inputs", settings.progress) as bar:
+        input_scores = await _gather_limited([scorer.score(lq, hq, bar) for lq, hq in zip(lqs, hqs)], settings.concurrency)
+    rows = []
+    for spec in specs.values():
+        episodes = await run_agent(spec, test, pool, schemas, settings)
+        with _progress(len(test), f"score {spec.label}", settings.progress) as bar:
+            finals = await _gather_limited([scorer.score(e.pop("final_image"), hq, bar) for e, hq in zip(episodes, hqs)], settings.concurrency)
+        rows += [image_row(spec, test, index, episode, final, input_scores[index]) for index, (episode, final) in enumerate(zip(episodes, finals))]
+    report = {
+        "meta": {"images": len(test), "seed": settings.seed, "metrics": list(settings.metrics), "max_turns": settings.max_turns,
+                 "baseline_degradations": settings.baseline_degradations, "tools": [s["name"] for s in schemas], "cues": settings.cues,
+                 "agents": {label: spec.describe() for label, spec in specs.items()}, "wall_s": time.perf_counter() - started, **(meta or {})},
+        "aggregates": aggregate(rows, settings.metrics),
+    }  # fmt: skip
+    report["markdown"] = render_markdown(report)
+    report["rows"] = rows
+    if out_dir is not None:
+        report["files"] = write_outputs(report, out_dir)
+    return report
+
+
+def check_test_set(test: Batch, needs_degradations: bool) -> None:
+    missing = [c for c in REQUIRED_COLUMNS + (("degradations",) if needs_degradations else ()) if c not in test.columns]
+    if missing:
+        raise EvalError(f"the test set lacks column(s) {', '.join(missing)} (has {', '.join(test.columns)}); make it with `tir data synth`")
+    if not len(test):
+        raise EvalError("the test set has no rows")
+
+
+async def run_agent(spec: AgentSpec, test: Batch, pool, schemas, settings: EvalSettings) -> list[dict]:
+    """One episode per row: {final_image, tool_calls, turns, format_errors, tool_errors,
+    stop_reason, wall_s, tools, error} (plus what the agent adds)."""
+    with _progress(len(test), spec.label, settings.progress) as bar:
+        if spec.kind == "identity":
+            return [_tick(bar, identity_episode(lq)) for lq in test.column("lq")]
+        if spec.kind == "expert":
+            return await expert_episodes(pool, test, settings, bar)
+        if spec.kind == "policy":
+            return await policy_episodes(spec.path, test, pool, schemas, settings, bar)
+        return await baseline_episodes(_baseline(spec, settings), test, pool, schemas, settings, bar)
+
+
+def identity_episode(lq: np.ndarray) -> dict:
+    return {"final_image": lq, "tool_calls": 0, "turns": 1, "format_errors": 0, "tool_errors": 0, "stop_reason": "answer", "wall_s": 0.0, "tools": [], "error": ""}
+
+
+def _baseline(spec: AgentSpec, settings: EvalSettings):
+    from tir.baselines import make_baseline
+
+    if spec.kind == "custom":
+        return spec.agent
+    options = {"random": {"seed": settings.seed}, "exhaustive": {"metric": settings.exhaustive_metric}}.get(spec.name, {})
+    return make_baseline(spec.name, **options)
+
+
+async def baseline_episodes(agent, test: Batch, pool, schemas, settings: EvalSettings, bar) -> list[dict]:
+    from tir.baselines import run_baseline_episode
+    from tir.env import perception_cues
+
+    cues = perception_cues() if settings.cues else None
+    known = test.column("degradations") if settings.baseline_degradations == "known" else [None] * len(test)
+
+    async def one(row: int, lq) -> dict:
+        _, report = await run_baseline_episode(agent, pool, lq, schemas, known[row], settings.max_turns, row, cues)
+        return _tick(bar, episode_summary(report, report["wall_s"], degradations_used=report["degradations_used"]))
+
+    return await _gather_limited([one(row, lq) for row, lq in enumerate(test.column("lq"))], settings.concurrency)
+
+
+async def policy_episodes(path: str, test: Batch, pool, schemas, settings: EvalSettings, bar) -> list[dict]:
+    from tir.agent_loop import LoopSettings, run_episode
+    from tir.env import RestorationEnv, perception_cues
+    from tir.models import load_policy
+    from tir.trainer.evaluate import greedy
+    from workers.rollout.hf_engine import HFEngine
+
+    try:
+        model, processor = load_policy(path, dtype=settings.policy_dtype)
+    except (FileNotFoundError, OSError, ValueError) as err:
+        raise EvalError(f"cannot load the policy checkpoint {path!r}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+    engine = HFEngine(model=model, processor=processor, max_batch_size=max(1, settings.concurrency), seed=settings.seed)
+    loop = replace(greedy(settings.loop or LoopSettings()), max_turns=settings.max_turns, concurrency=settings.concurrency, seed=settings.seed)
+    cues = perception_cues() if settings.cues else None
+
+    async def one(row: int, lq) -> dict:
+        env = RestorationEnv(pool, schemas, loop.max_turns, loop.max_format_errors, cues)
+        out = await run_episode(engine, processor, env, lq, loop, seed=loop.seed * 1_000_003 + row)
+        return _tick(bar, episode_summary(out, out["timings"]["wall_s"], error=out["error"]))
+
+    try:
+        episodes = await _gather_limited([one(row, lq) for row, lq in enumerate(test.column("lq"))], settings.concurrency)
+    finally:
+        await engine.shutdown()
+    if episodes and all(e["error"] for e in episodes):
+        raise RuntimeError(f"every episode of policy {path} failed; the first: {episodes[0]['error']}")
+    return episodes
+
+
+def episode_summary(report: Mapping, wall_s: float, error: str = "", **extra) -> dict:
+    """The per-image fields of an env summary (baselines and policies alike)."""
+    return {"final_image": report["final_image"], "tool_calls": int(report["num_tool_calls"]), "turns": int(report["num_turns"]),
+            "format_errors": int(report["format_errors"]), "tool_errors": int(report["tool_errors"]), "stop_reason": report["stop_reason"],
+            "wall_s": float(wall_s), "tools": [c["name"] for c in report["tool_calls"] if c["committed"]], "error": error, **extra}  # fmt: skip
+
+
+async def expert_episodes(pool, test: Batch, settings: EvalSettings, bar) -> list[dict]:
+    """The expert search per row; its final image is the best schedule's, its cost every
+    execution and scoring of the search (which knows the degradations and the HQ photo)."""
+    from tir import expert
+
+    options = settings.expert or expert.ExpertSettings(perturb=False)
+    tools = await expert.served_tools_by_subtask(pool)
+    if settings.tools:
+        tools = {s: [t for t in names if t in settings.tools] for s, names in tools.items()}
+
+    async def one(row: Mapping) -> dict:
+        started, cost = time.perf_counter(), expert.Cost()
+        inputs = await expert.score(pool, row["lq"], row["hq"], options.metrics, cost)
+        best, _, mode = await expert.search_expert(pool, row["lq"], row["hq"], row["degradations"], tools, options, cost, inputs)
+        return _tick(bar, {"final_image": best.image, "tool_calls": cost.tool_calls, "turns": len(best.tools) + 1, "format_errors": 0, "tool_errors": 0,
+                           "stop_reason": "answer", "wall_s": time.perf_counter() - started, "tools": list(best.tools), "error": "",
+                           "score_calls": cost.score_calls, "search_mode": mode})  # fmt: skip
+
+    rows = test.select([c for c in ("lq", "hq", "degradations") if c in test.columns]).rows()
+    return await _gather_limited([one(row) for row in rows], settings.concurrency)
+
+
+# ---------------------------------------------------------------- scoring
+
+
+def comparable(image: np.ndarray, hq: np.ndarray) -> np.ndarray:
+    """``image`` at the HQ size: the protocol upscales a 1/4-size output x4 (bicubic) before
+    full-reference scoring (an image already at the HQ size is returned as is)."""
+    from tir.expert import comparable as upscale
+
+    return upscale(image, hq)
+
+
+async def score_against_hq(pool, image: np.ndarray, hq: np.ndarray, metrics: Sequence[str]) -> dict[str, float | None]:
+    """Each metric of ``image`` (at the HQ size) against HQ, through the pool; None for a metric
+    that cannot score this image (NIQE on a flat one): left out of its mean, counted in n."""
+    from tool_pool.client import PoolError
+
+    image = comparable(image, hq)
+    values = await asyncio.gather(*(pool.score([m], image, hq) for m in metrics), return_exceptions=True)
+    out = {}
+    for metric, value in zip(metrics, values):
+        if isinstance(value, BaseException) and not isinstance(value, PoolError):
+            raise value
+        number = None if isinstance(value, BaseException) else float(value[metric])
+        out[metric] = number if number is not None and np.isfinite(number) else None
+    return out
+
+
+class Scorer:
+    """``score_against_hq`` with a cache keyed by the pixels: an unchanged image (the identity
+    agent, a baseline that answers at once) is scored once."""
+
+    def __init__(self, pool, metrics: Sequence[str]):
+        self.pool, self.metrics, self.cache = pool, tuple(metrics), {}
+
+    async def score(self, image: np.ndarray, hq: np.ndarray, bar=None) -> dict[str, float | None]:
+        key = (_digest(image), _digest(hq))
+        if key not in self.cache:
+            self.cache[key] = await score_against_hq(self.pool, image, hq, self.metrics)
+        return _tick(bar, dict(self.cache[key]))
+
+
+def _digest(image: np.ndarray) -> str:
+    return hashlib.sha1(np.ascontiguousarray(image).tobytes() + str(image.shape).encode()).hexdigest()
+
+
+# ---------------------------------------------------------------- aggregation
+
+
+def group_name(group: str | None) -> str:
+    return GROUP_NAMES.get(group or "custom", group or "custom")
+
+
+def image_row(spec: AgentSpec, test: Batch, index: int, episode: dict, final: dict, inputs: dict) -> dict:
+    def value(column, default=None):
+        return test.column(column)[index] if column in test.columns else default
+
+    return {"agent": spec.label, "index": index, "image_id": value("image_id", str(index)), "combo": value("combo", ""),
+            "group": group_name(value("group")), "degradations": list(value("degradations", []) or []),
+            "scores": final, "input_scores": inputs, **episode}  # fmt: skip
+
+
+def cell(values: Sequence[float | None]) -> dict:
+    """mean, sample std (0 for one value) and n of the values that are not None; n counts
+    those, ``missing`` the rest."""
+    known = np.array([v for v in values if v is not None], dtype=float)
+    n = int(known.size)
+    return {"mean": float(known.mean()) if n else None, "std": float(known.std(ddof=1)) if n > 1 else (0.0 if n else None),
+            "n": n, "missing": len(values) - n}  # fmt: skip
+
+
+def aggregate(rows: Sequence[Mapping], metrics: Sequence[str]) -> dict:
+    """{agent: {group: {quantity: cell}}} for each metric and COUNTS; groups in GROUP_ORDER
+    (those present), "A-C" when more than one of A, B, C is and other groups too (else it
+    would repeat "overall"), and "overall" always."""
+    out: dict[str, dict] = {}
+    for agent in dict.fromkeys(row["agent"] for row in rows):
+        mine = [row for row in rows if row["agent"] == agent]
+        present = {row["group"] for row in mine}
+        groups = {g: [r for r in mine if r["group"] == g] for g in sorted(present, key=_group_rank)}
+        if len(present & {"A", "B", "C"}) > 1 and present - {"A", "B", "C"}:  # else it is "overall"
+            groups["A-C"] = [r for r in mine if r["group"] in ("A", "B", "C")]
+        groups["overall"] = mine
+        out[agent] = {
+            g: {**{m: cell([r["scores"].get(m) for r in members]) for m in metrics}, **{q: cell([r[q] for r in members]) for q in COUNTS},
+                "images": len(members), "errors": sum(1 for r in members if r.get("error"))}
+            for g, members in sorted(groups.items(), key=lambda item: _group_rank(item[0]))
+        }  # fmt: skip
+    return out
+
+
+def _group_rank(group: str) -> tuple:
+    return (GROUP_ORDER.index(group), "") if group in GROUP_ORDER else (GROUP_ORDER.index("custom"), group)
+
+
+# ---------------------------------------------------------------- helpers
+
+
+async def _gather_limited(awaitables: Sequence, limit: int) -> list:
+    slots = asyncio.Semaphore(limit)
+
+    async def one(awaitable):
+        async with slots:
+            return await awaitable
+
+    return list(await asyncio.gather(*(one(a) for a in awaitables)))
+
+
+def _tick(bar, value):
+    if bar is not None:
+        bar.update(1)
+    return value
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img", disable=not enabled, leave=False, file=sys.stderr)
+
+
+def subset(test: Batch, limit: int | None) -> Batch:
+    """At most ``limit`` rows, spread evenly over the file (so every group keeps its share)."""
+    if limit is None or limit >= len(test):
+        return test
+    if limit < 1:
+        raise EvalError(f"--limit must be >= 1, got {limit}")
+    return test.take(np.unique(np.linspace(0, len(test) - 1, limit).round().astype(int)).tolist())
+
+
+# ---------------------------------------------------------------- CLI: tir eval
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--test", required=True, help="test samples from `tir data synth` (.parquet file or shard folder)")
+    parser.add_argument("--agents", default="identity,random,fixed_order,exhaustive,expert",
+                        help=f"comma-separated: {', '.join(KNOWN_AGENTS)}, policy checkpoint folders, NAME=CHECKPOINT")  # fmt: skip
+    parser.add_argument("--out", required=True, help="folder for report.md, eval.json and quality_vs_calls.png")
+    parser.add_argument("--recipe", default="tiny_cpu", help="recipe naming the pool, its tools, metrics, cues and rollout settings")
+    parser.add_argument("--limit", type=int, default=None, help="only N test rows, spread evenly over the file")
+    parser.add_argument("--seed", type=int, default=None, help="seed of the random agent and the policy's requests (default: run.seed)")
+    parser.add_argument("--pool", choices=("recipe", "local", "serve"), default="recipe", help="the recipe's pool backend, or force one (local: no Ray)")
+    parser.add_argument("--metrics", default=None, help="comma-separated pyiqa metrics (default: psnr, ssim and the reward's)")
+    parser.add_argument("--concurrency", type=int, default=1, help="episodes in flight per agent (1: clean per-image wall times)")
+    parser.add_argument("--max-turns", type=int, default=None, help="turns per episode (default: rollout.max_turns)")
+    parser.add_argument("--baseline-degradations", choices=("perceived", "known"), default="perceived",
+                        help="what fixed_order/exhaustive are told: perceived from cues (as a policy), or the true ones")  # fmt: skip
+    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. pool.tools=[] model.perception_cues=false")
+    return parser
+
+
+def eval_main(args: argparse.Namespace) -> int:
+    from tir.config import RecipeError, load_recipe
+    from tir.data import read_synth
+    from tir.expert import open_pool
+
+    try:
+        overrides = list(args.overrides) + ([f"pool.backend={args.pool}"] if args.pool != "recipe" else [])
+        cfg = load_recipe(args.recipe, overrides)
+        if not Path(args.test).exists():
+            raise EvalError(f"test set {args.test!r} does not exist; make one with `tir data synth --combos groupA,groupB,groupC --out {args.test}`")
+        specs = parse_agents(args.agents)
+        test = subset(read_synth(args.test), args.limit)
+        metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip()) if args.metrics else None
+        settings = EvalSettings.from_recipe(cfg, metrics=metrics, seed=args.seed, concurrency=args.concurrency, max_turns=args.max_turns,
+                                            baseline_degradations=args.baseline_degradations, progress=not args.no_progress)  # fmt: skip
+        for spec in specs.values():
+            warn_if_trained_otherwise(spec, cfg)
+    except (EvalError, RecipeError, FileNotFoundError) as err:
+        print(f"tir eval: error: {err}", file=sys.stderr)
+        return 2
+    pool, release = open_pool(cfg)
+    try:
+        meta = {"test": str(args.test), "recipe": str(args.recipe), "pool_backend": cfg.pool.backend, "limit": args.limit}
+        report = evaluate_agents(specs, test, pool, settings=settings, out_dir=args.out, meta=meta)
+    except EvalError as err:
+        print(f"tir eval: error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        release()
+    print(report["markdown"])
+    print(f"wrote {', '.join(report['files'].values())} ({report['meta']['wall_s']:.1f}s)")
+    return 0
+
+
+def warn_if_trained_otherwise(spec: AgentSpec, cfg) -> None:
+    """A checkpoint next to its run's config.yaml: say when it saw other tools or cues than this
+    evaluation offers (its tool calls would then be refused or its inputs unfamiliar)."""
+    if spec.kind != "policy":
+        return
+    run_cfg = Path(spec.path).parent / "config.yaml"
+    if not run_cfg.is_file():
+        return
+    from omegaconf import OmegaConf
+
+    trained = OmegaConf.load(run_cfg)
+    tools, cues = OmegaConf.select(trained, "pool.tools", default=None), OmegaConf.select(trained, "model.perception_cues", default=None)
+    if tools is not None and list(tools) != list(cfg.pool.tools):
+        print(f"tir eval: warning: {spec.label} was trained with pool.tools={list(tools) or 'all'}, this evaluation offers "
+              f"{list(cfg.pool.tools) or 'all'} (override pool.tools=... to match)", file=sys.stderr)  # fmt: skip
+    if cues is not None and bool(cues) != bool(cfg.model.perception_cues):
+        print(f"tir eval: warning: {spec.label} was trained with model.perception_cues={bool(cues)}, this evaluation uses "
+              f"{bool(cfg.model.perception_cues)}", file=sys.stderr)  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m tir.evaluation ...`` (until ``tir eval`` is wired)."""
+    return eval_main(add_eval_arguments(argparse.ArgumentParser(prog="tir eval", description=__doc__.splitlines()[0])).parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
