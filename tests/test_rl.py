@@ -1,0 +1,244 @@
+"""`tir train rl`: the GRPO loss, reward plumbing, rollout dumps, and the driver end to end on the
+tiny policy (the transformers engine in this process, real tools, FSDP2 actor and reference over
+two Ray workers each), including a run killed mid-step and resumed.
+
+Tiny sizes: 2 photos x n=2 trajectories, at most 2 turns, replies constrained to well-formed
+calls or the answer (``rollout.choices``), so that episodes call tools while the policy still
+picks among them with its own probabilities.
+"""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+import tir  # noqa: F401  - shims before transformers
+from tir import models, prompts
+from tir.config import load_recipe
+from tir.data import synthesize
+from tir.dumps import DumpWriter, list_dumps, read_dump
+from tir.protocol import Batch
+from tir.trainer import rl
+from tir.trainer.checkpoint import DataStream, latest_checkpoint
+from tir.trainer.logging import busy_seconds, read_records
+from tool_pool.client import LocalPool
+from tool_pool.tools import tool_schemas
+
+TOOLS = ["brighten_shift", "dehaze_dcp", "denoise_tv", "derain_median", "sharpen_unsharp"]
+REPLIES = [prompts.format_call(prompts.ToolCall(name, {})) for name in TOOLS] + [prompts.format_stop()]
+STEPS = 3
+
+
+# ---------------------------------------------------------------- the loss
+
+
+def test_grpo_loss_is_the_policy_gradient_plus_kl_on_the_policys_tokens():
+    logprobs = torch.log(torch.tensor([[0.5, 0.2, 0.4, 0.9], [0.5, 0.3, 0.6, 0.5]])).requires_grad_()
+    mask = torch.tensor([[0.0, 1.0, 1.0, 0.0], [0.0, 1.0, 0.0, 0.0]])
+    ref = torch.log(torch.tensor([[0.5, 0.4, 0.4, 0.1], [0.5, 0.3, 0.6, 0.5]]))
+    tensors = {"loss_mask": mask, "rollout_logprobs": logprobs.detach(), "ref_logprobs": ref,
+               "advantages": torch.tensor([1.0, -2.0])}  # fmt: skip
+    settings = rl.LossSettings(kl_coef=0.5, kl_kind="k3")
+    loss, metrics = rl.grpo_loss(logprobs, tensors, settings)
+    # on-policy (ratio 1): the surrogate is -mean(A) over the 3 policy tokens; k3 KL of token (0, 1) only
+    log_r = np.log(0.4 / 0.2)
+    kl = (np.exp(log_r) - log_r - 1) / 3
+    assert metrics["pg_loss"] == pytest.approx(-(1 + 1 - 2) / 3, abs=1e-6)
+    assert metrics["kl"] == pytest.approx(kl, rel=1e-5)
+    assert loss.item() == pytest.approx(0.5 * kl, rel=1e-5)
+    assert metrics["entropy"] == pytest.approx(-(np.log(0.2) + np.log(0.4) + np.log(0.3)) / 3, rel=1e-5)
+    assert metrics["rollout_logprob_diff"] == 0.0
+    loss.backward()
+    grad = logprobs.grad
+    assert torch.all(grad[mask == 0] == 0)  # prompt and tool tokens carry no gradient
+    assert grad[0, 2] < 0 < grad[1, 1]  # descent raises the positive-advantage token, lowers the negative one
+
+
+def test_entropy_bonus_pushes_probability_off_likely_tokens():
+    logprobs = torch.log(torch.tensor([[0.9, 0.1]])).requires_grad_()
+    tensors = {"loss_mask": torch.ones(1, 2), "rollout_logprobs": logprobs.detach(), "advantages": torch.zeros(1)}
+    loss, _ = rl.grpo_loss(logprobs, tensors, rl.LossSettings(entropy_coef=1.0))
+    loss.backward()
+    # d loss / d log p = log p / N: descent raises each sampled token's log-prob in proportion to
+    # its surprise, the unlikely one most, which flattens the distribution
+    assert torch.allclose(logprobs.grad, logprobs.detach() / 2)
+    assert logprobs.grad[0, 1] < logprobs.grad[0, 0] < 0
+
+
+# ---------------------------------------------------------------- pieces of a step
+
+
+def test_missing_scores_count_as_the_worst_of_the_group():
+    finals = [{"psnr": 20.0, "niqe": 5.0}, {"psnr": 22.0}, {"psnr": 18.0, "niqe": 4.0}, {"psnr": 19.0, "niqe": 6.0}]
+    inputs = [{"psnr": 17.0, "niqe": 7.0}] * 2 + [{"psnr": 16.0}] * 2
+    filled_finals, filled_inputs = rl.fill_missing(finals, inputs, ["psnr", "niqe"], {"psnr": False, "niqe": True}, 2)
+    assert filled_finals[1]["niqe"] == 7.0  # NIQE: lower is better, so the worst known is the highest
+    assert filled_inputs[2]["niqe"] == filled_inputs[3]["niqe"] == 6.0
+    assert finals[1] == {"psnr": 22.0}  # the caller's rows are left alone
+
+
+def test_busy_seconds_is_the_union_of_overlapping_spans():
+    timings = [{"spans": [["generate", 0.0, 1.0], ["env", 1.0, 3.0]]}, {"spans": [["generate", 0.5, 1.5], ["generate", 4.0, 4.5]]}]
+    assert busy_seconds(timings, "generate") == pytest.approx(2.0)
+    assert busy_seconds(timings, "env") == pytest.approx(2.0)
+
+
+def test_each_step_samples_with_its_own_reproducible_seed():
+    cfg = load_recipe("tiny_cpu", ["run.seed=3", "rollout.temperature=1.0"])
+    seeds = [rl.loop_settings(cfg, step).seed for step in (1, 2, 3)]
+    assert len(set(seeds)) == 3 and seeds == [rl.loop_settings(cfg, step).seed for step in (1, 2, 3)]
+    assert all(0 <= s < 2**31 for s in seeds)
+    assert rl.loop_settings(cfg, 1).seed != rl.loop_settings(load_recipe("tiny_cpu", ["run.seed=4"]), 1).seed
+
+
+def test_a_metric_the_pool_cannot_score_stops_the_run_at_start_up():
+    samples = synthesize("builtin", "noise", per_image=1, seed=0, crop=64, progress=False)
+    rl.check_metrics(LocalPool(), samples, ["psnr", "ssim"])
+    with pytest.raises(rl.SetupError, match=r"musiq \(\[unavailable\].*nosuch \(\[unknown_metric\]"):
+        rl.check_metrics(LocalPool(), samples, ["psnr", "musiq", "nosuch"])  # musiq: its weights are not on this machine
+
+
+def test_policy_path_takes_an_sft_run_folders_hf_checkpoint(tmp_path):
+    (tmp_path / "sft" / "hf").mkdir(parents=True)
+    (tmp_path / "sft" / "hf" / "config.json").write_text("{}")
+    assert rl.policy_path(str(tmp_path / "sft")) == str(tmp_path / "sft" / "hf")
+    assert rl.policy_path("Qwen/Qwen2.5-VL-3B-Instruct") == "Qwen/Qwen2.5-VL-3B-Instruct"
+    with pytest.raises(FileNotFoundError, match="tir model tiny"):
+        rl.policy_path(str(tmp_path / "nothing_here"))
+
+
+def test_the_closing_line_reports_the_reward_and_each_metrics_raw_gain():
+    # the reward's quality term is centred within each group: only the gains show restorations improving
+    summary = {"steps": 12, "window": 3, "start": {"reward/mean": -0.5, "reward/gain/psnr": -2.0, "reward/gain/niqe": 0.1, "episode/tool_calls": 1.4},
+               "end": {"reward/mean": -0.25, "reward/gain/psnr": -1.0, "reward/gain/niqe": 0.5, "episode/tool_calls": 1.5}}  # fmt: skip
+    line = rl.progress_line(summary)
+    assert line.startswith("over 12 steps (means of the first and last 3): reward -0.500 -> -0.250")
+    assert "niqe gain +0.100 -> +0.500, psnr gain -2.000 -> -1.000, tool calls 1.40 -> 1.50" in line
+
+
+def test_dumps_are_written_in_the_background_one_file_per_step(tmp_path):
+    batch = Batch.from_pydict({"image": [np.full((4, 5, 3), 7, np.uint8)], "reward": [0.5]})
+    with DumpWriter(tmp_path / "dumps") as dumps:
+        for step in (1, 2, 12):
+            dumps.write(step, batch.with_meta(step=step))
+    assert list(list_dumps(tmp_path / "dumps")) == [1, 2, 12]
+    assert not list((tmp_path / "dumps").glob("*.tmp"))
+    back = read_dump(tmp_path / "dumps", 12)
+    assert back.meta["step"] == 12 and back.column("image")[0].shape == (4, 5, 3)
+    with pytest.raises(FileNotFoundError, match="dumped steps"):
+        read_dump(tmp_path / "dumps", 3)
+
+
+def test_a_failed_dump_is_reported_to_the_driver(tmp_path):
+    (tmp_path / "dumps" / "step_000001.parquet").mkdir(parents=True)  # a folder where the file must go
+    writer = DumpWriter(tmp_path / "dumps")
+    writer.write(1, Batch.from_pydict({"reward": [1.0]}))
+    with pytest.raises(RuntimeError, match="writing a rollout dump"):
+        writer.flush()
+    writer.write(2, Batch.from_pydict({"reward": [1.0]}))  # reported once; later dumps still go out
+    writer.close()
+    assert list(list_dumps(tmp_path / "dumps")) == [1, 2] and (tmp_path / "dumps" / "step_000002.parquet").is_file()
+
+
+# ---------------------------------------------------------------- the driver end to end
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rl")
+    models.build_tiny_policy(root / "tiny", tool_schemas(TOOLS), seed=0)
+    # 2 photos x 2 degradations (chelsea and stereo_motorcycle are held out for evaluation)
+    samples = synthesize("builtin", "dark,noise", per_image=1, seed=0, crop=96, progress=False)
+    samples.take([i for i, name in enumerate(samples.column("image_id")) if name in ("astronaut", "coffee")]).to_parquet(root / "train.parquet")
+    return root
+
+
+def recipe(root, out, *overrides):
+    cfg = load_recipe("tiny_cpu", [
+        f"run.output_dir={out}", f"model.path={root / 'tiny'}", f"data.train_path={root / 'train.parquet'}",
+        "pool.backend=local", f"pool.tools=[{','.join(TOOLS)}]", "rollout.engine=hf", "rollout.n=2", "rollout.max_turns=2",
+        "actor.engine=fsdp2", "actor.num_workers=2", "actor.micro_batch_size=2", "actor.lr=3e-4", "algo.kl_coef=0.05",
+        f"trainer.total_steps={STEPS}", "trainer.batch_size=2", "trainer.save_every=1", "trainer.log_every=1", *overrides,
+    ])  # fmt: skip
+    # rollout.choices is not in the recipe schema (yet): merge it into a schema-free copy
+    return OmegaConf.merge(OmegaConf.create(OmegaConf.to_container(cfg)), {"rollout": {"choices": REPLIES}})
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(ray_cluster, root):
+    out = root / "uninterrupted"
+    summary = rl.train_rl(recipe(root, out))
+    return out / "rl", summary
+
+
+def test_a_run_logs_dumps_and_checkpoints_every_step(uninterrupted, root):
+    out, summary = uninterrupted
+    records = read_records(out / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3] and summary["steps"] == 3
+    for record in records:
+        for key in ("reward/mean", "reward/weight/psnr", "reward/weight/niqe", "reward/gain/psnr", "episode/tool_calls",
+                    "episode/format_errors", "actor/kl", "actor/entropy", "actor/grad_norm", "time/generate", "time/tools",
+                    "time/score", "time/reference", "time/update", "time/weight_sync", "time/checkpoint"):  # fmt: skip
+            assert key in record, key
+        assert sum(record[f"reward/weight/{m}"] for m in ("psnr", "ssim", "niqe")) == pytest.approx(1.0)
+        # the rollout engine's log-probs are the actor's: its weights were pushed after every update
+        assert record["actor/rollout_logprob_diff"] < 1e-4
+    assert records[0]["actor/kl"] == pytest.approx(0.0, abs=1e-6)  # the policy starts as the reference
+    assert records[-1]["actor/kl"] > 1e-6  # and leaves it
+    assert records[0]["episode/tool_calls"] > 0
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+
+    # the dumps: every step's trajectories, with the reward's pieces, in the data stream's order
+    assert list(list_dumps(out / "dumps")) == [1, 2, 3]
+    stream = DataStream(4, seed=0)
+    for step in (1, 2, 3):
+        dump = read_dump(out / "dumps", step)
+        assert len(dump) == 4 and dump.meta["step"] == step
+        advantages = np.array(dump.column("advantage")).reshape(2, 2)
+        assert np.allclose(advantages.sum(axis=1), 0.0, atol=1e-5)  # GRPO: centred within each image's group
+        assert dump.column("image_id")[::2] == [rl_sample_ids(root)[i] for i in stream.indices(2 * (step - 1), 2)]
+        row = dump.rows()[0]
+        assert set(row["final_scores"]) == {"psnr", "ssim", "niqe"} and row["reward_weights"]["psnr"] > 0
+        assert len(row["ref_logprobs"]) == len(row["rollout_logprobs"]) == len(row["input_ids"])
+        # the photo, then each successful call's output (the last turn's output ends the episode unseen)
+        shown = sum(call["ok"] for call in row["tool_calls"])
+        assert np.array_equal(row["images"][0], row["lq"]) and len(row["images"]) - 1 in (shown - 1, shown)
+        assert row["reward"] == pytest.approx(sum(row["reward_terms"][k] for k in ("quality", "format", "tool")))
+
+    # checkpoints: the two newest are kept, latest.json names the last; an HF policy at the end
+    assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == ["step_000002", "step_000003"]
+    assert latest_checkpoint(out).name == "step_000003"
+    state = json.loads((out / "checkpoints" / "step_000003" / "state.json").read_text())
+    assert state["step"] == 3 and state["data_position"] == 6 and state["reward"]["adaptive"]["steps"] == 3
+    models.load_policy(summary["hf_checkpoint"])
+
+
+def rl_sample_ids(root):
+    return Batch.from_parquet(root / "train.parquet").column("image_id")
+
+
+def test_a_run_killed_mid_step_resumes_where_it_stopped_and_repeats_the_same_numbers(uninterrupted, root):
+    done, _ = uninterrupted
+    # What a kill during step 3's checkpoint leaves: step 3 logged and dumped, its checkpoint
+    # half-written (a .tmp folder), latest.json still naming step 2.
+    killed = root / "killed" / "rl"
+    shutil.copytree(done, killed)
+    shutil.rmtree(killed / "hf")
+    (killed / "checkpoints" / "step_000003").rename(killed / "checkpoints" / "step_000003.tmp")
+    (killed / "checkpoints" / "latest.json").write_text(json.dumps({"path": "step_000002", "step": 2}))
+
+    rl.train_rl(recipe(root, root / "killed", "trainer.resume=auto"))
+    before, after = read_records(done / "metrics.jsonl"), read_records(killed / "metrics.jsonl")
+    assert [r["step"] for r in after] == [1, 2, 3]  # step 3 ran again and was logged once
+    for key in ("reward/mean", "reward/weight/psnr", "reward/gain/psnr", "episode/tool_calls", "actor/loss",
+                "actor/pg_loss", "actor/kl", "actor/grad_norm", "actor/entropy"):  # fmt: skip
+        assert after[2][key] == before[2][key], key
+    assert read_dump(killed / "dumps", 3).column("input_ids") == read_dump(done / "dumps", 3).column("input_ids")
+    assert latest_checkpoint(killed).name == "step_000003" and not (killed / "checkpoints" / "step_000003.tmp").exists()
+
+
+def test_rl_main_says_what_to_make_when_the_policy_is_missing(ray_cluster, tmp_path, capsys):
+    code = rl.rl_main(["recipe=tiny_cpu", f"run.output_dir={tmp_path}", f"model.path={tmp_path}/no_policy"])
+    assert code == 2 and "tir model tiny" in capsys.readouterr().out

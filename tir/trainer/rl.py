@@ -1,0 +1,444 @@
+"""Multi-turn GRPO with the adaptive multi-metric reward: ``tir train rl recipe=... key=value``.
+
+The story (``train_rl``, then ``rl_step``, top to bottom):
+
+    setup   the resolved recipe next to the outputs; the tool pool, the policy's processor and
+            tools; the training photos; the worker groups: actor (trains: FSDP2 or DeepSpeed),
+            reference (frozen: the KL term), rollout (vLLM replicas, or the transformers engine
+            in this process); resume from the latest checkpoint
+    a step  sample images -> rollout n trajectories per image (agent loop, tools via the pool)
+            -> score the final images (pool) -> reward (adaptive weights) -> group advantages
+            -> reference log-probs -> actor update (clipped policy loss on the policy's own
+            tokens, KL to the reference, entropy) -> push the weights to the rollout engines
+            -> dump -> log -> checkpoint
+    end     an HF checkpoint of the policy (``hf/``) that `tir restore --agent` loads
+
+One optimizer step per rollout batch: the rollout engines hold the actor's current weights, so
+the rollout log-probs are the "old" policy's (the importance ratio starts at 1; the clip bounds
+any engine mismatch). At a temperature other than 1 they are not (the engines report
+``log_softmax(logits / T)``), and the actor recomputes them.
+
+Outputs in <run.output_dir>/rl/: config.yaml, metrics.jsonl, tensorboard/,
+dumps/step_NNNNNN.parquet, checkpoints/, hf/, summary.json.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import math
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import OmegaConf
+
+from tir import algos
+from tir.dumps import DumpWriter, step_dump
+from tir.trainer import checkpoint
+from tir.trainer.logging import (
+    RunLogger,
+    StepTimer,
+    advantage_metrics,
+    episode_metrics,
+    summarize,
+)
+
+TRAIN_COLUMNS = ("input_ids", "loss_mask", "images", "rollout_logprobs")
+SAMPLE_COLUMNS = ("image_id", "combo", "degradations", "seed", "lq", "hq")
+
+
+class SetupError(RuntimeError):
+    """The run cannot start as the recipe says (the message says why)."""
+
+
+def rl_main(cli_args: list[str]) -> int:
+    """``tir train rl recipe=... key=value ...``; exit status."""
+    import ray
+
+    from tir.cluster import init_ray
+    from tir.config import load_recipe, split_cli_overrides
+
+    recipe, overrides = split_cli_overrides(cli_args)
+    cfg = load_recipe(recipe or "tiny_cpu", overrides)
+    was_running = ray.is_initialized()  # a cluster we attached to outlives this run
+    init_ray(cfg.ray)
+    try:
+        train_rl(cfg)
+    except (FileNotFoundError, SetupError) as err:  # no policy, no data, a metric that cannot score
+        print(f"[rl] error: {err}")
+        return 2
+    finally:
+        if not was_running:
+            ray.shutdown()
+    return 0
+
+
+def train_rl(cfg) -> dict:
+    """The whole run (see the module docstring); the summary it writes to ``summary.json``."""
+    from tir.agent_loop import pool_tool_schemas
+    from tir.config import save_resolved
+    from tir.env import perception_cues
+    from tir.reward import MultiMetricReward
+    from tool_pool.client import make_pool
+    from workers.actor import actor_group, reference_group
+
+    out = Path(cfg.run.output_dir) / "rl"
+    save_resolved(cfg, out)
+    model_path = policy_path(cfg.model.path)
+    samples, stream = training_data(cfg)
+    pool = make_pool(cfg.pool)
+    schemas = asyncio.run(pool_tool_schemas(pool, list(cfg.pool.tools) or None))
+    check_metrics(pool, samples, list(cfg.reward.metrics))
+    run = Run(cfg=cfg, out=out, samples=samples, stream=stream, pool=pool, schemas=schemas,
+              processor=load_processor(model_path), cues=perception_cues() if cfg.model.perception_cues else None,
+              reward_fn=MultiMetricReward.from_config(cfg.reward), loss_fn=functools.partial(grpo_loss, settings=LossSettings.from_recipe(cfg.algo)))  # fmt: skip
+    print(f"[rl] policy {model_path}; {len(samples)} training samples; {len(schemas)} tools; out: {out}")
+
+    with contextlib.ExitStack() as stack:
+        started = time.perf_counter()
+        run.actors = stack.enter_context(actor_group(cfg, model_path=model_path))
+        if cfg.algo.kl_coef > 0:  # no KL term, no reference to keep
+            run.reference = stack.enter_context(reference_group(cfg, model_path=model_path))
+        run.engine = make_rollout_engine(cfg, model_path)
+        stack.callback(close_engine, run.engine)
+        state = resume(run, cfg.trainer.resume)
+        if state.step:
+            sync_weights(run.actors, run.engine)  # the engines started from model.path
+        print(f"[rl] worker groups ready in {time.perf_counter() - started:.1f}s: actor and reference {cfg.actor.engine} x "
+              f"{cfg.actor.num_workers}{'' if run.reference else ' (reference off: algo.kl_coef=0)'}, rollout {type(run.engine).__name__}")  # fmt: skip
+        dumps = stack.enter_context(DumpWriter(out / "dumps")) if cfg.trainer.dump_rollouts else None
+        log = stack.enter_context(RunLogger(out, cfg.trainer.total_steps, state.step + 1, cfg.trainer.log_every))
+        for step in range(state.step + 1, cfg.trainer.total_steps + 1):
+            state, metrics, dump = rl_step(run, state, step)
+            if dumps is not None:
+                started = time.perf_counter()
+                dumps.write(step, dump)
+                metrics["time/dump"] = time.perf_counter() - started  # waiting for the writer only
+            if step % max(1, cfg.trainer.save_every) == 0 or step == cfg.trainer.total_steps:
+                started = time.perf_counter()
+                checkpoint.save_checkpoint(out, run.actors, state, keep=int(setting(cfg, "trainer.keep_checkpoints", 2)))
+                metrics["time/checkpoint"] = time.perf_counter() - started
+            log.step(step, metrics)
+        hf = run.actors.save_hf(str(out / "hf"))[0]
+    summary = summarize(out, hf)
+    write_json(out / "summary.json", summary)
+    print(f"[rl] {progress_line(summary)}; HF checkpoint: {hf}")
+    return summary
+
+
+def progress_line(summary: dict) -> str:
+    """Start -> end of the run: the reward, and each metric's raw gain over the degraded input.
+    The reward's quality term is centred within each group (its mean is 0 by construction), so
+    ``reward/mean`` moves with the format and tool terms only; the gains say whether the
+    restorations improved."""
+    start, end = summary["start"], summary["end"]
+    parts = [f"reward {start.get('reward/mean', math.nan):+.3f} -> {end.get('reward/mean', math.nan):+.3f}"]
+    for key in sorted(k for k in end if k.startswith("reward/gain/")):
+        parts.append(f"{key.split('/')[-1]} gain {start.get(key, math.nan):+.3f} -> {end[key]:+.3f}")
+    parts.append(f"tool calls {start.get('episode/tool_calls', math.nan):.2f} -> {end.get('episode/tool_calls', math.nan):.2f}")
+    return f"over {summary['steps']} steps (means of the first and last {summary['window']}): " + ", ".join(parts)
+
+
+@dataclass
+class Run:
+    """What every step uses: the recipe, data, pool, reward and the worker groups."""
+
+    cfg: Any
+    out: Path
+    samples: Any  # Batch of training samples (SAMPLE_COLUMNS)
+    stream: checkpoint.DataStream
+    pool: Any
+    schemas: list
+    processor: Any
+    cues: Any
+    reward_fn: Any
+    loss_fn: Any
+    actors: Any = None
+    reference: Any = None
+    engine: Any = None
+
+
+def rl_step(run: Run, state: checkpoint.TrainState, step: int) -> tuple[checkpoint.TrainState, dict, Any]:
+    """One GRPO step; the new state, the step's metrics and its trajectories (for the dump)."""
+    import torch
+
+    from tir.agent_loop import run_rollout
+
+    cfg, n, timer = run.cfg, run.cfg.rollout.n, StepTimer()
+    # sample images: batch_size photos, each rolled out n times (a GRPO group: adjacent rows)
+    rows = run.stream.indices(state.data_position, cfg.trainer.batch_size)
+    groups = run.samples.take(rows).repeat(n)
+    with timer("rollout"):
+        trajectories = run_rollout(run.engine, run.processor, run.pool, groups, loop_settings(cfg, step),
+                                   tool_schemas=run.schemas, cues=run.cues)  # fmt: skip
+    with timer("score"):
+        finals, inputs = asyncio.run(score_trajectories(run.pool, trajectories, run.reward_fn, n, cfg.rollout.concurrency))
+    with timer("reward"):
+        reward = run.reward_fn(finals, inputs, trajectories.column("num_tool_calls"), trajectories.column("format_errors"), group_size=n)
+        advantages = algos.group_advantages(torch.tensor(reward.rewards), n, cfg.algo.adv_eps, cfg.algo.adv_normalize_std)
+    batch = trajectories.select(TRAIN_COLUMNS).with_column("advantages", advantages.tolist())
+    if run.reference is not None:
+        with timer("reference"):
+            batch = with_logprobs(batch, run.reference, "ref_logprobs")
+    if recompute_old_logprobs(cfg):
+        with timer("old_logprobs"):
+            batch = with_logprobs(batch, run.actors, "old_logprobs")
+    with timer("update"):
+        update = run.actors.train_step(batch, run.loss_fn, "tokens" if cfg.algo.loss_agg == "token-mean" else "rows")[0]
+    with timer("weight_sync"):
+        sync_weights(run.actors, run.engine)
+
+    state = checkpoint.TrainState(step=step, data_position=state.data_position + len(rows), reward=run.reward_fn.state_dict(),
+                                  data_fingerprint=state.data_fingerprint, config_hash=state.config_hash)  # fmt: skip
+    metrics = {**reward.log_dict("reward/"), **episode_metrics(trajectories), **{f"actor/{k}": v for k, v in update.items()},
+               **advantage_metrics(reward.rewards, advantages.numpy(), n), **timer.breakdown(trajectories)}  # fmt: skip
+    dump = step_dump(trajectories, batch, reward, advantages.tolist(), finals, inputs).with_meta(step=step, config_hash=state.config_hash)
+    return state, metrics, dump
+
+
+# ------------------------------------------------------------------------------ setup
+def setting(cfg, key: str, default):
+    """A recipe value the schema may not define (yet): the default when absent or null."""
+    value = OmegaConf.select(cfg, key, default=None)
+    if value is None:
+        return default
+    return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+
+
+def policy_path(path: str) -> str:
+    """``model.path``: a checkpoint folder, a hub name, or a run's SFT output folder (its
+    ``hf/`` checkpoint is used)."""
+    folder = Path(path)
+    if not (folder / "config.json").is_file() and (folder / "hf" / "config.json").is_file():
+        return str(folder / "hf")
+    hub_name = re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", str(path)) and not str(path).startswith("runs/")
+    if not folder.exists() and not hub_name:
+        raise FileNotFoundError(f"no policy checkpoint at {path}: make one with `tir model tiny --out {path}` or "
+                                f"`tir train sft`, or point model.path at a checkpoint or hub name")  # fmt: skip
+    return str(path)
+
+
+def load_processor(model_path: str):
+    from transformers import AutoProcessor
+
+    import tir  # noqa: F401  - environment shims before transformers imports torchvision
+
+    return AutoProcessor.from_pretrained(model_path)
+
+
+def training_data(cfg):
+    """The training samples (``data.train_path``, synthesized from ``data.*`` when absent), less
+    the photos SFT holds out for evaluation, and the DataStream that orders them."""
+    from tir.data import read_synth, synthesize
+    from tir.sft_data import split_by_image
+    from tir.trainer.sft import DEFAULT_HELDOUT
+
+    path = Path(cfg.data.train_path)
+    if not path.exists():
+        print(f"[rl] no training data at {path}: synthesizing it from {cfg.data.hq!r} ({', '.join(cfg.data.train_combos)})")
+        synthesize(cfg.data.hq, ",".join(cfg.data.train_combos), per_image=cfg.data.per_image, seed=cfg.run.seed,
+                   crop=cfg.data.crop, crop_mode=setting(cfg, "data.crop_mode", "center")).to_parquet(path)  # fmt: skip
+    samples, _ = split_by_image(read_synth(path), setting(cfg, "sft.heldout_images", DEFAULT_HELDOUT))
+    if not len(samples):
+        raise FileNotFoundError(f"{path} holds no samples outside the held-out photos")
+    samples = samples.select(SAMPLE_COLUMNS)
+    fingerprint = checkpoint.data_fingerprint(samples.column("image_id"), samples.column("combo"), samples.column("seed"))
+    return samples, checkpoint.DataStream(len(samples), cfg.run.seed, fingerprint)
+
+
+def make_rollout_engine(cfg, model_path: str):
+    """The rollout engine the recipe names: ``rollout.engine=hf`` with one replica and no GPU is
+    the transformers engine in this process (no actor to start: tests, small CPU runs);
+    anything else is a rollout group (``rollout.num_replicas`` Ray actors behind a router)."""
+    if cfg.rollout.engine == "hf" and cfg.rollout.num_replicas <= 1 and not cfg.rollout.num_gpus_per_replica:
+        from workers.rollout.hf_engine import HFEngine
+
+        return HFEngine(model_path, dtype=cfg.model.dtype, max_batch_size=cfg.rollout.max_batch_size, seed=cfg.run.seed)
+    from workers.rollout.group import rollout_group
+
+    return rollout_group(cfg, model_path=model_path)
+
+
+def close_engine(engine) -> None:
+    if hasattr(engine, "close"):
+        engine.close()
+    else:
+        asyncio.run(engine.shutdown())
+
+
+def sync_weights(actors, engine) -> None:
+    """The actors' weights into the rollout engine(s): a rollout group pulls them from actor
+    rank 0 bucket by bucket; a local engine gets the full state dict."""
+    if hasattr(engine, "sync_from"):
+        engine.sync_from(actors)
+    else:
+        engine.update_weights(actors.state_dict_for_rollout()[0].items())
+
+
+def resume(run: Run, how: str) -> checkpoint.TrainState:
+    """``trainer.resume``: the checkpoint's state (actors and reward weights restored), or a
+    fresh state."""
+    from tir.config import config_hash
+
+    fresh = checkpoint.TrainState(data_fingerprint=run.stream.fingerprint, config_hash=config_hash(run.cfg))
+    path = checkpoint.checkpoint_to_resume(run.out, how)
+    if path is None:
+        return fresh
+    state = checkpoint.load_checkpoint(path, run.actors)
+    checkpoint.check_resumable(state, run.stream, path)
+    if state.reward is not None:
+        run.reward_fn.load_state_dict(state.reward)
+    print(f"[rl] resumed from {path}: {state.step} step(s) done, continuing at step {state.step + 1}")
+    return state
+
+
+def step_seed(seed: int, step: int) -> int:
+    """The rollout seed of one step; the agent loop derives each row's and each turn's request
+    seed from it, so sampling is a function of (seed, step, row, turn) and a resumed run
+    samples what the uninterrupted one did. Below 2**31: the loop's derived seeds stay in int64."""
+    return int(np.random.SeedSequence([seed, step]).generate_state(1)[0]) % (1 << 31)
+
+
+def loop_settings(cfg, step: int):
+    from tir.agent_loop import LoopSettings
+
+    choices = setting(cfg, "rollout.choices", None)  # replies constrained to these texts (smoke runs)
+    return LoopSettings.from_recipe(cfg.rollout, seed=step_seed(cfg.run.seed, step), choices=tuple(choices) if choices else None)
+
+
+def recompute_old_logprobs(cfg) -> bool:
+    return bool(setting(cfg, "algo.recompute_old_logprobs", float(cfg.rollout.temperature) != 1.0))
+
+
+# ------------------------------------------------------------------------------ scoring
+def comparable(image: np.ndarray, hq: np.ndarray) -> np.ndarray:
+    """``image`` at the HQ size: the protocol upscales a 1/4-size output before full-reference scoring."""
+    import cv2
+
+    if image.shape[:2] == hq.shape[:2]:
+        return image
+    return cv2.resize(image, (hq.shape[1], hq.shape[0]), interpolation=cv2.INTER_CUBIC)
+
+
+async def score_image(pool, image: np.ndarray, hq: np.ndarray, metrics) -> dict[str, float]:
+    """Each metric of ``image`` against HQ; one that cannot score it (NIQE on a flat image) is
+    left out rather than failing the step."""
+    from tool_pool.client import PoolError
+
+    image = comparable(image, hq)
+    values = await asyncio.gather(*(pool.score([m], image, hq) for m in metrics), return_exceptions=True)
+    for value in values:
+        if isinstance(value, BaseException) and not isinstance(value, PoolError):
+            raise value
+    return {m: float(v[m]) for m, v in zip(metrics, values) if not isinstance(v, BaseException) and math.isfinite(v[m])}
+
+
+def check_metrics(pool, samples, metrics) -> None:
+    """Score one training photo with every reward metric: a metric the pool cannot run (its
+    weights missing, say) stops the run here, by name, instead of scoring nothing every step."""
+    from tool_pool.client import PoolError
+
+    lq, hq = samples.column("lq")[0], samples.column("hq")[0]
+
+    async def probe(metric):
+        try:
+            await pool.score([metric], comparable(lq, hq), hq)
+        except PoolError as err:
+            return f"{metric} ({err})"
+
+    async def probe_all():
+        return await asyncio.gather(*(probe(m) for m in metrics))
+
+    failed = [f for f in asyncio.run(probe_all()) if f]
+    if failed:
+        raise SetupError(f"reward metric(s) the pool cannot score: {'; '.join(failed)}")
+
+
+async def score_trajectories(pool, trajectories, reward_fn, group_size: int, concurrency: int) -> tuple[list[dict], list[dict]]:
+    """Scores of every final image and of its degraded input (once per group), per row; a
+    score that failed is filled in (``fill_missing``)."""
+    finals, lqs, hqs = trajectories.column("final_image"), trajectories.column("lq"), trajectories.column("hq")
+    slots = asyncio.Semaphore(concurrency)
+
+    async def score(image, hq):
+        async with slots:
+            return await score_image(pool, image, hq, reward_fn.metrics)
+
+    firsts = range(0, len(trajectories), group_size)
+    inputs, final_scores = await asyncio.gather(asyncio.gather(*(score(lqs[i], hqs[i]) for i in firsts)),
+                                                asyncio.gather(*(score(im, hq) for im, hq in zip(finals, hqs))))  # fmt: skip
+    input_scores = [inputs[i // group_size] for i in range(len(trajectories))]
+    return fill_missing(final_scores, input_scores, reward_fn.metrics, reward_fn.lower_better, group_size)
+
+
+def fill_missing(finals: list[dict], inputs: list[dict], metrics, lower_better: dict, group_size: int):
+    """A final image a metric could not score gets the worst score of its group (breaking a
+    metric is no merit); an input that could not be scored, the same; a metric nothing in the
+    group could score, 0 everywhere (no gain, no signal)."""
+    finals, inputs = [dict(f) for f in finals], [dict(i) for i in inputs]
+    for start in range(0, len(finals), group_size):
+        rows = range(start, start + group_size)
+        for m in metrics:
+            known = [finals[i][m] for i in rows if m in finals[i]] + [inputs[i][m] for i in rows if m in inputs[i]]
+            worst = (max(known) if lower_better[m] else min(known)) if known else 0.0
+            for i in rows:
+                finals[i].setdefault(m, worst)
+                inputs[i].setdefault(m, worst)
+    return finals, inputs
+
+
+# ------------------------------------------------------------------------------ the update
+@dataclass(frozen=True)
+class LossSettings:
+    clip_low: float = 0.2
+    clip_high: float = 0.28
+    kl_coef: float = 0.0
+    kl_kind: str = "k3"
+    entropy_coef: float = 0.0
+    agg: str = "token-mean"
+
+    @classmethod
+    def from_recipe(cls, algo) -> LossSettings:
+        return cls(algo.clip_ratio_low, algo.clip_ratio_high, algo.kl_coef, algo.kl_kind, algo.entropy_coef, algo.loss_agg)
+
+
+def grpo_loss(logprobs, tensors: dict, settings: LossSettings):
+    """The actor's loss on the policy's own tokens (``loss_mask``): the clipped surrogate with
+    GRPO advantages, plus ``kl_coef`` x KL(policy || reference), minus ``entropy_coef`` x entropy.
+
+    The engine gives log-probs of the sampled tokens only, not whole distributions, so entropy
+    is the sampled estimate ``-log p`` (what is logged) and its bonus a score-function surrogate
+    ``-stop_grad(log p) * log p``, whose gradient is the entropy's (on-policy, in expectation)."""
+    mask = tensors["loss_mask"]
+    old = tensors["old_logprobs"] if "old_logprobs" in tensors else tensors["rollout_logprobs"]
+    loss, metrics = algos.policy_loss(logprobs, old, tensors["advantages"], mask, settings.clip_low, settings.clip_high, settings.agg)
+    metrics["pg_loss"] = loss.item()
+    if settings.kl_coef > 0:
+        kl = algos.aggregate(algos.kl_penalty(logprobs, tensors["ref_logprobs"], settings.kl_kind, mask), mask, settings.agg)
+        loss = loss + settings.kl_coef * kl
+        metrics["kl"] = kl.item()
+    entropy = algos.aggregate(-logprobs.detach(), mask, settings.agg)
+    if settings.entropy_coef > 0:
+        loss = loss - settings.entropy_coef * algos.aggregate(-logprobs.detach() * logprobs, mask, settings.agg)
+    metrics["entropy"] = entropy.item()
+    # the rollout engine's log-probs vs the actor's: ~0 when weights were pushed correctly (T = 1)
+    metrics["rollout_logprob_diff"] = algos.masked_mean((logprobs.detach() - tensors["rollout_logprobs"]).abs(), mask).item()
+    return loss, metrics
+
+
+def with_logprobs(batch, group, column: str):
+    """``batch`` plus per-token log-probs from a worker group (reference: ``ref_logprobs``)."""
+    scored = group.forward_logprobs(batch.select(["input_ids", "images"]))
+    values = scored.table.column(scored.columns[0])
+    return batch.with_column(column, values)
+
+
+def write_json(path: Path, value) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=1, default=float))
+    tmp.replace(path)
