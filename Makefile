@@ -9,7 +9,7 @@ install:
 	bash scripts/install.sh
 
 demo: install
-	$(PY) -m tir.cli demo $(ARGS)
+	$(PY) -m tir.cli quickstart $(ARGS)
 
 test: install
 	$(PY) -m pytest $(ARGS)

@@ -9,6 +9,7 @@
     tir eval --test data/test.parquet --agents identity,random,fixed_order,exhaustive,sft=runs/x/sft/hf --out runs/x/eval
     tir dumps summary runs/x/rl/dumps ; tir dumps view runs/x/rl/dumps --out report.html
     tir restore photo.png --agent exhaustive --out restored.png
+    tir quickstart [recipe=quickstart] [key=value ...]
     tir demo [recipe=...] [key=value ...]
 
 Subcommands import their modules lazily so that ``tir --help`` stays fast.
@@ -73,6 +74,12 @@ def _restore(args: argparse.Namespace) -> int:
     return restore_main(args)
 
 
+def _quickstart(args: argparse.Namespace) -> int:
+    from tir.quickstart import main as quickstart_main
+
+    return quickstart_main(args.overrides)
+
+
 def _demo(args: argparse.Namespace) -> int:
     from tir.demo import main as demo_main
 
@@ -130,7 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_restore_arguments(restore)
     restore.set_defaults(run=_restore)
 
-    demo = commands.add_parser("demo", help="the end-to-end path that exists today (the README's main job)")
+    quickstart = commands.add_parser("quickstart", help="the whole pipeline on this machine: data, expert, SFT, GRPO, evaluation, report")
+    quickstart.add_argument("overrides", nargs="*", metavar="recipe=FILE|key=value")
+    quickstart.set_defaults(run=_quickstart)
+
+    demo = commands.add_parser("demo", help="restore test photos with the greedy oracle through the pool (no training)")
     demo.add_argument("overrides", nargs="*", metavar="recipe=FILE|key=value")
     demo.set_defaults(run=_demo)
     return parser

@@ -54,6 +54,8 @@ class DataConfig:
     train_combos: list[str] = field(default_factory=lambda: ["groupA"])
     test_combos: list[str] = field(default_factory=lambda: ["groupA", "groupB", "groupC"])
     per_image: int = 4
+    test_per_image: int = 2  # test samples per held-out photo and combination (tir quickstart)
+    crop_mode: Optional[str] = None  # "center" (the default) or "random" crops
     crop: int = 128
     train_path: str = "${run.output_dir}/data/train.parquet"
     test_path: str = "${run.output_dir}/data/test.parquet"
@@ -120,6 +122,7 @@ class AlgoConfig:
     kl_kind: str = "k3"  # "k1", "k2" or the low-variance "k3"
     adv_eps: float = 1e-6
     adv_normalize_std: bool = True  # False: Dr. GRPO (no division by the group std)
+    recompute_old_logprobs: Optional[bool] = None  # None: when rollout.temperature != 1 (sampled log-probs differ)
 
 
 @dataclass
@@ -144,6 +147,12 @@ class SFTConfig:
     reorder_prob: float = 0.3
     swap_tool_prob: float = 0.3
     beam_width: int = 4
+    # None below: the driver's default, named beside each.
+    tie_margin: Optional[float] = None  # expert near ties, in TIE_TOLERANCEs (tir.expert: 1.0)
+    batch_size: Optional[int] = None  # rows per SFT step (trainer.batch_size)
+    data_path: Optional[str] = None  # expert trajectories (<run.output_dir>/data/sft.parquet)
+    eval_samples: Optional[int] = None  # held-out rows scored each epoch (64)
+    heldout_images: Optional[list[str]] = None  # photos never trained on (chelsea, stereo_motorcycle)
 
 
 @dataclass
@@ -152,6 +161,7 @@ class TrainerConfig:
     batch_size: int = 8  # images per step (each rolled out rollout.n times)
     save_every: int = 5
     resume: str = "auto"  # "auto", "never", or a checkpoint dir
+    keep_checkpoints: Optional[int] = None  # newest RL checkpoints kept (2)
     dump_rollouts: bool = True
     log_every: int = 1
 
