@@ -16,6 +16,10 @@
 #
 # (from the activated venv: the job's entrypoint `tir` and every actor's Python are found on the
 # PATH that `ray start` had)
+# Ray 2.60: a head that finds a token (~/.ray/auth_token, which any local `ray.init()` leaves)
+# turns token authentication on; then start each worker with RAY_AUTH_MODE=token and the same
+# token (that file, or RAY_AUTH_TOKEN), or the worker cannot join. RAY_AUTH_MODE=disabled on
+# every node turns it off (trusted networks only).
 # Ray detects each node's GPUs and CPUs itself; pass --num-gpus / --num-cpus only to hold some
 # back. The recipe decides what the run takes, in GPUs (recipes/qwen25vl_7b_2nodes.yaml):
 # actor 4 (FSDP2) + reference 4 + rollout 3 replicas x 2 (vLLM, tensor parallel 2) + tool pool 2
@@ -23,6 +27,23 @@
 # group is one placement group, so a rollout replica's 2 GPUs land on one node.
 # Port 6379 (GCS) and the dashboard's 8265 must be reachable from the workers and from wherever
 # you submit; the nodes also talk to each other on Ray's worker ports and on NCCL's.
+#
+# ---- Placing worker groups on nodes (optional) -------------------------------------------------
+# Without placement keys Ray puts each group wherever its GPUs fit. To choose, give nodes a custom
+# resource when starting them and name it in the recipe (or on the command line):
+#
+#   head node:    ray start --head ... --resources='{"pool_node": 100}'
+#   worker nodes: ray start --address=HEAD_IP:6379 --resources='{"train_node": 100}'
+#   examples/ray_job_submit.sh 'actor.resources={train_node: 1}' 'rollout.resources={train_node: 1}' \
+#       'pool.resources={pool_node: 1}'
+#
+# Each actor/reference rank (actor.resources), rollout replica (rollout.resources) and pool
+# replica (pool.resources) takes that much of the resource, so it can only run on a node that
+# advertises it; advertise more than will ever be asked (100 above). Quote the overrides (braces).
+# CPUs and GPUs keep their own keys (num_cpus_per_*, num_gpus_per_*). A placed rollout.engine=hf
+# runs as a Ray actor where asked, not inside the driver. The driver writes where everything
+# landed to <run.output_dir>/rl/placement.json (node ids, with each node's IP and custom
+# resources); tests/test_ray_job.py runs this on a two-node cluster on one machine.
 #
 # ---- What happens on submit --------------------------------------------------------------------
 # `ray job submit` uploads this checkout (runtime_env.yaml: working_dir, excludes), then runs the

@@ -267,3 +267,6 @@ def test_observe_writes_the_cues_then_the_guess():
     flat = np.full((64, 64, 3), 128, np.uint8)  # gray reads hazy (a high dark channel), and small
     assert observe(flat).endswith("likely=haze+lowres")
     assert observe(np.full((128, 128, 3), 20, np.uint8)).endswith("likely=dark")
+    assert observe(flat, style="guess") == "likely=haze+lowres"  # the guess alone, no numbers
+    with pytest.raises(ValueError, match="cue style 'terse' unknown"):
+        observe(flat, style="terse")

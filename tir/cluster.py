@@ -13,6 +13,9 @@ def init_ray(ray_cfg) -> None:
 
     if ray.is_initialized():
         return
+    # Serve's router warns on every request whose replica answers its queue-length probe in over
+    # 0.1 s, which a busy 2-core machine does all the time; 1 s keeps real trouble visible.
+    os.environ.setdefault("RAY_SERVE_QUEUE_LENGTH_RESPONSE_DEADLINE_S", "1.0")
     address = ray_cfg.address or os.environ.get("RAY_ADDRESS") or started_cluster()
     if address:
         ray.init(address=address, log_to_driver=False)

@@ -46,6 +46,7 @@ class ModelConfig:
     path: str = "runs/tiny_policy"  # a local checkpoint dir or a hub cache name
     dtype: str = "float32"
     perception_cues: bool = False  # measured degradation cues as text beside each image
+    cue_style: str = "full"  # "full": the measured numbers and the guessed degradations; "guess": the guess only
 
 
 @dataclass
@@ -68,6 +69,9 @@ class PoolConfig:
     num_replicas: int = 1
     num_cpus_per_replica: float = 1.0
     num_gpus_per_replica: float = 0.0
+    # Ray custom resources each replica also takes, e.g. {head_node: 1}: only nodes started with
+    # them (`ray start --resources`) can host it, which is how a recipe places it (multi-node)
+    resources: dict[str, float] = field(default_factory=dict)
     max_batch_size: int = 8
     batch_wait_timeout_s: float = 0.01
     max_models_per_replica: int = 8
@@ -84,6 +88,9 @@ class RolloutConfig:
     tensor_parallel_size: int = 1
     num_cpus_per_replica: float = 1.0
     num_gpus_per_replica: float = 0.0
+    # Ray custom resources each replica also takes (as pool.resources); set, even the hf engine
+    # runs as a replica where they are, never in the driver
+    resources: dict[str, float] = field(default_factory=dict)
     n: int = 4  # trajectories per image (the GRPO group)
     max_turns: int = 4
     max_length: int = 4096  # tokens of a whole trajectory; longer ones end at a turn boundary
@@ -102,6 +109,8 @@ class ActorConfig:
     num_workers: int = 1
     num_cpus_per_worker: float = 1.0
     num_gpus_per_worker: float = 0.0
+    # Ray custom resources each actor and reference worker also takes (as pool.resources)
+    resources: dict[str, float] = field(default_factory=dict)
     zero_stage: int = 2
     lr: float = 1e-5
     weight_decay: float = 0.0
@@ -151,7 +160,8 @@ class SFTConfig:
     tie_margin: Optional[float] = None  # expert near ties, in TIE_TOLERANCEs (tir.expert: 1.0)
     batch_size: Optional[int] = None  # rows per SFT step (trainer.batch_size)
     data_path: Optional[str] = None  # expert trajectories (<run.output_dir>/data/sft.parquet)
-    eval_samples: Optional[int] = None  # held-out rows scored each epoch (64)
+    eval_samples: Optional[int] = None  # held-out rows scored each evaluation (64)
+    eval_every: Optional[int] = None  # epochs between held-out evaluations (1; the last epoch always)
     heldout_images: Optional[list[str]] = None  # photos never trained on (chelsea, stereo_motorcycle)
 
 
@@ -299,6 +309,16 @@ def save_resolved(cfg: DictConfig, run_dir: str | os.PathLike) -> Path:
         f.write(to_yaml(cfg))
     os.replace(tmp, target)
     return target
+
+
+def custom_resources(section) -> dict[str, float]:
+    """A recipe section's ``resources`` (placement by node) as a plain dict. CPUs and GPUs have
+    their own keys (``num_cpus_per_*``): Ray refuses them among custom resources."""
+    resources = {str(k): float(v) for k, v in (section.get("resources") or {}).items()}
+    builtin = sorted(set(resources) & {"CPU", "GPU", "memory"})
+    if builtin:
+        raise RecipeError(f"resources: {builtin} are not custom resources; use num_cpus_per_* / num_gpus_per_* instead")
+    return resources
 
 
 def as_container(cfg: DictConfig | ListConfig) -> Any:

@@ -48,11 +48,19 @@ class StepResult:
     call: dict | None = None  # the tool-call record, when the step called a tool
 
 
-def perception_cues(names: Sequence[str] | None = None) -> Cues:
-    """The measured cues of ``tir.perception`` and the degradations they suggest, one line per image."""
-    from tir.perception import observe
+def perception_cues(names: Sequence[str] | None = None, style: str = "full") -> Cues:
+    """The measured cues of ``tir.perception`` and the degradations they suggest, one line per
+    image (``style``: see ``tir.perception.observe``)."""
+    from tir.perception import CUE_STYLES, observe
 
-    return lambda image: observe(image, names)
+    if style not in CUE_STYLES:
+        raise ValueError(f"cue style {style!r} unknown; expected one of {CUE_STYLES}")
+    return lambda image: observe(image, names, style)
+
+
+def recipe_cues(model_cfg) -> Cues | None:
+    """The cues a recipe's ``model`` section asks for (``perception_cues``, ``cue_style``), or None."""
+    return perception_cues(style=model_cfg.cue_style) if model_cfg.perception_cues else None
 
 
 class RestorationEnv:

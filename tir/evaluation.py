@@ -158,6 +158,7 @@ class EvalSettings:
     exhaustive_metric: str = "niqe"
     tools: tuple[str, ...] | None = None  # tools offered to agents (None: all the pool serves)
     cues: bool = False  # perception cues beside each image (as the policy was trained)
+    cue_style: str = "full"  # tir.perception.observe's style (the recipe's model.cue_style)
     loop: Any = None  # LoopSettings for policies (None: defaults with max_turns)
     expert: Any = None  # ExpertSettings for the oracle (None: its defaults, no perturbation)
     policy_dtype: str = "float32"
@@ -179,7 +180,7 @@ class EvalSettings:
 
         metrics = tuple(dict.fromkeys(["psnr", "ssim", *cfg.reward.metrics]))
         values = {"metrics": metrics, "seed": int(cfg.run.seed), "max_turns": int(cfg.rollout.max_turns), "tools": tuple(cfg.pool.tools) or None,
-                  "cues": bool(cfg.model.perception_cues), "loop": LoopSettings.from_recipe(cfg.rollout), "policy_dtype": cfg.model.dtype,
+                  "cues": bool(cfg.model.perception_cues), "cue_style": str(cfg.model.cue_style), "loop": LoopSettings.from_recipe(cfg.rollout), "policy_dtype": cfg.model.dtype,
                   "expert": ExpertSettings.from_recipe(cfg, perturb=False)}  # fmt: skip
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
@@ -269,7 +270,7 @@ async def baseline_episodes(agent, test: Batch, pool, schemas, settings: EvalSet
     from tir.baselines import run_baseline_episode
     from tir.env import perception_cues
 
-    cues = perception_cues() if settings.cues else None
+    cues = perception_cues(style=settings.cue_style) if settings.cues else None
     known = test.column("degradations") if settings.baseline_degradations == "known" else [None] * len(test)
 
     async def one(row: int, lq) -> dict:
@@ -292,7 +293,7 @@ async def policy_episodes(path: str, test: Batch, pool, schemas, settings: EvalS
         raise EvalError(f"cannot load the policy checkpoint {path!r}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
     engine = HFEngine(model=model, processor=processor, max_batch_size=max(1, settings.concurrency), seed=settings.seed)
     loop = replace(greedy(settings.loop or LoopSettings()), max_turns=settings.max_turns, concurrency=settings.concurrency, seed=settings.seed)
-    cues = perception_cues() if settings.cues else None
+    cues = perception_cues(style=settings.cue_style) if settings.cues else None
 
     async def one(row: int, lq) -> dict:
         env = RestorationEnv(pool, schemas, loop.max_turns, loop.max_format_errors, cues)

@@ -300,11 +300,19 @@ def likely_degradations(cues: Mapping[str, float]) -> list[str]:
     return [name for name in NAMES if name in found]
 
 
-def observe(image: np.ndarray, names: Sequence[str] | None = None) -> str:
-    """What the policy reads beside ``image``: the rendered cues, then ``likely=`` the guessed
-    degradations joined by ``+`` (``none`` when nothing fires)."""
+CUE_STYLES = ("full", "guess")
+
+
+def observe(image: np.ndarray, names: Sequence[str] | None = None, style: str = "full") -> str:
+    """What the policy reads beside ``image``. ``full``: the rendered cues, then ``likely=`` the
+    guessed degradations joined by ``+`` (``none`` when nothing fires). ``guess``: the guess alone
+    (``likely=haze+rain``): no numbers that vary from photo to photo, which a tiny policy trained
+    for minutes otherwise memorises instead of reading the guess."""
+    if style not in CUE_STYLES:
+        raise ValueError(f"cue style {style!r} unknown; expected one of {CUE_STYLES}")
     cues = measure_cues(image, names)
-    return f"{render_cues(cues)} likely={'+'.join(likely_degradations(cues)) or 'none'}"
+    guess = f"likely={'+'.join(likely_degradations(cues)) or 'none'}"
+    return guess if style == "guess" else f"{render_cues(cues)} {guess}"
 
 
 def render_cues(cues: Mapping[str, float]) -> str:

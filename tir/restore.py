@@ -35,6 +35,7 @@ def add_restore_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     parser.add_argument("--metric", default="niqe", help="no-reference metric printed per step (and used by the exhaustive baseline)")
     parser.add_argument("--degradations", default=None, help="comma-separated degradations for the baselines (default: perceived from cues)")
     parser.add_argument("--cues", action="store_true", help="show the policy measured perception cues (as it was trained with)")
+    parser.add_argument("--cue-style", choices=("full", "guess"), default="full", help="the cue text the policy was trained with (model.cue_style)")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="per policy reply")
     parser.add_argument("--seed", type=int, default=0, help="the random baseline's seed")
     return parser
@@ -181,7 +182,7 @@ async def run_agent(agent, pool, image: np.ndarray, args: argparse.Namespace, de
     from tir.env import RestorationEnv, perception_cues
 
     schemas = await pool_tool_schemas(pool)
-    cues = perception_cues() if args.cues else None
+    cues = perception_cues(style=args.cue_style) if args.cues else None
     if hasattr(agent, "act"):
         env, _ = await run_baseline_episode(agent, pool, image, schemas, degradations, args.max_turns, cues=cues)
         return env

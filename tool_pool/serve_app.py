@@ -163,10 +163,20 @@ def build_app(pool_cfg) -> serve.Application:
         cls,
         name="ToolPool",
         num_replicas=pool_cfg.num_replicas,
-        ray_actor_options={"num_cpus": pool_cfg.num_cpus_per_replica, "num_gpus": pool_cfg.num_gpus_per_replica},
+        ray_actor_options=replica_options(pool_cfg),
         max_ongoing_requests=max(64, 4 * pool_cfg.max_batch_size),
     )
     return deployment.bind(pool_cfg.name + STATS_ACTOR_SUFFIX, list(pool_cfg.tools), pool_cfg.manifest)
+
+
+def replica_options(pool_cfg) -> dict:
+    """Each replica's Ray actor options: CPUs, GPUs, and the custom resources (``pool.resources``)
+    that pin it to nodes."""
+    from tir.config import custom_resources
+
+    options = {"num_cpus": pool_cfg.num_cpus_per_replica, "num_gpus": pool_cfg.num_gpus_per_replica}
+    resources = custom_resources(pool_cfg)
+    return {**options, "resources": resources} if resources else options
 
 
 def start_pool(pool_cfg):
@@ -180,6 +190,15 @@ def start_pool(pool_cfg):
     if pool_cfg.name not in serve.status().applications:
         serve.run(build_app(pool_cfg), name=pool_cfg.name, route_prefix=None)
     return ServePool(pool_cfg.name, timeout_s=pool_cfg.call_timeout_s, max_retries=pool_cfg.max_retries)
+
+
+def replica_nodes(name: str, timeout_s: int = 10) -> list[str]:
+    """The Ray node id of each live replica of the pool ``name`` (the state API: the cluster's
+    dashboard must be up, as it is for every job)."""
+    from ray.util.state import list_actors
+
+    replicas = list_actors(filters=[("class_name", "=", f"ServeReplica:{name}:ToolPool"), ("state", "=", "ALIVE")], timeout=timeout_s)
+    return sorted(actor.node_id for actor in replicas)
 
 
 def stop_pool(name: str) -> None:

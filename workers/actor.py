@@ -91,13 +91,20 @@ def engine_options(recipe, **overrides) -> dict:
     return asdict(EngineOptions.from_recipe(recipe, **overrides))
 
 
+def worker_bundle(actor) -> dict[str, float]:
+    """One worker's placement-group bundle, from the recipe's ``actor`` section: its CPUs, its
+    GPUs, and the custom resources (``actor.resources``) that pin it to nodes."""
+    from tir.config import custom_resources
+
+    gpus = float(actor.num_gpus_per_worker)
+    return {"CPU": float(actor.num_cpus_per_worker), **({"GPU": gpus} if gpus else {}), **custom_resources(actor)}
+
+
 def _group(worker_cls: type, recipe, name: str, model_path: str | None, **overrides) -> WorkerGroup:
     actor = recipe.actor
-    gpus = float(actor.num_gpus_per_worker)
     group = WorkerGroup(
-        worker_cls, num_workers=actor.num_workers, name=name,
-        resources={"CPU": actor.num_cpus_per_worker, **({"GPU": gpus} if gpus else {})},
-        backend="nccl" if gpus else "gloo",
+        worker_cls, num_workers=actor.num_workers, name=name, resources=worker_bundle(actor),
+        backend="nccl" if actor.num_gpus_per_worker else "gloo",
         init_kwargs={"model_path": os.fspath(model_path or recipe.model.path), "engine": actor.engine,
                      "options": engine_options(recipe, **overrides)},
     )  # fmt: skip

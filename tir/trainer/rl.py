@@ -18,8 +18,8 @@ the rollout log-probs are the "old" policy's (the importance ratio starts at 1; 
 any engine mismatch). At a temperature other than 1 they are not (the engines report
 ``log_softmax(logits / T)``), and the actor recomputes them.
 
-Outputs in <run.output_dir>/rl/: config.yaml, metrics.jsonl, tensorboard/,
-dumps/step_NNNNNN.parquet, checkpoints/, hf/, summary.json.
+Outputs in <run.output_dir>/rl/: config.yaml, placement.json (the node of every worker and pool
+replica), metrics.jsonl, tensorboard/, dumps/step_NNNNNN.parquet, checkpoints/, hf/, summary.json.
 """
 from __future__ import annotations
 
@@ -82,7 +82,7 @@ def train_rl(cfg) -> dict:
     """The whole run (see the module docstring); the summary it writes to ``summary.json``."""
     from tir.agent_loop import pool_tool_schemas
     from tir.config import save_resolved
-    from tir.env import perception_cues
+    from tir.env import recipe_cues
     from tir.reward import MultiMetricReward
     from tool_pool.client import make_pool
     from workers.actor import actor_group, reference_group
@@ -95,7 +95,7 @@ def train_rl(cfg) -> dict:
     schemas = asyncio.run(pool_tool_schemas(pool, list(cfg.pool.tools) or None))
     check_metrics(pool, samples, list(cfg.reward.metrics))
     run = Run(cfg=cfg, out=out, samples=samples, stream=stream, pool=pool, schemas=schemas,
-              processor=load_processor(model_path), cues=perception_cues() if cfg.model.perception_cues else None,
+              processor=load_processor(model_path), cues=recipe_cues(cfg.model),
               reward_fn=MultiMetricReward.from_config(cfg.reward), loss_fn=functools.partial(grpo_loss, settings=LossSettings.from_recipe(cfg.algo)))  # fmt: skip
     print(f"[rl] policy {model_path}; {len(samples)} training samples; {len(schemas)} tools; out: {out}")
 
@@ -111,6 +111,7 @@ def train_rl(cfg) -> dict:
             sync_weights(run.actors, run.engine)  # the engines started from model.path
         print(f"[rl] worker groups ready in {time.perf_counter() - started:.1f}s: actor and reference {cfg.actor.engine} x "
               f"{cfg.actor.num_workers}{'' if run.reference else ' (reference off: algo.kl_coef=0)'}, rollout {type(run.engine).__name__}")  # fmt: skip
+        record_placement(run)
         dumps = stack.enter_context(DumpWriter(out / "dumps")) if cfg.trainer.dump_rollouts else None
         log = stack.enter_context(RunLogger(out, cfg.trainer.total_steps, state.step + 1, cfg.trainer.log_every))
         for step in range(state.step + 1, cfg.trainer.total_steps + 1):
@@ -252,16 +253,53 @@ def training_data(cfg):
 
 
 def make_rollout_engine(cfg, model_path: str):
-    """The rollout engine the recipe names: ``rollout.engine=hf`` with one replica and no GPU is
-    the transformers engine in this process (no actor to start: tests, small CPU runs);
-    anything else is a rollout group (``rollout.num_replicas`` Ray actors behind a router)."""
-    if cfg.rollout.engine == "hf" and cfg.rollout.num_replicas <= 1 and not cfg.rollout.num_gpus_per_replica:
+    """The rollout engine the recipe names: ``rollout.engine=hf`` with one replica, no GPU and no
+    placement (``rollout.resources``) is the transformers engine in this process (no actor to
+    start: tests, small CPU runs); anything else is a rollout group (``rollout.num_replicas`` Ray
+    actors behind a router)."""
+    local = not cfg.rollout.num_gpus_per_replica and not setting(cfg, "rollout.resources", None)
+    if cfg.rollout.engine == "hf" and cfg.rollout.num_replicas <= 1 and local:
         from workers.rollout.hf_engine import HFEngine
 
         return HFEngine(model_path, dtype=cfg.model.dtype, max_batch_size=cfg.rollout.max_batch_size, seed=cfg.run.seed)
     from workers.rollout.group import rollout_group
 
     return rollout_group(cfg, model_path=model_path)
+
+
+def record_placement(run: Run) -> dict:
+    """Where the run's parts landed, by Ray node id: the driver, each rank of each worker group,
+    each pool replica; and each node's IP and custom resources (what ``*.resources`` in a recipe
+    ask for). Written to ``placement.json`` beside the outputs: a multi-node run shows there
+    that it was placed as its recipe says."""
+    import ray
+
+    from workers.rollout.group import RolloutGroup
+
+    here = ray.get_runtime_context().get_node_id()
+    placement: dict[str, Any] = {"driver": here, "actor": run.actors.node_id()}
+    if run.reference is not None:
+        placement["reference"] = run.reference.node_id()
+    placement["rollout"] = run.engine.workers.node_id() if isinstance(run.engine, RolloutGroup) else [here]
+    placement["pool"] = [here]  # pool.backend=local: the tools run in this process
+    if run.cfg.pool.backend == "serve":
+        from tool_pool.serve_app import replica_nodes
+
+        try:
+            placement["pool"] = replica_nodes(run.cfg.pool.name)
+        except Exception as err:  # noqa: BLE001 - no dashboard (state API) is no reason to stop a run
+            placement["pool"] = f"unknown ({type(err).__name__}: {err})"
+    placement["nodes"] = {node["NodeID"]: node_summary(node) for node in ray.nodes() if node["Alive"]}
+    write_json(run.out / "placement.json", placement)
+    return placement
+
+
+def node_summary(node: dict) -> dict:
+    """One node of ``ray.nodes()``: its IP, whether it is the head, its custom resources."""
+    resources = node["Resources"]
+    custom = {k: v for k, v in resources.items()
+              if k not in ("CPU", "GPU", "memory", "object_store_memory") and not k.startswith(("node:", "accelerator_type:"))}  # fmt: skip
+    return {"ip": node["NodeManagerAddress"], "head": "node:__internal_head__" in resources, "resources": custom}
 
 
 def close_engine(engine) -> None:

@@ -62,7 +62,7 @@ def sft_main(cli_args: list[str]) -> int:
 def run_sft(cfg) -> int:
     from tir.agent_loop import LoopSettings, pool_tool_schemas
     from tir.config import save_resolved
-    from tir.env import perception_cues
+    from tir.env import recipe_cues
     from tir.expert import ExpertSettings
     from tir.models import load_policy
     from tir.protocol import Batch
@@ -79,7 +79,7 @@ def run_sft(cfg) -> int:
     pool = make_pool(cfg.pool)
     model, processor = load_policy(cfg.model.path, dtype=cfg.model.dtype)
     schemas = asyncio.run(pool_tool_schemas(pool, list(cfg.pool.tools) or None))
-    cues = perception_cues() if cfg.model.perception_cues else None
+    cues = recipe_cues(cfg.model)
     loop = LoopSettings.from_recipe(cfg.rollout)
     tie_margin = ExpertSettings.from_recipe(cfg).tie_margin  # what the expert counted as a tie
 
@@ -96,6 +96,7 @@ def run_sft(cfg) -> int:
           f"{time.perf_counter() - started:.1f}s; {len(heldout)} held-out samples")  # fmt: skip
 
     epochs, batch_size = int(cfg.sft.epochs), int(option(cfg, "sft.batch_size", cfg.trainer.batch_size))
+    eval_every = max(1, int(option(cfg, "sft.eval_every", 1)))  # epochs between held-out evaluations
     steps_per_epoch = len(epoch_batches(len(train), batch_size, cfg.actor.num_workers, cfg.run.seed, 0))
     actors = actor_group(cfg, name="sft_actor", lr=cfg.sft.lr, total_steps=max(1, steps_per_epoch * epochs))
     train_s = 0.0  # seconds in train steps (this process's share of the run)
@@ -130,7 +131,8 @@ def run_sft(cfg) -> int:
                 if cfg.trainer.save_every and progress.global_step % cfg.trainer.save_every == 0 and index + 1 < len(batches):
                     save(actors, out, progress)
             progress.epoch, progress.step_in_epoch = epoch + 1, 0
-            evaluate(epoch + 1)
+            if (epoch + 1) % eval_every == 0 or epoch + 1 == epochs:
+                evaluate(epoch + 1)
             save(actors, out, progress)
 
         hf = actors.save_hf(str(out / "hf"))[0]

@@ -291,6 +291,14 @@ def rollout_group(recipe, model_path: str | None = None, name: str = "rollout", 
     elif cfg.engine == "hf" and gpus:
         engine_options["device"] = "cuda"
     engine_options.update(options)
-    resources = {"CPU": cfg.num_cpus_per_replica, **({"GPU": gpus} if gpus else {})}
-    return RolloutGroup(cfg.engine, model_path or recipe.model.path, num_replicas=cfg.num_replicas, resources=resources,
+    return RolloutGroup(cfg.engine, model_path or recipe.model.path, num_replicas=cfg.num_replicas, resources=replica_bundle(cfg),
                         options=engine_options, name=name)  # fmt: skip
+
+
+def replica_bundle(rollout) -> dict[str, float]:
+    """One replica's placement-group bundle, from the recipe's ``rollout`` section: its CPUs, its
+    GPUs, and the custom resources (``rollout.resources``) that pin it to nodes."""
+    from tir.config import custom_resources
+
+    gpus = float(rollout.num_gpus_per_replica)
+    return {"CPU": float(rollout.num_cpus_per_replica), **({"GPU": gpus} if gpus else {}), **custom_resources(rollout)}
