@@ -1,7 +1,23 @@
 """Connecting the driver to Ray: attach to the cluster it finds, else start a local one."""
 from __future__ import annotations
 
+import contextlib
 import os
+
+
+@contextlib.contextmanager
+def ray_session(ray_cfg):
+    """``init_ray`` for a driver's whole run; Ray is shut down at the end only if this run
+    started it (a cluster we attached to outlives the run)."""
+    import ray
+
+    was_running = ray.is_initialized()
+    init_ray(ray_cfg)
+    try:
+        yield
+    finally:
+        if not was_running:
+            ray.shutdown()
 
 
 def init_ray(ray_cfg) -> None:
@@ -30,7 +46,9 @@ def started_cluster() -> str | None:
     drivers' ``ray.init()`` (tests running alongside) are never picked up: unlike
     ``address="auto"``, this does not fall back to any Ray process it can see."""
     try:
-        from ray._private.services import find_bootstrap_address  # not public; absent -> no lookup
+        from ray._private.services import (
+            find_bootstrap_address,  # not public; absent -> no lookup
+        )
     except ImportError:
         return None
     try:

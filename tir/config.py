@@ -311,6 +311,15 @@ def save_resolved(cfg: DictConfig, run_dir: str | os.PathLike) -> Path:
     return target
 
 
+def value_or(cfg, key: str, default):
+    """``cfg``'s value at dotted ``key``, or ``default`` when it is null or absent (schema keys
+    whose null means "the driver's default", named beside each key above)."""
+    value = OmegaConf.select(cfg, key, default=None)
+    if value is None:
+        return default
+    return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+
+
 def custom_resources(section) -> dict[str, float]:
     """A recipe section's ``resources`` (placement by node) as a plain dict. CPUs and GPUs have
     their own keys (``num_cpus_per_*``): Ray refuses them among custom resources."""

@@ -33,9 +33,7 @@ REPORT_EXAMPLES = 4  # before/after image strips in the report
 
 
 def main(cli_args: list[str]) -> int:
-    import ray
-
-    from tir.cluster import init_ray
+    from tir.cluster import ray_session
     from tir.config import RecipeError, load_recipe, split_cli_overrides
 
     recipe, overrides = split_cli_overrides(cli_args)
@@ -44,13 +42,8 @@ def main(cli_args: list[str]) -> int:
     except RecipeError as err:
         print(f"tir quickstart: {err}", file=sys.stderr)
         return 2
-    was_running = ray.is_initialized()
-    init_ray(cfg.ray)
-    try:
+    with ray_session(cfg.ray):
         return run_quickstart(cfg)
-    finally:
-        if not was_running:
-            ray.shutdown()
 
 
 def run_quickstart(cfg) -> int:

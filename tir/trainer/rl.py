@@ -35,9 +35,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from omegaconf import OmegaConf
 
 from tir import algos
+from tir.config import value_or
 from tir.dumps import DumpWriter, step_dump
 from tir.trainer import checkpoint
 from tir.trainer.logging import (
@@ -58,23 +58,17 @@ class SetupError(RuntimeError):
 
 def rl_main(cli_args: list[str]) -> int:
     """``tir train rl recipe=... key=value ...``; exit status."""
-    import ray
-
-    from tir.cluster import init_ray
+    from tir.cluster import ray_session
     from tir.config import load_recipe, split_cli_overrides
 
     recipe, overrides = split_cli_overrides(cli_args)
     cfg = load_recipe(recipe or "tiny_cpu", overrides)
-    was_running = ray.is_initialized()  # a cluster we attached to outlives this run
-    init_ray(cfg.ray)
     try:
-        train_rl(cfg)
+        with ray_session(cfg.ray):
+            train_rl(cfg)
     except (FileNotFoundError, SetupError) as err:  # no policy, no data, a metric that cannot score
         print(f"[rl] error: {err}")
         return 2
-    finally:
-        if not was_running:
-            ray.shutdown()
     return 0
 
 
@@ -122,7 +116,7 @@ def train_rl(cfg) -> dict:
                 metrics["time/dump"] = time.perf_counter() - started  # waiting for the writer only
             if step % max(1, cfg.trainer.save_every) == 0 or step == cfg.trainer.total_steps:
                 started = time.perf_counter()
-                checkpoint.save_checkpoint(out, run.actors, state, keep=int(setting(cfg, "trainer.keep_checkpoints", 2)))
+                checkpoint.save_checkpoint(out, run.actors, state, keep=int(value_or(cfg, "trainer.keep_checkpoints", 2)))
                 metrics["time/checkpoint"] = time.perf_counter() - started
             log.step(step, metrics)
         hf = run.actors.save_hf(str(out / "hf"))[0]
@@ -203,14 +197,6 @@ def rl_step(run: Run, state: checkpoint.TrainState, step: int) -> tuple[checkpoi
 
 
 # ------------------------------------------------------------------------------ setup
-def setting(cfg, key: str, default):
-    """A recipe value the schema may not define (yet): the default when absent or null."""
-    value = OmegaConf.select(cfg, key, default=None)
-    if value is None:
-        return default
-    return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
-
-
 def policy_path(path: str) -> str:
     """``model.path``: a checkpoint folder, a hub name, or a run's SFT output folder (its
     ``hf/`` checkpoint is used)."""
@@ -243,8 +229,8 @@ def training_data(cfg):
     if not path.exists():
         print(f"[rl] no training data at {path}: synthesizing it from {cfg.data.hq!r} ({', '.join(cfg.data.train_combos)})")
         synthesize(cfg.data.hq, ",".join(cfg.data.train_combos), per_image=cfg.data.per_image, seed=cfg.run.seed,
-                   crop=cfg.data.crop, crop_mode=setting(cfg, "data.crop_mode", "center")).to_parquet(path)  # fmt: skip
-    samples, _ = split_by_image(read_synth(path), setting(cfg, "sft.heldout_images", DEFAULT_HELDOUT))
+                   crop=cfg.data.crop, crop_mode=value_or(cfg, "data.crop_mode", "center")).to_parquet(path)  # fmt: skip
+    samples, _ = split_by_image(read_synth(path), value_or(cfg, "sft.heldout_images", DEFAULT_HELDOUT))
     if not len(samples):
         raise FileNotFoundError(f"{path} holds no samples outside the held-out photos")
     samples = samples.select(SAMPLE_COLUMNS)
@@ -257,7 +243,7 @@ def make_rollout_engine(cfg, model_path: str):
     placement (``rollout.resources``) is the transformers engine in this process (no actor to
     start: tests, small CPU runs); anything else is a rollout group (``rollout.num_replicas`` Ray
     actors behind a router)."""
-    local = not cfg.rollout.num_gpus_per_replica and not setting(cfg, "rollout.resources", None)
+    local = not cfg.rollout.num_gpus_per_replica and not value_or(cfg, "rollout.resources", None)
     if cfg.rollout.engine == "hf" and cfg.rollout.num_replicas <= 1 and local:
         from workers.rollout.hf_engine import HFEngine
 
@@ -345,12 +331,12 @@ def step_seed(seed: int, step: int) -> int:
 def loop_settings(cfg, step: int):
     from tir.agent_loop import LoopSettings
 
-    choices = setting(cfg, "rollout.choices", None)  # replies constrained to these texts (smoke runs)
+    choices = value_or(cfg, "rollout.choices", None)  # replies constrained to these texts (smoke runs)
     return LoopSettings.from_recipe(cfg.rollout, seed=step_seed(cfg.run.seed, step), choices=tuple(choices) if choices else None)
 
 
 def recompute_old_logprobs(cfg) -> bool:
-    return bool(setting(cfg, "algo.recompute_old_logprobs", float(cfg.rollout.temperature) != 1.0))
+    return bool(value_or(cfg, "algo.recompute_old_logprobs", float(cfg.rollout.temperature) != 1.0))
 
 
 # ------------------------------------------------------------------------------ scoring

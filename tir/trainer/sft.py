@@ -27,9 +27,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-from omegaconf import OmegaConf
 
 from tir.algos import masked_mean
+from tir.config import value_or
 
 DEFAULT_HELDOUT = ("chelsea", "stereo_motorcycle")  # 2 of the 8 built-in photos: never trained on
 KEEP_CHECKPOINTS = 2
@@ -43,20 +43,13 @@ def sft_loss(logprobs, tensors):
 
 def sft_main(cli_args: list[str]) -> int:
     """``tir train sft recipe=... key=value ...``; exit status."""
-    import ray
-
-    from tir.cluster import init_ray
+    from tir.cluster import ray_session
     from tir.config import load_recipe, split_cli_overrides
 
     recipe, overrides = split_cli_overrides(cli_args)
     cfg = load_recipe(recipe or "sft_tiny_cpu", overrides)
-    was_running = ray.is_initialized()  # a cluster we attached to outlives this run
-    init_ray(cfg.ray)
-    try:
+    with ray_session(cfg.ray):
         return run_sft(cfg)
-    finally:
-        if not was_running:
-            ray.shutdown()
 
 
 def run_sft(cfg) -> int:
@@ -83,20 +76,20 @@ def run_sft(cfg) -> int:
     loop = LoopSettings.from_recipe(cfg.rollout)
     tie_margin = ExpertSettings.from_recipe(cfg).tie_margin  # what the expert counted as a tie
 
-    data_path = option(cfg, "sft.data_path", f"{cfg.run.output_dir}/data/sft.parquet")
+    data_path = value_or(cfg, "sft.data_path", f"{cfg.run.output_dir}/data/sft.parquet")
     if not Path(data_path).exists():
         print(f"[sft] error: no expert trajectories at {data_path}; make them with `tir data expert --in ... --out {data_path}`")
         return 2
-    train_expert, heldout = split_by_image(Batch.from_parquet(data_path), option(cfg, "sft.heldout_images", DEFAULT_HELDOUT))
-    heldout = evaluation_subset(heldout, option(cfg, "sft.eval_samples", 64), cfg.run.seed)
+    train_expert, heldout = split_by_image(Batch.from_parquet(data_path), value_or(cfg, "sft.heldout_images", DEFAULT_HELDOUT))
+    heldout = evaluation_subset(heldout, value_or(cfg, "sft.eval_samples", 64), cfg.run.seed)
     started = time.perf_counter()
     train = sft_rows(processor, train_expert, schemas, loop, cues).select(TRAIN_COLUMNS)
     tokens = sum(len(ids) for ids in train.column("input_ids"))
     print(f"[sft] {len(train)} training trajectories ({tokens} tokens, cues {'on' if cues else 'off'}) tokenized in "
           f"{time.perf_counter() - started:.1f}s; {len(heldout)} held-out samples")  # fmt: skip
 
-    epochs, batch_size = int(cfg.sft.epochs), int(option(cfg, "sft.batch_size", cfg.trainer.batch_size))
-    eval_every = max(1, int(option(cfg, "sft.eval_every", 1)))  # epochs between held-out evaluations
+    epochs, batch_size = int(cfg.sft.epochs), int(value_or(cfg, "sft.batch_size", cfg.trainer.batch_size))
+    eval_every = max(1, int(value_or(cfg, "sft.eval_every", 1)))  # epochs between held-out evaluations
     steps_per_epoch = len(epoch_batches(len(train), batch_size, cfg.actor.num_workers, cfg.run.seed, 0))
     actors = actor_group(cfg, name="sft_actor", lr=cfg.sft.lr, total_steps=max(1, steps_per_epoch * epochs))
     train_s = 0.0  # seconds in train steps (this process's share of the run)
@@ -147,14 +140,6 @@ def run_sft(cfg) -> int:
 
 
 # ---------------------------------------------------------------- the pieces the story calls
-
-
-def option(cfg, key: str, default):
-    """A recipe value that the schema may not define (yet): the default when absent or null."""
-    value = OmegaConf.select(cfg, key, default=None)
-    if value is None:
-        return default
-    return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
 
 
 def evaluation_subset(heldout, size: int, seed: int):
