@@ -75,10 +75,10 @@ def test_rows_are_the_whole_chat_with_loss_on_the_experts_replies_only(processor
 
 
 def whole_chat(processor, source):
-    from tir.perception import measure_cues, render_cues
+    from tir.perception import observe
 
     def cues(image):
-        return render_cues(measure_cues(image))
+        return observe(image)  # what perception_cues() shows: the numbers, then the guess
 
     messages = prompts.initial_messages(SCHEMAS, prompts.image_size(source["lq"]), cues(source["lq"]))
     for name, image in zip(source["tools"], source["step_images"]):
