@@ -344,25 +344,18 @@ async def expert_episodes(pool, test: Batch, settings: EvalSettings, bar) -> lis
 def comparable(image: np.ndarray, hq: np.ndarray) -> np.ndarray:
     """``image`` at the HQ size: the protocol upscales a 1/4-size output x4 (bicubic) before
     full-reference scoring (an image already at the HQ size is returned as is)."""
-    from tir.expert import comparable as upscale
+    from tool_pool.client import at_reference_size
 
-    return upscale(image, hq)
+    return at_reference_size(image, hq)
 
 
 async def score_against_hq(pool, image: np.ndarray, hq: np.ndarray, metrics: Sequence[str]) -> dict[str, float | None]:
     """Each metric of ``image`` (at the HQ size) against HQ, through the pool; None for a metric
     that cannot score this image (NIQE on a flat one): left out of its mean, counted in n."""
-    from tool_pool.client import PoolError
+    from tool_pool.client import score_against
 
-    image = comparable(image, hq)
-    values = await asyncio.gather(*(pool.score([m], image, hq) for m in metrics), return_exceptions=True)
-    out = {}
-    for metric, value in zip(metrics, values):
-        if isinstance(value, BaseException) and not isinstance(value, PoolError):
-            raise value
-        number = None if isinstance(value, BaseException) else float(value[metric])
-        out[metric] = number if number is not None and np.isfinite(number) else None
-    return out
+    scores = await score_against(pool, metrics, image, hq)
+    return {metric: scores.get(metric) for metric in metrics}
 
 
 class Scorer:

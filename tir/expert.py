@@ -38,7 +38,7 @@ import numpy as np
 from tir.degradations import SUBTASK_FOR_DEGRADATION, stable_hash
 from tir.protocol import Batch
 from tir.reward import LOWER_BETTER, metric_gains, normalize_gains
-from tool_pool.client import PoolError
+from tool_pool.client import PoolError, score_against
 
 # Columns a row gains (beside the sample's own), and their Batch kinds.
 EXPERT_KINDS = {
@@ -130,26 +130,12 @@ async def extend(pool, schedule: Schedule, tool: str, cost: Cost) -> Schedule | 
     return Schedule(schedule.tools + (tool,), schedule.images + (output,), output)
 
 
-def comparable(image: np.ndarray, hq: np.ndarray) -> np.ndarray:
-    """``image`` at the HQ size (the protocol upscales a 1/4-size output before full-reference
-    scoring; a path that has not super-resolved yet is judged the same way)."""
-    import cv2
-
-    if image.shape[:2] == hq.shape[:2]:
-        return image
-    return cv2.resize(image, (hq.shape[1], hq.shape[0]), interpolation=cv2.INTER_CUBIC)
-
-
 async def score(pool, image: np.ndarray, hq: np.ndarray, metrics: Sequence[str], cost: Cost) -> dict[str, float]:
-    """Each metric of ``image`` against HQ; a metric that cannot score this image (NIQE on a
-    flat one, say) is left out rather than failing the sample."""
+    """Each metric of ``image`` against HQ (a path that has not super-resolved yet is judged at
+    the HQ size too); a metric that cannot score this image is left out rather than failing the
+    sample."""
     cost.score_calls += 1
-    image = comparable(image, hq)
-    values = await asyncio.gather(*(pool.score([m], image, hq) for m in metrics), return_exceptions=True)
-    for value in values:
-        if isinstance(value, BaseException) and not isinstance(value, PoolError):
-            raise value
-    return {m: v[m] for m, v in zip(metrics, values) if not isinstance(v, BaseException)}
+    return await score_against(pool, metrics, image, hq)
 
 
 def quality(candidate_scores: Sequence[Mapping], input_scores: Mapping, settings: ExpertSettings) -> np.ndarray:

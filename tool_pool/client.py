@@ -252,6 +252,27 @@ class ServePool:
         return await ray.get_actor(self.name + STATS_ACTOR_SUFFIX, namespace=NAMESPACE).snapshot.remote()
 
 
+def at_reference_size(image: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """``image`` at the reference's size: the protocol upscales an output at 1/4 size (no
+    super-resolution yet) before scoring it against HQ, the no-reference metrics included."""
+    import cv2
+
+    if image.shape[:2] == reference.shape[:2]:
+        return image
+    return cv2.resize(image, (reference.shape[1], reference.shape[0]), interpolation=cv2.INTER_CUBIC)
+
+
+async def score_against(pool, metrics: Sequence[str], image: np.ndarray, reference: np.ndarray) -> dict[str, float]:
+    """Each metric of ``image`` (at the reference's size) against ``reference``, one pool request
+    per metric; a metric that cannot score this image (NIQE on a flat one) is left out."""
+    image = at_reference_size(image, reference)
+    values = await asyncio.gather(*(pool.score([m], image, reference) for m in metrics), return_exceptions=True)
+    for value in values:
+        if isinstance(value, BaseException) and not isinstance(value, PoolError):
+            raise value
+    return {m: float(v[m]) for m, v in zip(metrics, values) if not isinstance(v, BaseException) and np.isfinite(v[m])}
+
+
 def make_pool(pool_cfg):
     """The pool a recipe asks for: ``pool.backend`` is "serve" (shared) or "local"."""
     if pool_cfg.backend == "local":

@@ -340,38 +340,16 @@ def recompute_old_logprobs(cfg) -> bool:
 
 
 # ------------------------------------------------------------------------------ scoring
-def comparable(image: np.ndarray, hq: np.ndarray) -> np.ndarray:
-    """``image`` at the HQ size: the protocol upscales a 1/4-size output before full-reference scoring."""
-    import cv2
-
-    if image.shape[:2] == hq.shape[:2]:
-        return image
-    return cv2.resize(image, (hq.shape[1], hq.shape[0]), interpolation=cv2.INTER_CUBIC)
-
-
-async def score_image(pool, image: np.ndarray, hq: np.ndarray, metrics) -> dict[str, float]:
-    """Each metric of ``image`` against HQ; one that cannot score it (NIQE on a flat image) is
-    left out rather than failing the step."""
-    from tool_pool.client import PoolError
-
-    image = comparable(image, hq)
-    values = await asyncio.gather(*(pool.score([m], image, hq) for m in metrics), return_exceptions=True)
-    for value in values:
-        if isinstance(value, BaseException) and not isinstance(value, PoolError):
-            raise value
-    return {m: float(v[m]) for m, v in zip(metrics, values) if not isinstance(v, BaseException) and math.isfinite(v[m])}
-
-
 def check_metrics(pool, samples, metrics) -> None:
     """Score one training photo with every reward metric: a metric the pool cannot run (its
     weights missing, say) stops the run here, by name, instead of scoring nothing every step."""
-    from tool_pool.client import PoolError
+    from tool_pool.client import PoolError, at_reference_size
 
     lq, hq = samples.column("lq")[0], samples.column("hq")[0]
 
     async def probe(metric):
         try:
-            await pool.score([metric], comparable(lq, hq), hq)
+            await pool.score([metric], at_reference_size(lq, hq), hq)
         except PoolError as err:
             return f"{metric} ({err})"
 
@@ -386,12 +364,14 @@ def check_metrics(pool, samples, metrics) -> None:
 async def score_trajectories(pool, trajectories, reward_fn, group_size: int, concurrency: int) -> tuple[list[dict], list[dict]]:
     """Scores of every final image and of its degraded input (once per group), per row; a
     score that failed is filled in (``fill_missing``)."""
+    from tool_pool.client import score_against
+
     finals, lqs, hqs = trajectories.column("final_image"), trajectories.column("lq"), trajectories.column("hq")
     slots = asyncio.Semaphore(concurrency)
 
     async def score(image, hq):
         async with slots:
-            return await score_image(pool, image, hq, reward_fn.metrics)
+            return await score_against(pool, reward_fn.metrics, image, hq)
 
     firsts = range(0, len(trajectories), group_size)
     inputs, final_scores = await asyncio.gather(asyncio.gather(*(score(lqs[i], hqs[i]) for i in firsts)),
