@@ -101,9 +101,10 @@ def checkpoint_dir(out_dir: str | Path) -> Path:
     return Path(out_dir) / "checkpoints"
 
 
-def _write_json(path: Path, value) -> None:
+def write_json(path: Path, value) -> None:
+    """``value`` as JSON at ``path``, atomically (a temp file, then a rename)."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=1))
+    tmp.write_text(json.dumps(value, indent=1, default=float))
     os.replace(tmp, path)
 
 
@@ -120,11 +121,11 @@ def save_checkpoint(out_dir: str | Path, actors, state: TrainState, keep: int = 
     tmp.mkdir(parents=True)
     actors.save_checkpoint(str(tmp / "actor"))
     torch.save(rng_states(), tmp / "rng.pt")
-    _write_json(tmp / "state.json", asdict(state))
+    write_json(tmp / "state.json", asdict(state))
     if final.exists():  # the same step saved again (a run resumed from an older checkpoint)
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _write_json(folder / "latest.json", {"path": final.name, "step": state.step})
+    write_json(folder / "latest.json", {"path": final.name, "step": state.step})
     if keep:
         older = sorted(p for p in folder.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp") and p != final)
         for old in older[: max(0, len(older) - (keep - 1))]:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import math
 import re
 import time
@@ -121,7 +120,7 @@ def train_rl(cfg) -> dict:
             log.step(step, metrics)
         hf = run.actors.save_hf(str(out / "hf"))[0]
     summary = summarize(out, hf)
-    write_json(out / "summary.json", summary)
+    checkpoint.write_json(out / "summary.json", summary)
     print(f"[rl] {progress_line(summary)}; HF checkpoint: {hf}")
     return summary
 
@@ -276,7 +275,7 @@ def record_placement(run: Run) -> dict:
         except Exception as err:  # noqa: BLE001 - no dashboard (state API) is no reason to stop a run
             placement["pool"] = f"unknown ({type(err).__name__}: {err})"
     placement["nodes"] = {node["NodeID"]: node_summary(node) for node in ray.nodes() if node["Alive"]}
-    write_json(run.out / "placement.json", placement)
+    checkpoint.write_json(run.out / "placement.json", placement)
     return placement
 
 
@@ -440,9 +439,3 @@ def with_logprobs(batch, group, column: str):
     scored = group.forward_logprobs(batch.select(["input_ids", "images"]))
     values = scored.table.column(scored.columns[0])
     return batch.with_column(column, values)
-
-
-def write_json(path: Path, value) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=1, default=float))
-    tmp.replace(path)

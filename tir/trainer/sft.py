@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -30,6 +29,7 @@ import numpy as np
 
 from tir.algos import masked_mean
 from tir.config import value_or
+from tir.trainer.checkpoint import latest_checkpoint, write_json
 
 DEFAULT_HELDOUT = ("chelsea", "stereo_motorcycle")  # 2 of the 8 built-in photos: never trained on
 KEEP_CHECKPOINTS = 2
@@ -213,12 +213,6 @@ def save(actors, out: Path, progress: Progress) -> Path:
     return path
 
 
-def latest_checkpoint(out: Path) -> Path | None:
-    pointer = out / "checkpoints" / "latest.json"
-    if not pointer.is_file():
-        return None
-    return out / "checkpoints" / json.loads(pointer.read_text())["path"]
-
 
 def resume(actors, out: Path, how: str, steps_per_epoch: int) -> Progress:
     """``trainer.resume``: "auto" (the latest checkpoint if any), "never", or a checkpoint dir."""
@@ -236,9 +230,3 @@ def resume(actors, out: Path, how: str, steps_per_epoch: int) -> Progress:
     actors.load_checkpoint(str(path))
     print(f"[sft] resumed from {path}: {progress.epoch} epoch(s) and {progress.step_in_epoch} step(s) done")
     return progress
-
-
-def write_json(path: Path, value) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=1))
-    os.replace(tmp, path)
