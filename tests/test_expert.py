@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -117,6 +118,66 @@ def test_a_metric_that_cannot_score_a_candidate_counts_as_its_worst():
     assert quality[1] < quality[0]
 
 
+# ---------------------------------------------------------------- one order per combination
+
+SUBTASK_OF = {tool: get_tool(tool).subtask for tool in TOOLS}
+JPEG_FIRST, NOISE_FIRST = ["jpeg_artifact_removal", "denoising"], ["denoising", "jpeg_artifact_removal"]
+
+
+def candidate(tools, quality, psnr=20.0):
+    return {"tools": list(tools), "quality": quality, "scores": {"psnr": psnr + quality}}
+
+
+def test_each_combination_gets_the_order_that_is_best_on_average():
+    narrow_jpeg_win = [candidate(["jpeg_deblock_dct", "denoise_tv"], 1.0), candidate(["denoise_tv", "jpeg_deblock_dct"], -1.0)]
+    big_noise_win = [candidate(["jpeg_deblock_dct", "denoise_tv"], -3.0), candidate(["denoise_tv", "jpeg_deblock_dct"], 3.0)]
+    rows = [{"combo": "noise+jpeg", "search_candidates": c} for c in (narrow_jpeg_win, narrow_jpeg_win, big_noise_win)]
+    # a sample's quality is standardised among its own candidates, but not clipped: 3 vs 1 wins here
+    assert expert.combination_orders(rows, SUBTASK_OF) == {"noise+jpeg": NOISE_FIRST}
+    rows.append({"combo": "dark+noise", "search_candidates": [candidate(["denoise_tv", "brighten_shift"], 0.5), candidate(["brighten_shift", "denoise_tv"], 0.1)]})
+    assert expert.combination_orders(rows[:2] + rows[3:], SUBTASK_OF) == {"noise+jpeg": JPEG_FIRST, "dark+noise": ["denoising", "brightening"]}
+
+
+def test_an_order_the_beam_pruned_counts_as_that_samples_worst_and_equal_means_go_to_the_prior():
+    pruned = [candidate(["jpeg_deblock_dct", "denoise_tv"], 1.0), candidate(["jpeg_reapply", "denoise_tv"], -1.0)]  # noise-first pruned
+    close = [candidate(["denoise_tv", "jpeg_deblock_dct"], 1.0), candidate(["jpeg_deblock_dct", "denoise_tv"], 0.8)]
+    rows = [{"combo": "noise+jpeg", "search_candidates": c} for c in (pruned, close)]
+    # counting only where searched, noise-first (1.0) would beat jpeg-first (0.9); as the worst it is (-1 + 1) / 2 = 0
+    assert expert.combination_orders(rows, SUBTASK_OF) == {"noise+jpeg": JPEG_FIRST}
+    mirrored = [candidate(["denoise_tv", "jpeg_deblock_dct"], 1.0), candidate(["jpeg_deblock_dct", "denoise_tv"], -1.0)]
+    rows = [{"combo": "noise+jpeg", "search_candidates": c} for c in (mirrored, [candidate(c["tools"], -c["quality"]) for c in mirrored])]
+    assert expert.combination_orders(rows, SUBTASK_OF) == {"noise+jpeg": JPEG_FIRST}  # the order prior: undo compression first
+
+
+def test_the_expert_is_the_samples_best_schedule_in_its_combinations_order():
+    row = {"sample_expert_tools": ["denoise_dct", "jpeg_deblock_dct"], "search_candidates": [
+        candidate(["denoise_dct", "jpeg_deblock_dct"], 1.5), candidate(["jpeg_reapply", "denoise_dct"], 0.4, psnr=20.0),
+        candidate(["jpeg_deblock_dct", "denoise_dct"], 0.3, psnr=20.0), candidate(["jpeg_deblock_dct", "denoise_tv"], -1.0)]}  # fmt: skip
+    assert expert.choose_expert(row, JPEG_FIRST, BY_SUBTASK, margin=0.0) == (["jpeg_reapply", "denoise_dct"], "combination")
+    # 0.1 dB apart is a tie at margin 1: the subtask's usual tool (jpeg_deblock_dct) wins it
+    assert expert.choose_expert(row, JPEG_FIRST, BY_SUBTASK, margin=1.0) == (["jpeg_deblock_dct", "denoise_dct"], "combination")
+    assert expert.choose_expert(row, ["denoising", "brightening"], BY_SUBTASK, margin=0.0) == (["denoise_dct", "jpeg_deblock_dct"], "sample")
+    assert expert.choose_expert(row, None, BY_SUBTASK, margin=0.0) == (["denoise_dct", "jpeg_deblock_dct"], "sample")
+
+
+def test_the_combination_rule_labels_every_sample_alike_with_true_images():
+    samples = synthesize("builtin", "noise+jpeg", per_image=1, seed=3, crop=64, progress=False)
+    settings = expert.ExpertSettings(metrics=("psnr", "ssim"), tie_margin=0.0, perturb=False)
+    batch = asyncio.run(expert.expert_batch(LocalPool(TOOLS), samples, settings, BY_SUBTASK))
+    order = batch.meta["combination_orders"]["noise+jpeg"]
+    assert {tuple(SUBTASK_OF[t] for t in tools) for tools in batch.column("expert_tools")} == {tuple(order)}
+    assert set(batch.column("expert_rule")) == {"combination"}
+    for r in batch.rows():
+        in_order = [c for c in r["search_candidates"] if [SUBTASK_OF[t] for t in c["tools"]] == order]
+        quality = {tuple(c["tools"]): c["quality"] for c in in_order}
+        assert quality[tuple(r["expert_tools"])] == max(quality.values())  # (denoisers that both leave a clean crop as it is tie exactly)
+        assert r["tools"] == r["expert_tools"] and np.array_equal(r["final_image"], run_tools(r["lq"], r["tools"]))
+        assert r["perturb_tool_calls"] == (0 if r["expert_tools"] == r["sample_expert_tools"] else 2)
+    by_sample = asyncio.run(expert.expert_batch(LocalPool(TOOLS), samples, replace(settings, expert_rule="sample"), BY_SUBTASK))
+    assert by_sample.column("expert_tools") == by_sample.column("sample_expert_tools") == batch.column("sample_expert_tools")
+    assert set(by_sample.column("expert_rule")) == {"sample"} and by_sample.meta["combination_orders"] == {}
+
+
 # ---------------------------------------------------------------- perturbation
 
 
@@ -185,7 +246,7 @@ def test_a_killed_run_resumes_without_redoing_finished_samples(tmp_path):
 
     second = subprocess.run(expert_command(inp, out), cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-2000:]
-    assert f"resuming: {len(done)} of 8 samples already done" in second.stderr + second.stdout
+    assert f"resuming: {len(done)} of 8 samples already searched" in second.stderr + second.stdout
     assert {p.name: p.stat().st_mtime_ns for p in parts.glob("part-*.parquet") if p.name in done} == done  # not redone
     batch = Batch.from_parquet(out)
     source = Batch.from_parquet(inp)

@@ -5,21 +5,29 @@ For one training sample (a degraded LQ photo with known degradations, and its HQ
 1. Search. Each degradation needs its subtask (``SUBTASK_FOR_DEGRADATION``); a schedule is an
    order of those subtasks and one served tool per subtask. Every schedule is executed for real
    through the pool and its final image is scored against the HQ photo with the reward's
-   metrics; the best becomes the expert (near ties, within ``tie_margin``, go to the
-   conventional order and tools, so that noise does not pick the label). Two degradations (at most ``exhaustive_up_to``) are
-   searched exhaustively (2 orders x tools x tools); three with a beam: after each step only the
-   ``beam_width`` best partial schedules (their current image scored against HQ) are extended.
-   Metrics are combined as the reward combines them: gains over the LQ input, standardised
-   across the sample's candidates, weighted (``tir.reward``).
-2. Perturb (the paper's exploration-keeping trick). With the recipe's probabilities, the
+   metrics. Two degradations (at most ``exhaustive_up_to``) are searched exhaustively (2 orders
+   x tools x tools); three with a beam: after each step only the ``beam_width`` best partial
+   schedules (their current image scored against HQ) are extended. Metrics are combined as the
+   reward combines them: gains over the LQ input, standardised across the sample's candidates,
+   weighted (``tir.reward``).
+2. Choose the expert (``expert_rule``). ``sample``: the sample's own best schedule (near ties,
+   within ``tie_margin``, go to the conventional order and tools, so that noise does not pick
+   the label). ``combination`` (the default): first the order of subtasks that scores best on
+   average over every sample of the same combination (``combination_orders``), then the
+   sample's best tools in that order. Which order wins flips from crop to crop by margins no
+   policy can see in the photo (``benchmarks/expert_labels.py`` measures it); one order per
+   combination makes the labels a function of what the policy can perceive, at a measured cost
+   in score against the per-sample best (``sample_expert_tools`` keeps that schedule).
+3. Perturb (the paper's exploration-keeping trick). With the recipe's probabilities, the
    expert's steps are reordered and/or a step's tool is swapped for another tool of the same
    subtask. The perturbed schedule is executed for real, so every image of the trajectory is
    the true output of its call. ``perturbed`` marks those rows; ``expert_tools`` keeps the
    expert's own schedule (the label for evaluation) either way.
 
-``tir data expert --in data/train.parquet --out data/sft.parquet`` does this for every row,
-several samples at a time, writing shards of finished samples as it goes (``<out>.parts/``):
-rerun the same command after a kill and only unfinished shards are computed.
+``tir data expert --in data/train.parquet --out data/sft.parquet`` searches every row, several
+samples at a time, writing shards of searched samples as it goes (``<out>.parts/``): rerun the
+same command after a kill and only unsearched shards are computed. Steps 2 and 3 then run over
+the whole set (a few tool calls per sample).
 """
 from __future__ import annotations
 
@@ -27,6 +35,7 @@ import argparse
 import asyncio
 import itertools
 import json
+import math
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -45,8 +54,10 @@ EXPERT_KINDS = {
     "expert_tools": "auto", "expert_scores": "json", "tools": "auto", "step_images": "images",
     "final_image": "image", "input_scores": "json", "final_scores": "json", "perturbed": "auto",
     "perturbation": "json", "search_mode": "auto", "search_candidates": "json", "search_tool_calls": "auto",
-    "search_score_calls": "auto", "search_s": "auto", "perturb_tool_calls": "auto",
+    "search_score_calls": "auto", "search_s": "auto", "perturb_tool_calls": "auto", "expert_rule": "auto",
+    "sample_expert_tools": "auto", "sample_expert_scores": "json",
 }  # fmt: skip
+EXPERT_RULES = ("combination", "sample")
 NOT_PERTURBED = {"reordered": False, "swapped": []}
 # Score differences too small to prefer one schedule over another (per metric, its own units): a
 # few tenths of a dB moves with the crop and the noise draw (tir.expert.ties).
@@ -60,6 +71,7 @@ class ExpertSettings:
     beam_width: int = 4
     exhaustive_up_to: int = 2  # degradations searched exhaustively; more use the beam
     tie_margin: float = 1.0  # schedules within this many TIE_TOLERANCEs of the best, on every metric, tie
+    expert_rule: str = "combination"  # "combination": one order of subtasks per combination; "sample": each sample's best
     perturb: bool = True
     reorder_prob: float = 0.3
     swap_tool_prob: float = 0.3
@@ -71,20 +83,24 @@ class ExpertSettings:
         for name in ("reorder_prob", "swap_tool_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.expert_rule not in EXPERT_RULES:
+            raise ValueError(f"expert_rule {self.expert_rule!r} unknown; expected one of {EXPERT_RULES}")
         unknown = [m for m in self.metrics if m not in LOWER_BETTER]
         if unknown or not self.metrics:
             raise ValueError(f"metrics {list(self.metrics)}: need at least one, each with a known direction (unknown: {unknown})")
 
     @classmethod
     def from_recipe(cls, cfg, **overrides) -> "ExpertSettings":
-        """The reward's metrics and weights, the ``sft`` section's perturbation, beam width and
-        tie margin (``sft.tie_margin``, 1.0 where the recipe schema has no such key)."""
+        """The reward's metrics and weights, the ``sft`` section's perturbation, beam width, tie
+        margin and expert rule (``sft.tie_margin``, ``sft.expert_rule``; these defaults where unset)."""
         from omegaconf import OmegaConf
 
         tie_margin = OmegaConf.select(cfg, "sft.tie_margin", default=None)
+        rule = OmegaConf.select(cfg, "sft.expert_rule", default=None)
         values = {"metrics": tuple(cfg.reward.metrics), "weights": dict(cfg.reward.weights), "beam_width": cfg.sft.beam_width,
                   "perturb": cfg.sft.perturb, "reorder_prob": cfg.sft.reorder_prob, "swap_tool_prob": cfg.sft.swap_tool_prob,
-                  "seed": cfg.run.seed, "tie_margin": cls.tie_margin if tie_margin is None else float(tie_margin)}  # fmt: skip
+                  "seed": cfg.run.seed, "tie_margin": cls.tie_margin if tie_margin is None else float(tie_margin),
+                  "expert_rule": cls.expert_rule if rule is None else str(rule)}  # fmt: skip
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
@@ -263,52 +279,151 @@ def sample_generator(seed: int, row: Mapping) -> np.random.Generator:
     return np.random.default_rng([int(seed), stable_hash(str(row.get("image_id", ""))), stable_hash(str(row.get("combo", ""))), int(row.get("seed", 0))])
 
 
+# ---------------------------------------------------------------- one expert per combination
+
+
+def subtask_order(tools: Sequence[str], subtask_of: Mapping[str, str]) -> tuple[str, ...]:
+    return tuple(subtask_of[tool] for tool in tools)
+
+
+def combination_orders(rows: Sequence[Mapping], subtask_of: Mapping[str, str]) -> dict[str, list[str]]:
+    """{combination: its order of subtasks}: the order whose best schedule has the highest mean
+    quality over the combination's searched rows (quality is standardised within each sample,
+    so every sample weighs the same). An order the beam pruned in a sample counts as that
+    sample's worst candidate. Equal means go to the order prior."""
+    from tir.baselines import restoration_order
+
+    degradation_of = {s: d for d, s in SUBTASK_FOR_DEGRADATION.items()}
+    per_row: dict[str, list[tuple[dict[tuple, float], float]]] = {}  # combo -> [(best quality per order, worst quality)]
+    for row in rows:
+        best: dict[tuple, float] = {}
+        for candidate in row["search_candidates"]:
+            order = subtask_order(candidate["tools"], subtask_of)
+            best[order] = max(best.get(order, -math.inf), float(candidate["quality"]))
+        per_row.setdefault(row["combo"], []).append((best, min(float(c["quality"]) for c in row["search_candidates"])))
+    orders = {}
+    for combo, bests in per_row.items():
+        seen = list(dict.fromkeys(order for best, _ in bests for order in best))
+        mean = {order: np.mean([best.get(order, worst) for best, worst in bests]) for order in seen}
+
+        def departs_from_prior(order):
+            names = [degradation_of[s] for s in order]
+            return names != restoration_order(names)
+
+        orders[combo] = list(min(seen, key=lambda order: (-round(float(mean[order]), 9), departs_from_prior(order))))
+    return orders
+
+
+def choose_expert(row: Mapping, order: Sequence[str] | None, tools_by_subtask: Mapping[str, Sequence[str]], margin: float) -> tuple[list[str], str]:
+    """(the expert's tools, the rule that chose them): the best candidate in ``order``
+    (``pick_expert`` among them), or, with no order or none of its candidates searched, the
+    sample's own expert."""
+    subtask_of = {tool: s for s, names in tools_by_subtask.items() for tool in names}
+    if order is not None:
+        ranked = sorted((c for c in row["search_candidates"] if list(subtask_order(c["tools"], subtask_of)) == list(order)), key=lambda c: -c["quality"])
+        if ranked:
+            schedules = [Schedule(tuple(c["tools"]), (), None, c["scores"], c["quality"]) for c in ranked]
+            return list(pick_expert(schedules, tools_by_subtask, margin).tools), "combination"
+    return list(row["sample_expert_tools"]), "sample"
+
+
 # ---------------------------------------------------------------- one sample, many samples
 
 
-async def expert_row(pool, row: Mapping, tools_by_subtask: Mapping[str, Sequence[str]], settings: ExpertSettings) -> dict:
-    """The sample's row with the expert (or perturbed) trajectory's columns added."""
+async def search_row(pool, row: Mapping, tools_by_subtask: Mapping[str, Sequence[str]], settings: ExpertSettings) -> dict:
+    """The sample's row with the search's columns: every complete schedule scored
+    (``search_candidates``), its cost, and the sample's own expert (``pick_expert``) executed."""
     started, cost = time.perf_counter(), Cost()
     lq, hq = row["lq"], row["hq"]
     input_scores = await score(pool, lq, hq, settings.metrics, cost)
     best, candidates, mode = await search_expert(pool, lq, hq, row["degradations"], tools_by_subtask, settings, cost, input_scores)
-    search_s, search_calls = time.perf_counter() - started, cost.tool_calls
-    chosen, info = best, NOT_PERTURBED
-    if settings.perturb:
-        tools, info = perturb_tools(best.tools, tools_by_subtask, sample_generator(settings.seed, row), settings.reorder_prob, settings.swap_tool_prob)
-        if tools != list(best.tools):
-            executed = await execute(pool, lq, tools, cost)
-            if executed is not None:  # a failing perturbed schedule falls back to the expert
-                executed.scores = await score(pool, executed.image, hq, settings.metrics, cost)
-                chosen = executed
     return {
-        **row, "expert_tools": list(best.tools), "expert_scores": best.scores, "tools": list(chosen.tools),
-        "step_images": list(chosen.images), "final_image": chosen.image, "input_scores": input_scores,
-        "final_scores": chosen.scores, "perturbed": chosen is not best, "perturbation": info if chosen is not best else NOT_PERTURBED,
-        "search_mode": mode, "search_candidates": [{"tools": list(c.tools), "quality": c.quality, "scores": c.scores} for c in candidates],
-        "search_tool_calls": search_calls,
-        "search_score_calls": cost.score_calls, "search_s": search_s, "perturb_tool_calls": cost.tool_calls - search_calls,
+        **row, "sample_expert_tools": list(best.tools), "sample_expert_scores": best.scores, "step_images": list(best.images),
+        "final_image": best.image, "input_scores": input_scores, "search_mode": mode,
+        "search_candidates": [{"tools": list(c.tools), "quality": c.quality, "scores": c.scores} for c in candidates],
+        "search_tool_calls": cost.tool_calls, "search_score_calls": cost.score_calls, "search_s": time.perf_counter() - started,
     }  # fmt: skip
 
 
-async def expert_batch(pool, samples: Batch, settings: ExpertSettings, tools_by_subtask: Mapping[str, Sequence[str]] | None = None,
+async def trajectory_row(pool, row: Mapping, expert_tools: Sequence[str], rule: str, tools_by_subtask: Mapping[str, Sequence[str]],
+                         settings: ExpertSettings) -> dict:  # fmt: skip
+    """A searched row with its expert (``expert_tools``, chosen by ``rule``) and the trajectory to
+    train on: the expert's, or its perturbation; each executed for real where the search's
+    images are not already its own (``perturb_tool_calls`` counts those calls)."""
+    cost = Cost()
+    scores_of = {tuple(c["tools"]): c["scores"] for c in row["search_candidates"]}
+    expert = Schedule(tuple(row["sample_expert_tools"]), tuple(row["step_images"]), row["final_image"], row["sample_expert_scores"])
+    if list(expert_tools) != list(expert.tools):
+        expert = await execute(pool, row["lq"], expert_tools, cost)
+        if expert is None:
+            raise RuntimeError(f"the expert schedule {list(expert_tools)} of {row.get('image_id')}/{row.get('combo')} failed when run again")
+        expert.scores = scores_of[tuple(expert_tools)]
+    chosen, info = expert, NOT_PERTURBED
+    if settings.perturb:
+        tools, info = perturb_tools(expert.tools, tools_by_subtask, sample_generator(settings.seed, row), settings.reorder_prob, settings.swap_tool_prob)
+        if tools != list(expert.tools):
+            executed = await execute(pool, row["lq"], tools, cost)
+            if executed is not None:  # a failing perturbed schedule falls back to the expert
+                executed.scores = scores_of.get(tuple(tools)) or await score(pool, executed.image, row["hq"], settings.metrics, cost)
+                chosen = executed
+    return {
+        **row, "expert_tools": list(expert.tools), "expert_scores": expert.scores, "expert_rule": rule, "tools": list(chosen.tools),
+        "step_images": list(chosen.images), "final_image": chosen.image, "final_scores": chosen.scores, "perturbed": chosen is not expert,
+        "perturbation": info if chosen is not expert else NOT_PERTURBED, "perturb_tool_calls": cost.tool_calls,
+    }  # fmt: skip
+
+
+async def search_batch(pool, samples: Batch, settings: ExpertSettings, tools_by_subtask: Mapping[str, Sequence[str]],
                        concurrency: int = 8, progress=None) -> Batch:  # fmt: skip
-    """Expert trajectories of every row of ``samples`` (a ``tir data synth`` batch), in order.
+    """``search_row`` of every row of ``samples`` (a ``tir data synth`` batch), in order.
     ``progress``: called once per finished sample (e.g. a tqdm bar's ``update``)."""
-    if tools_by_subtask is None:
-        tools_by_subtask = await served_tools_by_subtask(pool)
     rows, slots = samples.rows(), asyncio.Semaphore(concurrency)
 
     async def one(row):
         async with slots:
-            out = await expert_row(pool, row, tools_by_subtask, settings)
+            out = await search_row(pool, row, tools_by_subtask, settings)
         if progress is not None:
             progress(1)
         return out
 
     done = await asyncio.gather(*(one(row) for row in rows))
-    kinds = {name: samples.kind(name) for name in samples.columns} | EXPERT_KINDS
-    return Batch.from_rows(done, meta={**samples.meta, "kind": "expert", "expert": _settings_dict(settings)}, kinds=kinds)
+    return Batch.from_rows(done, meta={**samples.meta, "kind": "expert_search"}, kinds=_kinds(samples, done))
+
+
+async def trajectory_batch(pool, searched: Batch, settings: ExpertSettings, tools_by_subtask: Mapping[str, Sequence[str]],
+                           concurrency: int = 8, progress=None) -> Batch:  # fmt: skip
+    """Every searched row's expert (by ``settings.expert_rule``) and trajectory (``trajectory_row``)."""
+    rows, slots = searched.rows(), asyncio.Semaphore(concurrency)
+    subtask_of = {tool: s for s, names in tools_by_subtask.items() for tool in names}
+    orders = combination_orders(rows, subtask_of) if settings.expert_rule == "combination" else {}
+
+    async def one(row):
+        tools, rule = choose_expert(row, orders.get(row["combo"]), tools_by_subtask, settings.tie_margin)
+        async with slots:
+            out = await trajectory_row(pool, row, tools, rule, tools_by_subtask, settings)
+        if progress is not None:
+            progress(1)
+        return out
+
+    done = await asyncio.gather(*(one(row) for row in rows))
+    meta = {**searched.meta, "kind": "expert", "expert": _settings_dict(settings), "combination_orders": orders}
+    return Batch.from_rows(done, meta=meta, kinds=_kinds(searched, done))
+
+
+def _kinds(source: Batch, rows: Sequence[Mapping]) -> dict[str, str]:
+    """Column kinds of ``rows``: the source batch's, then the expert's columns they hold."""
+    names = set(rows[0]) if rows else set()
+    return {name: source.kind(name) for name in source.columns} | {n: k for n, k in EXPERT_KINDS.items() if n in names}
+
+
+async def expert_batch(pool, samples: Batch, settings: ExpertSettings, tools_by_subtask: Mapping[str, Sequence[str]] | None = None,
+                       concurrency: int = 8) -> Batch:  # fmt: skip
+    """Expert trajectories of every row of ``samples``, in order (the combination rule's orders
+    come from these samples)."""
+    if tools_by_subtask is None:
+        tools_by_subtask = await served_tools_by_subtask(pool)
+    searched = await search_batch(pool, samples, settings, tools_by_subtask, concurrency)
+    return await trajectory_batch(pool, searched, settings, tools_by_subtask, concurrency)
 
 
 async def served_tools_by_subtask(pool) -> dict[str, list[str]]:
@@ -333,9 +448,10 @@ def parts_dir(out: str | Path) -> Path:
 
 def run_shards(pool, samples: Batch, out: str | Path, settings: ExpertSettings, shard_size: int = 16, concurrency: int = 8,
                progress: bool = True) -> Batch:  # fmt: skip
-    """Expert rows of ``samples`` written shard by shard into ``<out>.parts/`` (each shard
-    atomically), then concatenated into ``out``. Shards already there are kept: rerunning after
-    a kill computes only the rest. A rerun with other settings or inputs is refused."""
+    """Search every row of ``samples``, shard by shard into ``<out>.parts/`` (each shard
+    atomically), then choose the experts and their trajectories over the whole set and write
+    ``out`` (atomically). Shards already there are kept: rerunning after a kill searches only
+    the rest. A rerun with other settings or inputs is refused."""
     from tqdm import tqdm
 
     from tir.data import _check_manifest
@@ -348,19 +464,21 @@ def run_shards(pool, samples: Batch, out: str | Path, settings: ExpertSettings, 
     starts = list(range(0, len(samples), shard_size))
     paths = [folder / f"part-{index:05d}.parquet" for index in range(len(starts))]
     finished = sum(min(shard_size, len(samples) - start) for start, path in zip(starts, paths) if path.exists())
-    with tqdm(total=len(samples), initial=finished, desc="expert", unit="sample", disable=not progress) as bar:
-        if finished:
-            bar.write(f"resuming: {finished} of {len(samples)} samples already done in {folder}")
 
-        async def missing_shards():  # one event loop for the whole run: pool clients are bound to it
-            tools = await served_tools_by_subtask(pool)
+    async def whole_run():  # one event loop for the whole run: pool clients are bound to it
+        tools = await served_tools_by_subtask(pool)
+        with tqdm(total=len(samples), initial=finished, desc="expert search", unit="sample", disable=not progress) as bar:
+            if finished:
+                bar.write(f"resuming: {finished} of {len(samples)} samples already searched in {folder}")
             for start, path in zip(starts, paths):
                 if not path.exists():
                     chunk = samples.slice(start, start + shard_size)
-                    (await expert_batch(pool, chunk, settings, tools, concurrency, bar.update)).to_parquet(path)
+                    (await search_batch(pool, chunk, settings, tools, concurrency, bar.update)).to_parquet(path)
+        searched = Batch.concat([Batch.from_parquet(p) for p in paths])
+        with tqdm(total=len(samples), desc="trajectories", unit="sample", disable=not progress) as bar:
+            return await trajectory_batch(pool, searched, settings, tools, concurrency, bar.update)
 
-        asyncio.run(missing_shards())
-    batch = Batch.concat([Batch.from_parquet(p) for p in paths])
+    batch = asyncio.run(whole_run())
     batch.to_parquet(out)
     return batch
 
@@ -430,8 +548,14 @@ def summary(batch: Batch, seconds: float) -> str:
     calls, scores, search = (np.asarray(batch.column(c), float) for c in ("search_tool_calls", "search_score_calls", "search_s"))
     perturbed = int(np.sum(batch.column("perturbed")))
     modes = json.dumps({m: batch.column("search_mode").count(m) for m in sorted(set(batch.column("search_mode")))})
-    return (f"{len(batch)} samples in {seconds:.1f}s; search per sample: {calls.mean():.1f} tool calls, {scores.mean():.1f} "
-            f"scorings, {search.mean():.2f}s (modes {modes}); perturbed rows: {perturbed} ({perturbed / max(1, len(batch)):.0%})")  # fmt: skip
+    relabelled = sum(e != s for e, s in zip(batch.column("expert_tools"), batch.column("sample_expert_tools")))
+    orders = batch.meta.get("combination_orders") or {}
+    lines = [f"{len(batch)} samples in {seconds:.1f}s; search per sample: {calls.mean():.1f} tool calls, {scores.mean():.1f} "
+             f"scorings, {search.mean():.2f}s (modes {modes}); perturbed rows: {perturbed} ({perturbed / max(1, len(batch)):.0%})",
+             f"expert rule: {batch.meta.get('expert', {}).get('expert_rule', '?')}; {relabelled} of {len(batch)} experts differ from "
+             f"their sample's own best schedule"]  # fmt: skip
+    lines += [f"  {combo}: {' -> '.join(order)}" for combo, order in orders.items()]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":  # python -m tir.expert ... (before `tir data expert` is wired)
