@@ -42,6 +42,20 @@ def test_system_prompt_lists_every_schema_as_json_and_the_protocol():
         prompts.system_prompt([{"description": "no name"}])
 
 
+def test_the_names_prompt_lists_names_only_and_refuses_every_argument():
+    full = prompts.policy_schemas(SCHEMAS[::2], "full")
+    names = prompts.policy_schemas(SCHEMAS[::2], "names")
+    assert full == SCHEMAS[::2] and names == [{"name": "denoise_tv"}, {"name": "upscale_bicubic"}]
+    assert len(prompts.system_prompt(names)) < len(prompts.system_prompt(full)) - 150
+    assert parse_action(call_text('{"name": "denoise_tv", "arguments": {}}'), names) == ToolCall("denoise_tv", {})
+    refused = parse_action(call_text('{"name": "denoise_tv", "arguments": {"strength": 2}}'), names)
+    assert isinstance(refused, ParseError) and refused.kind == "unknown_argument" and "accepted: none" in refused.message
+    with pytest.raises(ValueError, match=r"deblur_wiener.*required arguments"):
+        prompts.policy_schemas(SCHEMAS, "names")  # radius has no default: names alone cannot call it
+    with pytest.raises(ValueError, match="unknown; expected one of"):
+        prompts.policy_schemas(SCHEMAS, "short")
+
+
 def test_messages_are_hf_chat_format_with_images_first():
     messages = prompts.initial_messages(SCHEMAS, (320, 240), {"noise_sigma": 23.456, "dark": 0.5, "blocks": 12})
     assert [m["role"] for m in messages] == ["system", "user"]

@@ -166,6 +166,7 @@ def test_sft_trains_evaluates_resumes_and_writes_a_restorable_checkpoint(ray_clu
     summary = json.loads((out / "summary.json").read_text())
     assert summary["train_rows"] == 4 and summary["cues"] and summary["after"]["samples"] == 2
     assert (out / "config.yaml").is_file() and "perception_cues: true" in (out / "config.yaml").read_text()
+    assert "tool_prompt: names" in (out / "config.yaml").read_text()
 
     # resume from the mid-epoch checkpoint: only the second step runs again, and identically
     assert run_sft(root, f"trainer.resume={out / 'checkpoints' / 'step_000001'}") == 0
@@ -184,5 +185,6 @@ def test_sft_trains_evaluates_resumes_and_writes_a_restorable_checkpoint(ray_clu
 
     photo = Batch.from_parquet(root / "data" / "sft.parquet").column("lq")[0]
     cv2.imwrite(str(tmp_path / "in.png"), cv2.cvtColor(photo, cv2.COLOR_RGB2BGR))
-    assert restore([str(tmp_path / "in.png"), "--agent", str(out / "hf"), "--out", str(tmp_path / "out.png"), "--cues", "--max-turns", "2"]) == 0
+    assert restore([str(tmp_path / "in.png"), "--agent", str(out / "hf"), "--out", str(tmp_path / "out.png"), "--cues", "--cue-style", "guess",
+                    "--tool-prompt", "names", "--max-turns", "2"]) == 0  # as the recipe trained it
     assert (tmp_path / "out.png").is_file()

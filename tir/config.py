@@ -47,6 +47,7 @@ class ModelConfig:
     dtype: str = "float32"
     perception_cues: bool = False  # measured degradation cues as text beside each image
     cue_style: str = "full"  # "full": the measured numbers and the guessed degradations; "guess": the guess only
+    tool_prompt: str = "full"  # "full": the tools' JSON schemas; "names": names only, default arguments (tir.prompts.policy_schemas)
 
 
 @dataclass

@@ -159,6 +159,7 @@ class EvalSettings:
     tools: tuple[str, ...] | None = None  # tools offered to agents (None: all the pool serves)
     cues: bool = False  # perception cues beside each image (as the policy was trained)
     cue_style: str = "full"  # tir.perception.observe's style (the recipe's model.cue_style)
+    tool_prompt: str = "full"  # how policies are told about the tools (the recipe's model.tool_prompt)
     loop: Any = None  # LoopSettings for policies (None: defaults with max_turns)
     expert: Any = None  # ExpertSettings for the oracle (None: its defaults, no perturbation)
     policy_dtype: str = "float32"
@@ -180,7 +181,8 @@ class EvalSettings:
 
         metrics = tuple(dict.fromkeys(["psnr", "ssim", *cfg.reward.metrics]))
         values = {"metrics": metrics, "seed": int(cfg.run.seed), "max_turns": int(cfg.rollout.max_turns), "tools": tuple(cfg.pool.tools) or None,
-                  "cues": bool(cfg.model.perception_cues), "cue_style": str(cfg.model.cue_style), "loop": LoopSettings.from_recipe(cfg.rollout), "policy_dtype": cfg.model.dtype,
+                  "cues": bool(cfg.model.perception_cues), "cue_style": str(cfg.model.cue_style), "tool_prompt": str(cfg.model.tool_prompt),
+                  "loop": LoopSettings.from_recipe(cfg.rollout), "policy_dtype": cfg.model.dtype,
                   "expert": ExpertSettings.from_recipe(cfg, perturb=False)}  # fmt: skip
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
@@ -281,6 +283,7 @@ async def baseline_episodes(agent, test: Batch, pool, schemas, settings: EvalSet
 
 
 async def policy_episodes(path: str, test: Batch, pool, schemas, settings: EvalSettings, bar) -> list[dict]:
+    from tir import prompts
     from tir.agent_loop import LoopSettings, run_episode
     from tir.env import RestorationEnv, perception_cues
     from tir.models import load_policy
@@ -294,6 +297,8 @@ async def policy_episodes(path: str, test: Batch, pool, schemas, settings: EvalS
     engine = HFEngine(model=model, processor=processor, max_batch_size=max(1, settings.concurrency), seed=settings.seed)
     loop = replace(greedy(settings.loop or LoopSettings()), max_turns=settings.max_turns, concurrency=settings.concurrency, seed=settings.seed)
     cues = perception_cues(style=settings.cue_style) if settings.cues else None
+
+    schemas = prompts.policy_schemas(schemas, settings.tool_prompt)
 
     async def one(row: int, lq) -> dict:
         env = RestorationEnv(pool, schemas, loop.max_turns, loop.max_format_errors, cues)

@@ -89,6 +89,25 @@ Action = ToolCall | Stop | ParseError
 # ---------------------------------------------------------------- messages
 
 
+TOOL_PROMPTS = ("full", "names")
+
+
+def policy_schemas(tool_schemas: Sequence[Mapping], style: str = "full") -> list[dict]:
+    """The tools as the policy is told about them. ``full``: the pool's JSON schemas (names,
+    descriptions, arguments). ``names``: the names alone, so every call takes the tools' default
+    arguments (any argument is refused as unknown): a prompt a quarter as long, for tiny policies
+    trained from scratch that never read the descriptions; each of their steps costs a third."""
+    if style not in TOOL_PROMPTS:
+        raise ValueError(f"tool prompt {style!r} unknown; expected one of {TOOL_PROMPTS}")
+    schemas = [dict(_check_schema(s)) for s in tool_schemas]
+    if style == "full":
+        return schemas
+    needy = [s["name"] for s in schemas if (s.get("parameters") or {}).get("required")]
+    if needy:
+        raise ValueError(f"tool prompt 'names': tool(s) {needy} have required arguments, so they cannot be called with defaults alone")
+    return [{"name": s["name"]} for s in schemas]
+
+
 def system_prompt(tool_schemas: Sequence[Mapping]) -> str:
     """The system prompt: the tools (one JSON schema a line) and the reply protocol."""
     tools = "\n".join(json.dumps(_check_schema(schema), ensure_ascii=False) for schema in tool_schemas)

@@ -192,7 +192,7 @@ def write_report(cfg, out: Path, report: dict, clock: Stages) -> Path:
     lines = [f"# TIR-Agent quickstart ({cfg.run.name})", "", "## Evaluation on held-out photos", "", report["markdown"], "",
              "![quality vs tool calls](quality_vs_calls.png)", "", "## SFT: tool choice on held-out photos", ""]  # fmt: skip
     if sft:
-        lines += ["| when | first call | first call (or a tie) | subtask | sequence | well-formed |", "|---|---|---|---|---|---|"]
+        lines += ["| when | first call | first call ties the sample's best | subtask | sequence | well-formed |", "|---|---|---|---|---|---|"]
         for when in ("before", "after"):
             e = sft[when]
             lines.append(f"| {when} SFT | {e['first_call']:.0%} | {e.get('first_call_tie', float('nan')):.0%} | {e['first_subtask']:.0%} | "

@@ -36,6 +36,7 @@ def add_restore_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     parser.add_argument("--degradations", default=None, help="comma-separated degradations for the baselines (default: perceived from cues)")
     parser.add_argument("--cues", action="store_true", help="show the policy measured perception cues (as it was trained with)")
     parser.add_argument("--cue-style", choices=("full", "guess"), default="full", help="the cue text the policy was trained with (model.cue_style)")
+    parser.add_argument("--tool-prompt", choices=("full", "names"), default="full", help="how the policy was told about the tools (model.tool_prompt)")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="per policy reply")
     parser.add_argument("--seed", type=int, default=0, help="the random baseline's seed")
     return parser
@@ -180,6 +181,7 @@ async def run_agent(agent, pool, image: np.ndarray, args: argparse.Namespace, de
     from tir.agent_loop import LoopSettings, pool_tool_schemas, run_episode
     from tir.baselines import run_baseline_episode
     from tir.env import RestorationEnv, perception_cues
+    from tir.prompts import policy_schemas
 
     schemas = await pool_tool_schemas(pool)
     cues = perception_cues(style=args.cue_style) if args.cues else None
@@ -187,7 +189,7 @@ async def run_agent(agent, pool, image: np.ndarray, args: argparse.Namespace, de
         env, _ = await run_baseline_episode(agent, pool, image, schemas, degradations, args.max_turns, cues=cues)
         return env
     engine = agent
-    env = RestorationEnv(pool, schemas, max_turns=args.max_turns, cues=cues)
+    env = RestorationEnv(pool, policy_schemas(schemas, args.tool_prompt), max_turns=args.max_turns, cues=cues)
     settings = LoopSettings(max_turns=args.max_turns, max_new_tokens=args.max_new_tokens, temperature=0.0, concurrency=1)
     row = await run_episode(engine, engine.processor, env, image, settings)
     if row["error"]:

@@ -7,9 +7,10 @@ the expert's schedule (``expert_tools``, never perturbed):
 - ``first_call``: the first reply is a well-formed call of the expert's first tool;
 - ``first_subtask``: ... of a tool of the same subtask (the right kind of fix, any tool);
 - ``first_call_tie``: ... of the first tool of a schedule the expert search scored as a tie of
-  the best (``tir.expert.ties`` within ``tie_margin``, on ``search_candidates``): a choice as
-  good as the expert's, up to the noise the expert itself breaks ties over (needs that column;
-  else not reported);
+  the sample's own best (``tir.expert.ties`` within ``tie_margin``, on ``search_candidates``): a
+  choice as good as that sample's best, up to the noise ties are broken over (needs that column;
+  else not reported). Under the ``combination`` expert rule the expert itself is not always such
+  a tie, so this can be lower than ``first_call``;
 - ``sequence``: the tools called, in order, are exactly the expert's, with no malformed reply;
 - ``format_ok``: the first reply is a well-formed tool call or answer.
 """

@@ -75,6 +75,7 @@ def train_rl(cfg) -> dict:
     """The whole run (see the module docstring); the summary it writes to ``summary.json``."""
     from tir.agent_loop import pool_tool_schemas
     from tir.config import save_resolved
+    from tir.prompts import policy_schemas
     from tir.env import recipe_cues
     from tir.reward import MultiMetricReward
     from tool_pool.client import make_pool
@@ -85,7 +86,7 @@ def train_rl(cfg) -> dict:
     model_path = policy_path(cfg.model.path)
     samples, stream = training_data(cfg)
     pool = make_pool(cfg.pool)
-    schemas = asyncio.run(pool_tool_schemas(pool, list(cfg.pool.tools) or None))
+    schemas = policy_schemas(asyncio.run(pool_tool_schemas(pool, list(cfg.pool.tools) or None)), cfg.model.tool_prompt)
     check_metrics(pool, samples, list(cfg.reward.metrics))
     run = Run(cfg=cfg, out=out, samples=samples, stream=stream, pool=pool, schemas=schemas,
               processor=load_processor(model_path), cues=recipe_cues(cfg.model),

@@ -55,6 +55,7 @@ def sft_main(cli_args: list[str]) -> int:
 def run_sft(cfg) -> int:
     from tir.agent_loop import LoopSettings, pool_tool_schemas
     from tir.config import save_resolved
+    from tir.prompts import policy_schemas
     from tir.env import recipe_cues
     from tir.expert import ExpertSettings
     from tir.models import load_policy
@@ -71,7 +72,7 @@ def run_sft(cfg) -> int:
 
     pool = make_pool(cfg.pool)
     model, processor = load_policy(cfg.model.path, dtype=cfg.model.dtype)
-    schemas = asyncio.run(pool_tool_schemas(pool, list(cfg.pool.tools) or None))
+    schemas = policy_schemas(asyncio.run(pool_tool_schemas(pool, list(cfg.pool.tools) or None)), cfg.model.tool_prompt)
     cues = recipe_cues(cfg.model)
     loop = LoopSettings.from_recipe(cfg.rollout)
     tie_margin = ExpertSettings.from_recipe(cfg).tie_margin  # what the expert counted as a tie
@@ -102,7 +103,7 @@ def run_sft(cfg) -> int:
             accuracy = evaluate_heldout(engine, processor, pool, heldout, schemas, loop, cues, tie_margin)
             progress.evaluations.append({"epoch": epoch, **accuracy})
             log.write({"kind": "eval", "epoch": epoch, "step": progress.global_step, **accuracy})
-            tie = f" (or a tie: {accuracy['first_call_tie']:.0%})" if "first_call_tie" in accuracy else ""
+            tie = f" (ties the sample's best: {accuracy['first_call_tie']:.0%})" if "first_call_tie" in accuracy else ""
             print(f"[sft] epoch {epoch} held-out: first call {accuracy['first_call']:.0%}{tie}, subtask {accuracy['first_subtask']:.0%}, "
                   f"sequence {accuracy['sequence']:.0%}, well-formed {accuracy['format_ok']:.0%} ({accuracy['samples']} samples)")  # fmt: skip
 
