@@ -538,6 +538,10 @@ def warn_if_trained_otherwise(spec: AgentSpec, cfg) -> None:
     if cues is not None and bool(cues) != bool(cfg.model.perception_cues):
         print(f"tir eval: warning: {spec.label} was trained with model.perception_cues={bool(cues)}, this evaluation uses "
               f"{bool(cfg.model.perception_cues)}", file=sys.stderr)  # fmt: skip
+    tool_prompt = OmegaConf.select(trained, "model.tool_prompt", default=None)
+    if tool_prompt is not None and str(tool_prompt) != str(cfg.model.tool_prompt):
+        print(f"tir eval: warning: {spec.label} was trained with model.tool_prompt={tool_prompt}, this evaluation uses "
+              f"{cfg.model.tool_prompt}", file=sys.stderr)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

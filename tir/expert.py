@@ -294,6 +294,11 @@ def combination_orders(rows: Sequence[Mapping], subtask_of: Mapping[str, str]) -
     from tir.baselines import restoration_order
 
     degradation_of = {s: d for d, s in SUBTASK_FOR_DEGRADATION.items()}
+
+    def departs_from_prior(order: Sequence[str]) -> bool:
+        names = [degradation_of[s] for s in order]
+        return names != restoration_order(names)
+
     per_row: dict[str, list[tuple[dict[tuple, float], float]]] = {}  # combo -> [(best quality per order, worst quality)]
     for row in rows:
         best: dict[tuple, float] = {}
@@ -305,11 +310,7 @@ def combination_orders(rows: Sequence[Mapping], subtask_of: Mapping[str, str]) -
     for combo, bests in per_row.items():
         seen = list(dict.fromkeys(order for best, _ in bests for order in best))
         mean = {order: np.mean([best.get(order, worst) for best, worst in bests]) for order in seen}
-
-        def departs_from_prior(order):
-            names = [degradation_of[s] for s in order]
-            return names != restoration_order(names)
-
+        # rounded: means equal up to float noise are a tie, which the order prior breaks
         orders[combo] = list(min(seen, key=lambda order: (-round(float(mean[order]), 9), departs_from_prior(order))))
     return orders
 
