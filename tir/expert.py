@@ -239,13 +239,20 @@ def ties(scores: Mapping[str, float], best: Mapping[str, float], margin: float) 
 
 def unconventional(tools: Sequence[str], tools_by_subtask: Mapping[str, Sequence[str]]) -> tuple[int, int]:
     """(1 if the order departs from the order prior, number of steps not using their subtask's usual tool)."""
-    from tir.baselines import FIXED_TOOLS, restoration_order
+    from tir.baselines import FIXED_TOOLS
 
     subtask_of = {tool: s for s, names in tools_by_subtask.items() for tool in names}
-    degradation_of = {s: d for d, s in SUBTASK_FOR_DEGRADATION.items()}
-    order = [degradation_of[subtask_of[t]] for t in tools]
     usual = {s: FIXED_TOOLS[s] if FIXED_TOOLS.get(s) in names else sorted(names)[0] for s, names in tools_by_subtask.items() if names}
-    return int(order != restoration_order(order)), sum(usual[subtask_of[t]] != t for t in tools)
+    return int(departs_from_prior(subtask_order(tools, subtask_of))), sum(usual[subtask_of[t]] != t for t in tools)
+
+
+def departs_from_prior(subtasks: Sequence[str]) -> bool:
+    """Whether an order of subtasks differs from the order prior of the training-free agents."""
+    from tir.baselines import restoration_order
+
+    degradation_of = {s: d for d, s in SUBTASK_FOR_DEGRADATION.items()}
+    names = [degradation_of[s] for s in subtasks]
+    return names != restoration_order(names)
 
 
 # ---------------------------------------------------------------- perturbation
@@ -291,14 +298,6 @@ def combination_orders(rows: Sequence[Mapping], subtask_of: Mapping[str, str]) -
     quality over the combination's searched rows (quality is standardised within each sample,
     so every sample weighs the same). An order the beam pruned in a sample counts as that
     sample's worst candidate. Equal means go to the order prior."""
-    from tir.baselines import restoration_order
-
-    degradation_of = {s: d for d, s in SUBTASK_FOR_DEGRADATION.items()}
-
-    def departs_from_prior(order: Sequence[str]) -> bool:
-        names = [degradation_of[s] for s in order]
-        return names != restoration_order(names)
-
     per_row: dict[str, list[tuple[dict[tuple, float], float]]] = {}  # combo -> [(best quality per order, worst quality)]
     for row in rows:
         best: dict[tuple, float] = {}
