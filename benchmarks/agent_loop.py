@@ -21,9 +21,9 @@ import tempfile
 import time
 
 import tir  # noqa: F401  - shims before transformers
-from tir import models, prompts
-from tir.agent_loop import LoopSettings, rollout, sequential
-from tir.data import synthesize
+from tir.agent import models, prompts
+from tir.agent.loop import LoopSettings, rollout, sequential
+from tir.data.synth import synthesize
 from tool_pool.tools import tool_schemas
 
 # Mid-weight weight-free tools (tens to hundreds of ms on a crop), one per subtask but super-

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/efficiency.py [--checkpoint runs/x/rl/hf] [--test data/test.parquet]
         [--limit 16] [--recipe tiny_cpu] [--pool local] [--rl-step] [key=value ...]
 
-Both agents run through ``tir.evaluation`` on the same test rows, env and pool, one episode at a
+Both agents run through ``tir.eval.agents`` on the same test rows, env and pool, one episode at a
 time (clean per-image wall times): the trained policy (greedy) and the exhaustive baseline
 (AgenticIR-like: every tool of each perceived subtask, keep the best by a no-reference score,
 roll back and retry). Prints calls, seconds and PSNR/SSIM per image (mean ± std) and the ratios
@@ -51,7 +51,7 @@ class ReplayAgent:
         self.schedules = schedules
 
     async def act(self, env, degradations, episode: int = 0) -> None:
-        from tir import prompts
+        from tir.agent import prompts
 
         for tool in self.schedules[episode]:
             if env.done:
@@ -65,7 +65,7 @@ def expert_schedules(test, pool, settings) -> list[list[str]]:
     """The expert search's schedule of every row (not timed: the stand-in's cost is the replay)."""
     from dataclasses import replace
 
-    from tir.evaluation import expert_episodes
+    from tir.eval.agents import expert_episodes
 
     async def search():
         return await expert_episodes(pool, test, replace(settings, progress=False), None)
@@ -82,8 +82,9 @@ def summary_line(label: str, cells: dict) -> str:
 
 
 def agents_benchmark(args, cfg, pool) -> dict:
-    from tir.data import read_synth, synthesize
-    from tir.evaluation import EvalSettings, evaluate_agents, parse_agent, subset
+    from tir.data.synth import read_synth, synthesize
+    from tir.eval.agents import EvalSettings, evaluate_agents, parse_agent
+    from tir.eval.cli import subset
 
     if args.test:
         test = read_synth(args.test)
@@ -171,7 +172,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from tir.config import load_recipe
-    from tir.expert import open_pool
+    from tir.data.expert_run import open_pool
 
     cfg = load_recipe(args.recipe, [*args.overrides, *([f"pool.backend={args.pool}"] if args.pool != "recipe" else [])])
     pool, release = open_pool(cfg)

@@ -6,10 +6,10 @@ script measures that ceiling on held-out photos from a `tir data expert` file (w
 scored schedule in ``search_candidates``), for both expert rules:
 
 - ``sample``: each sample's own best schedule (near ties to the conventional one);
-- ``combination``: one order of subtasks per combination (``tir.expert.combination_orders``).
+- ``combination``: one order of subtasks per combination (``tir.data.expert.combination_orders``).
 
 For each rule: the accuracy of a lookup table learned on the training photos, keyed by the true
-combination (perfect perception) or by the perception guess (``tir.perception``), and what the
+combination (perfect perception) or by the perception guess (``tir.data.perception``), and what the
 rule costs in PSNR/SSIM against each sample's best-scoring schedule.
 
     .venv/bin/python benchmarks/expert_labels.py runs/quickstart/data/sft.parquet
@@ -25,8 +25,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tir import expert  # noqa: E402
-from tir.perception import likely_degradations, measure_cues  # noqa: E402
+from tir.data import expert  # noqa: E402
+from tir.data.perception import likely_degradations, measure_cues  # noqa: E402
 from tir.protocol import Batch  # noqa: E402
 from tir.trainer.sft import DEFAULT_HELDOUT  # noqa: E402
 from tool_pool.tools import get_tool  # noqa: E402

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/rollout.py [--episodes 64] [--max-turns 3] [--group]
 
 The tiny policy (built offline, random weights) plays ``--episodes`` restoration episodes
-through the async agent loop (``tir.agent_loop``), once with each backend, in this process:
+through the async agent loop (``tir.agent.loop``), once with each backend, in this process:
 the same samples, settings and tools. Replies are constrained to well-formed calls of cheap
 weight-free tools (``choices``), so every turn calls a tool and shows the policy a new image, as
 a trained policy's would; the tools are cheap so that the engines, not the tools, set the pace.
@@ -20,9 +20,9 @@ import tempfile
 import time
 
 import tir  # noqa: F401  - shims before transformers
-from tir import models, prompts
-from tir.agent_loop import LoopSettings, rollout
-from tir.data import synthesize
+from tir.agent import models, prompts
+from tir.agent.loop import LoopSettings, rollout
+from tir.data.synth import synthesize
 from tool_pool.client import LocalPool
 from tool_pool.tools import tool_schemas
 

@@ -16,7 +16,7 @@ RUN=${RUN:-runs/sft_acc}
 [ -f "$RUN/data/train.parquet" ] || $PY -m tir.cli data synth --combos groupA --per-image 6 --crop 128 --crop-mode random \
   --seed 0 --no-progress --out "$RUN/data/train.parquet"
 # resumable: rerun after a kill and finished shards are kept
-$PY -m tir.expert --in "$RUN/data/train.parquet" --out "$RUN/data/sft.parquet" --recipe quickstart --no-progress \
+$PY -m tir.data.expert --in "$RUN/data/train.parquet" --out "$RUN/data/sft.parquet" --recipe quickstart --no-progress \
   run.output_dir="$RUN"
 [ -d "$RUN/tiny_policy" ] || $PY -m tir.cli model tiny --out "$RUN/tiny_policy"
 $PY benchmarks/expert_labels.py "$RUN/data/sft.parquet"

@@ -1,7 +1,7 @@
 """How much each restoration tool improves the degradation it is meant for.
 
 For every registered tool and every single degradation whose subtask matches the tool's, degrade
-a few crops of scikit-image's colour photos (tir.degradations, fixed seeds), run the tool, and
+a few crops of scikit-image's colour photos (tir.data.degradations, fixed seeds), run the tool, and
 report the mean PSNR/SSIM gain over the degraded input and the time per call. For
 super-resolution the degraded input is the LQ image upscaled x4 with bicubic interpolation
 (as the protocol scores it), so bicubic itself gains 0.
@@ -26,7 +26,7 @@ from skimage import data
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 import tir  # noqa: F401  (environment shims first)
-from tir.degradations import DEGRADATIONS, SUBTASK_FOR_DEGRADATION
+from tir.data.degradations import DEGRADATIONS, SUBTASK_FOR_DEGRADATION
 from tool_pool.tools import TOOLS, get_tool
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry")

@@ -7,7 +7,7 @@ Checks, each timed, printed as one table (check, ok, value, seconds):
 
 - process_group: a one-rank torch.distributed group (NCCL on GPU, gloo with --cpu) initialised
   from env vars (MASTER_ADDR/MASTER_PORT: a TCP store), an all_reduce and a broadcast;
-- fsdp2_train_step: a tiny random Qwen2.5-VL (``tir.models.build_tiny_policy``) sharded with FSDP2
+- fsdp2_train_step: a tiny random Qwen2.5-VL (``tir.agent.models.build_tiny_policy``) sharded with FSDP2
   (``fully_shard`` on each decoder/vision block and the root, bf16 compute, fp32 reduce, as
   ``workers/engines/fsdp2.py`` does), one AdamW step on two image+text rows, the loss before/after;
 - neural_tool_batch: a neural restoration tool (``tool_pool.neural.NeuralTool``, SRVGGNetCompact x2
@@ -102,7 +102,7 @@ def build_policy(folder: Path):
     if _POLICY:
         return _POLICY["path"], _POLICY["models"], _POLICY["prompts"]
     try:
-        from tir import models, prompts  # tir.models imports no Ray: tir (env shims), tir.prompts, tir.registry
+        from tir.agent import models, prompts  # tir.agent.models imports no Ray: tir (env shims), tir.agent.prompts, tir.registry
     except ImportError as err:
         raise SkipCheck(f"cannot import tir from {REPO} ({err})") from err
     path = models.build_tiny_policy(folder / "tiny_policy", SCHEMAS, seed=0)

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 import tir  # noqa: F401  - shims before transformers
-from tir import models, prompts
-from tir.agent_loop import LoopSettings, Transcript, rollout, run_rollout, sequential, tokenize
-from tir.data import synthesize
+from tir.agent import models, prompts
+from tir.agent.loop import LoopSettings, Transcript, rollout, run_rollout, sequential, tokenize
+from tir.data.synth import synthesize
 from tir.protocol import Batch
 from tool_pool.client import LocalPool
 from tool_pool.tools import tool_schemas

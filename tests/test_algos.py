@@ -1,4 +1,4 @@
-"""Tests for tir.algos: hand-computed values, and loop implementations of the published formulas
+"""Tests for tir.rl.algos: hand-computed values, and loop implementations of the published formulas
 (GRPO's group normalisation as verl writes it, PPO's clipped objective, Schulman's KL estimators)."""
 import math
 from collections import defaultdict
@@ -7,8 +7,19 @@ import pytest
 import torch
 
 import tir  # noqa: F401  (environment shims first)
-from tir.algos import (aggregate, broadcast_to_tokens, entropy_from_logits, group_advantages, kl_penalty,
-                       policy_loss)
+import numpy as np
+
+from tir.rl.algos import (
+    LossSettings,
+    aggregate,
+    broadcast_to_tokens,
+    entropy_from_logits,
+    grpo_loss,
+    group_advantages,
+    kl_penalty,
+    policy_loss,
+    sft_loss,
+)
 
 
 # ------------------------------------------------------------------------------ advantages
@@ -222,3 +233,50 @@ def test_entropy_from_logits():
     out = entropy_from_logits(logits)
     torch.testing.assert_close(out, expected)
     assert entropy_from_logits(torch.randn(2, 5, 11)).shape == (2, 5)
+
+
+# ------------------------------------------------------------------------------ the losses
+
+
+def test_grpo_loss_is_the_policy_gradient_plus_kl_on_the_policys_tokens():
+    logprobs = torch.log(torch.tensor([[0.5, 0.2, 0.4, 0.9], [0.5, 0.3, 0.6, 0.5]])).requires_grad_()
+    mask = torch.tensor([[0.0, 1.0, 1.0, 0.0], [0.0, 1.0, 0.0, 0.0]])
+    ref = torch.log(torch.tensor([[0.5, 0.4, 0.4, 0.1], [0.5, 0.3, 0.6, 0.5]]))
+    tensors = {"loss_mask": mask, "rollout_logprobs": logprobs.detach(), "ref_logprobs": ref,
+               "advantages": torch.tensor([1.0, -2.0])}  # fmt: skip
+    settings = LossSettings(kl_coef=0.5, kl_kind="k3")
+    loss, metrics = grpo_loss(logprobs, tensors, settings)
+    # on-policy (ratio 1): the surrogate is -mean(A) over the 3 policy tokens; k3 KL of token (0, 1) only
+    log_r = np.log(0.4 / 0.2)
+    kl = (np.exp(log_r) - log_r - 1) / 3
+    assert metrics["pg_loss"] == pytest.approx(-(1 + 1 - 2) / 3, abs=1e-6)
+    assert metrics["kl"] == pytest.approx(kl, rel=1e-5)
+    assert loss.item() == pytest.approx(0.5 * kl, rel=1e-5)
+    assert metrics["entropy"] == pytest.approx(-(np.log(0.2) + np.log(0.4) + np.log(0.3)) / 3, rel=1e-5)
+    assert metrics["rollout_logprob_diff"] == 0.0
+    loss.backward()
+    grad = logprobs.grad
+    assert torch.all(grad[mask == 0] == 0)  # prompt and tool tokens carry no gradient
+    assert grad[0, 2] < 0 < grad[1, 1]  # descent raises the positive-advantage token, lowers the negative one
+
+
+def test_entropy_bonus_pushes_probability_off_likely_tokens():
+    logprobs = torch.log(torch.tensor([[0.9, 0.1]])).requires_grad_()
+    tensors = {"loss_mask": torch.ones(1, 2), "rollout_logprobs": logprobs.detach(), "advantages": torch.zeros(1)}
+    loss, _ = grpo_loss(logprobs, tensors, LossSettings(entropy_coef=1.0))
+    loss.backward()
+    # d loss / d log p = log p / N: descent raises each sampled token's log-prob in proportion to
+    # its surprise, the unlikely one most, which flattens the distribution
+    assert torch.allclose(logprobs.grad, logprobs.detach() / 2)
+    assert logprobs.grad[0, 1] < logprobs.grad[0, 0] < 0
+
+
+def test_sft_loss_is_the_mean_nll_of_the_policys_tokens_only():
+    logprobs = torch.log(torch.tensor([[0.5, 0.2, 0.4], [0.9, 0.25, 0.1]])).requires_grad_()
+    mask = torch.tensor([[0.0, 1.0, 1.0], [0.0, 1.0, 0.0]])
+    loss, metrics = sft_loss(logprobs, {"loss_mask": mask})
+    expected = -(math.log(0.2) + math.log(0.4) + math.log(0.25)) / 3
+    assert loss.item() == pytest.approx(expected, rel=1e-6) and metrics == {"nll": pytest.approx(expected, rel=1e-6)}
+    loss.backward()
+    assert torch.all(logprobs.grad[mask == 0] == 0)
+    assert torch.allclose(logprobs.grad[mask == 1], torch.full((3,), -1 / 3))

@@ -4,12 +4,12 @@ import asyncio
 import pytest
 
 import tir  # noqa: F401  - shims first
-from tir import prompts
-from tir.baselines import (
+from tir.agent import prompts
+from tir.agent.baselines import (
     ExhaustiveAgent, FixedOrderAgent, RandomAgent, better, make_baseline, nr_score, perceive_degradations,
     restoration_order, run_baseline, run_baseline_episode,
 )  # fmt: skip
-from tir.data import synthesize
+from tir.data.synth import synthesize
 from tool_pool.client import LocalPool
 from tool_pool.tools import get_tool, tool_schemas
 

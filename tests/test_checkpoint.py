@@ -9,10 +9,11 @@ import pytest
 import torch
 
 import tir  # noqa: F401  - shims before transformers
-from tir import algos, models, prompts
-from tir.multimodal import assistant_mask
+from tir.rl import algos
+from tir.agent import models, prompts
+from tir.agent.multimodal import assistant_mask
 from tir.protocol import Batch
-from tir.reward import MultiMetricReward
+from tir.rl.reward import MultiMetricReward
 from tir.trainer import checkpoint
 from tir.trainer.checkpoint import (
     DataStream,
@@ -21,7 +22,7 @@ from tir.trainer.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from tir.trainer.logging import RunLogger, console_line, read_records
+from tir.trainer.run_log import RunLogger, console_line, read_records
 from workers.engines import make_engine
 
 TOOLS = ["denoise_tv", "brighten_gamma"]

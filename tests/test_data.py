@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import skimage.data
 
-from tir.data import (
+from tir.data.synth import (
     BUILTIN_PHOTOS,
     SourceImage,
     add_synth_arguments,
@@ -19,7 +19,7 @@ from tir.data import (
     synth_main,
     synthesize,
 )
-from tir.degradations import degrade_chain, sample_rng
+from tir.data.degradations import degrade_chain, sample_rng
 from tir.protocol import Batch
 
 COLUMNS = ["image_id", "combo", "group", "degradations", "params", "depth_source", "seed", "crop_box", "lq", "hq"]

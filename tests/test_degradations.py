@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import skimage.data
 
-from tir.degradations import (
+from tir.data.degradations import (
     CANONICAL_ORDER,
     COMBINATIONS,
     DEGRADATIONS,

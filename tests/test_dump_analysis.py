@@ -1,5 +1,5 @@
 """``tir dumps summary|view`` on real dumps: the agent loop with the tiny policy and real tools,
-scored by real metrics, rewarded by the real reward, written by ``tir.dumps``; the viewer is
+scored by real metrics, rewarded by the real reward, written by ``tir.dumps.writer``; the viewer is
 loaded in a real headless Chromium (skipped, saying why, when none is installed:
 scripts/install_browser.sh installs one)."""
 import argparse
@@ -16,13 +16,15 @@ import pyarrow.parquet as pq
 import pytest
 
 import tir  # noqa: F401  - shims before transformers
-from tir import dump_analysis, models, prompts
-from tir.agent_loop import LoopSettings, run_rollout
-from tir.data import synthesize
-from tir.dump_analysis import DumpError, add_dumps_arguments, dumps_main, load_episodes, summarize
-from tir.dump_viewer import pick_rows
-from tir.dumps import DumpWriter, list_dumps, step_dump
-from tir.reward import MultiMetricReward
+from tir.dumps import reader, summary as dump_analysis
+from tir.agent import models, prompts
+from tir.agent.loop import LoopSettings, run_rollout
+from tir.data.synth import synthesize
+from tir.dumps.reader import DumpError, list_dumps, load_episodes
+from tir.dumps.summary import add_dumps_arguments, dumps_main, summarize
+from tir.dumps.viewer import pick_rows
+from tir.dumps.writer import DumpWriter, step_dump
+from tir.rl.reward import MultiMetricReward
 from tool_pool.client import LocalPool
 from tool_pool.tools import TOOLS, tool_schemas
 
@@ -40,7 +42,7 @@ STEPS = (1, 2)
 @pytest.fixture(scope="module")
 def dumps(tmp_path_factory):
     """Two RL steps' dumps: 2 photos (noise, noise+jpeg) x a group of 2, up to 3 turns each."""
-    from tir.algos import group_advantages
+    from tir.rl.algos import group_advantages
     from workers.rollout.hf_engine import HFEngine
 
     root = tmp_path_factory.mktemp("dumps")
@@ -123,7 +125,7 @@ def test_summary_matches_hand_counts(dumps):
 
 def test_statistics_of_hand_made_episodes():
     def ep(step, combo, calls, reward, fe=0, stop="answer", ok=None, gains=None):
-        return dump_analysis.episode_record(step, 0, {
+        return reader.episode_record(step, 0, {
             "combo": combo, "tool_calls": [{"name": n, "ok": o, "committed": True} for n, o in zip(calls, ok or [True] * len(calls))],
             "num_turns": len(calls) + 1 + fe, "format_errors": fe, "stop_reason": stop, "reward": reward,
             "reward_terms": {"gain": gains or {}, "contribution": {}}, "reward_weights": {"psnr": 0.5 + step / 10},
@@ -146,9 +148,9 @@ def test_statistics_of_hand_made_episodes():
     lengths = dump_analysis.episode_lengths(episodes)
     assert lengths["turns_mean"] == pytest.approx((3 + 3 + 4 + 2 + 2) / 5) and lengths["turns_histogram"] == {2: 2, 3: 2, 4: 1}
     assert pick_rows({1: 4, 2: 4}, 3) == {1: [0], 2: [0, 3]} and pick_rows({1: 2}, 10) == {1: [0, 1]}
-    assert dump_analysis.parse_steps("1,3-5, 9") == [1, 3, 4, 5, 9]
+    assert reader.parse_steps("1,3-5, 9") == [1, 3, 4, 5, 9]
     with pytest.raises(DumpError, match="step numbers"):
-        dump_analysis.parse_steps("a-b")
+        reader.parse_steps("a-b")
 
 
 # ---------------------------------------------------------------- the commands
@@ -192,7 +194,7 @@ def test_clear_errors_for_missing_empty_and_corrupt_dumps(dumps, tmp_path, capsy
 
 
 def test_documented_pandas_recipe_reads_a_dump(dumps):
-    recipe = textwrap.dedent(dump_analysis.__doc__.split("Reading a dump without tir::")[1].split("or with tir")[0]).strip()
+    recipe = textwrap.dedent(reader.__doc__.split("Reading a dump without tir::")[1].split("or with tir")[0]).strip()
     recipe = recipe.replace("runs/x/rl/dumps/step_000012.parquet", str(list_dumps(dumps)[2]))
     scope = {}
     exec(recipe, scope)  # noqa: S102 - the docstring's own code, on a real dump

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 import tir  # noqa: F401  - shims before transformers
-from tir import algos, models, prompts
-from tir.multimodal import TrajectoryError, assistant_mask, model_inputs
+from tir.rl import algos
+from tir.agent import models, prompts
+from tir.agent.multimodal import TrajectoryError, assistant_mask, model_inputs
 from tir.protocol import Batch
 from workers.engines import EngineOptions, make_engine, token_logprobs
 from workers.engines.base import WarmupSchedule

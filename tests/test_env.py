@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 import tir  # noqa: F401  - shims first
-from tir import prompts
-from tir.data import synthesize
-from tir.env import RestorationEnv, perception_cues
+from tir.agent import prompts
+from tir.data.synth import synthesize
+from tir.agent.env import RestorationEnv, perception_cues
 from tool_pool.client import LocalPool
 from tool_pool.tools import tool_schemas
 

@@ -12,18 +12,18 @@ import numpy as np
 import pytest
 
 import tir  # noqa: F401  - shims before transformers
-from tir import evaluation, models
-from tir.agent_loop import LoopSettings
-from tir.data import synthesize
-from tir.eval_report import render_markdown
-from tir.evaluation import (
+from tir.eval import agents as evaluation, cli as eval_cli
+from tir.agent import models
+from tir.agent.loop import LoopSettings
+from tir.data.synth import synthesize
+from tir.eval.report import aggregate, render_markdown
+from tir.eval.agents import (
     EvalError,
     EvalSettings,
-    aggregate,
     evaluate_agents,
     parse_agents,
 )
-from tir.expert import ExpertSettings
+from tir.data.expert import ExpertSettings
 from tir.protocol import Batch
 from tool_pool.client import LocalPool
 from tool_pool.tools import tool_schemas
@@ -189,9 +189,9 @@ def test_a_folder_that_is_no_policy_and_a_missing_path_are_refused(tmp_path):
 
 
 def test_the_cli_reports_bad_input_in_one_line(tmp_path, capsys):
-    parser = evaluation.add_eval_arguments(__import__("argparse").ArgumentParser())
-    code = evaluation.eval_main(parser.parse_args(["--test", str(tmp_path / "missing.parquet"), "--out", str(tmp_path / "out"), "--pool", "local"]))
+    parser = eval_cli.add_eval_arguments(__import__("argparse").ArgumentParser())
+    code = eval_cli.eval_main(parser.parse_args(["--test", str(tmp_path / "missing.parquet"), "--out", str(tmp_path / "out"), "--pool", "local"]))
     assert code == 2 and "test set" in capsys.readouterr().err
     small_test_set().to_parquet(tmp_path / "test.parquet")
-    code = evaluation.eval_main(parser.parse_args(["--test", str(tmp_path / "test.parquet"), "--agents", "identty", "--out", str(tmp_path / "out")]))
+    code = eval_cli.eval_main(parser.parse_args(["--test", str(tmp_path / "test.parquet"), "--agents", "identty", "--out", str(tmp_path / "out")]))
     assert code == 2 and "did you mean 'identity'" in capsys.readouterr().err

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 
 import tir  # noqa: F401  - shims before pyiqa
-from tir import expert
-from tir.data import synthesize
+from tir.data import expert, expert_run
+from tir.data.synth import synthesize
 from tir.protocol import Batch
 from tool_pool.client import LocalPool
 from tool_pool.tools import get_tool
@@ -226,7 +226,7 @@ def test_the_serve_pool_finds_the_same_experts(serve_pool, samples):
 
 def expert_command(inp, out):
     overrides = ["pool.backend=local", f"pool.tools=[{','.join(TOOLS)}]", "reward.metrics=[psnr,ssim]"]
-    return [sys.executable, "-m", "tir.expert", "--in", str(inp), "--out", str(out), "--shard-size", "1",
+    return [sys.executable, "-m", "tir.data.expert_run", "--in", str(inp), "--out", str(out), "--shard-size", "1",
             "--concurrency", "1", "--no-progress", *overrides]  # fmt: skip
 
 
@@ -235,7 +235,7 @@ def test_a_killed_run_resumes_without_redoing_finished_samples(tmp_path):
     synthesize("builtin", "noise+jpeg,dark+noise", per_image=2, seed=0, crop=64, progress=False).slice(0, 8).to_parquet(inp)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     first = subprocess.Popen(expert_command(inp, out), cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    parts = expert.parts_dir(out)
+    parts = expert_run.parts_dir(out)
     deadline = time.monotonic() + 300
     while len(list(parts.glob("part-*.parquet"))) < 2 and first.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)

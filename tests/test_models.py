@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import tir  # noqa: F401  - shims before transformers
-from tir import models, prompts
+from tir.agent import models, prompts
 
 torch = pytest.importorskip("torch")
 from PIL import Image

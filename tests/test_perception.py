@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 import tir  # noqa: F401  - environment shims first
-from tir.data import crop_box, list_sources, load_source
-from tir.degradations import NAMES, degrade
-from tir.perception import CUES, DECIMALS, DEFAULT_CUES, check_image, measure_cues, render_cues
-from tir.prompts import user_message
+from tir.data.synth import crop_box, list_sources, load_source
+from tir.data.degradations import NAMES, degrade
+from tir.data.perception import CUES, DECIMALS, DEFAULT_CUES, check_image, measure_cues, render_cues
+from tir.agent.prompts import user_message
 
 CROP = 128
 CROPS_PER_PHOTO = 4
@@ -246,7 +246,7 @@ GUESS_RECALL = {"noise": 0.9, "motion_blur": 0.45, "defocus_blur": 0.7, "jpeg": 
 
 
 def test_the_guess_names_each_degradation_and_mostly_nothing_on_clean_crops(crops):
-    from tir.perception import likely_degradations
+    from tir.data.perception import likely_degradations
 
     recall = {name: np.mean([name in likely_degradations(measure_cues(image)) for image in crops[name]]) for name in NAMES}
     print("guess recall:", {name: round(float(r), 2) for name, r in recall.items()})
@@ -256,7 +256,7 @@ def test_the_guess_names_each_degradation_and_mostly_nothing_on_clean_crops(crop
 
 
 def test_observe_writes_the_cues_then_the_guess():
-    from tir.perception import likely_degradations, observe
+    from tir.data.perception import likely_degradations, observe
 
     assert likely_degradations({"noise_sigma": 30.0, "rain": 5.0, "width": 32, "height": 32, "sharpness": 0.2}) == ["noise", "rain", "lowres"]
     assert likely_degradations({"sharpness": 0.3, "motion": 1.5}) == ["motion_blur"]

@@ -7,8 +7,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tir import prompts
-from tir.prompts import ParseError, Stop, ToolCall, format_call, format_stop, parse_action
+from tir.agent import prompts
+from tir.agent.prompts import ParseError, Stop, ToolCall, format_call, format_stop, parse_action
 
 SCHEMAS = [
     {"name": "denoise_tv", "description": "Remove noise by total-variation smoothing.",

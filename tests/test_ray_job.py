@@ -209,11 +209,11 @@ def submit(client, entrypoint_args: list[str], timeout_s: float = 360) -> tuple[
 def test_a_job_on_two_nodes_runs_where_the_recipe_places_it_and_resumes(two_nodes, tmp_path):
     from ray.job_submission import JobSubmissionClient
 
-    from tir import models
-    from tir.data import synthesize
-    from tir.dumps import list_dumps
+    from tir.agent import models
+    from tir.data.synth import synthesize
+    from tir.dumps.reader import list_dumps
     from tir.trainer.checkpoint import latest_checkpoint
-    from tir.trainer.logging import read_records
+    from tir.trainer.run_log import read_records
     from tool_pool.tools import tool_schemas
 
     # a random tiny policy and two photos x two degradations: the job has to run, not learn

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 import tir  # noqa: F401  - shims first
-from tir import models
-from tir.data import synthesize
-from tir.restore import add_restore_arguments, restore_main
+from tir.agent import models
+from tir.data.synth import synthesize
+from tir.agent.restore import add_restore_arguments, restore_main
 from tool_pool.tools import tool_schemas
 
 
@@ -101,7 +101,7 @@ def test_bad_input_gets_one_line_and_exit_code_2(photo, checkpoint, tmp_path, ca
 
 
 def test_runs_as_a_program_with_exit_code_2_on_bad_input(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "tir.restore", str(tmp_path / "none.png"), "--agent", "random", "--out", str(tmp_path / "o.png")],
+    done = subprocess.run([sys.executable, "-m", "tir.agent.restore", str(tmp_path / "none.png"), "--agent", "random", "--out", str(tmp_path / "o.png")],
                           capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
     assert done.returncode == 2 and done.stderr.strip().endswith("does not exist")
 

@@ -1,4 +1,4 @@
-"""Tests for tir.reward: hand-computed steps, the weight update rule, checkpoint state, and a
+"""Tests for tir.rl.reward: hand-computed steps, the weight update rule, checkpoint state, and a
 reward-hacking case on real photos scored with the real IQA metrics."""
 import json
 import math
@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import tir  # noqa: F401  (environment shims first)
-from tir.algos import group_advantages
+from tir.rl.algos import group_advantages
 from tir.config import load_recipe
-from tir.reward import (AdaptiveWeights, MultiMetricReward, consensus_agreement, improvement_rate, metric_gains,
+from tir.rl.reward import (AdaptiveWeights, MultiMetricReward, consensus_agreement, improvement_rate, metric_gains,
                         normalize_gains)
 
 
@@ -217,7 +217,7 @@ HONEST, HACKER = 2, 3  # positions in each group
 def hacking_batch():
     from skimage import data, filters, restoration
 
-    from tir.degradations import degrade
+    from tir.data.degradations import degrade
     from tool_pool.scorers import get_scorer
 
     scorers = {m: get_scorer(m, device="cpu") for m in HACK_METRICS}

@@ -10,15 +10,17 @@ import numpy as np
 import pytest
 
 import tir  # noqa: F401  - shims before transformers
-from tir import expert, models, prompts
-from tir.agent_loop import LoopSettings, tokenize
-from tir.data import synthesize
-from tir.env import perception_cues
-from tir.multimodal import assistant_mask
+from tir.data import expert
+from tir.agent import models, prompts
+from tir.agent.loop import LoopSettings, tokenize
+from tir.data.synth import synthesize
+from tir.agent.env import perception_cues
+from tir.agent.multimodal import assistant_mask
 from tir.protocol import Batch
-from tir.sft_data import TRAIN_COLUMNS, sft_rows, split_by_image
-from tir.trainer.evaluate import tool_choice
-from tir.trainer.sft import epoch_batches, sft_loss, sft_main
+from tir.data.sft_rows import TRAIN_COLUMNS, sft_rows, split_by_image
+from tir.eval.tool_choice import tool_choice
+from tir.rl.algos import sft_loss
+from tir.trainer.sft import epoch_batches, sft_main
 from tool_pool.client import LocalPool
 from tool_pool.tools import tool_schemas
 
@@ -75,7 +77,7 @@ def test_rows_are_the_whole_chat_with_loss_on_the_experts_replies_only(processor
 
 
 def whole_chat(processor, source):
-    from tir.perception import observe
+    from tir.data.perception import observe
 
     def cues(image):
         return observe(image)  # what perception_cues() shows: the numbers, then the guess
@@ -181,7 +183,7 @@ def test_sft_trains_evaluates_resumes_and_writes_a_restorable_checkpoint(ray_clu
 
     model, _ = models.load_policy(out / "hf")
     assert model.config.text_config.hidden_size == 128
-    from tir.restore import main as restore
+    from tir.agent.restore import main as restore
 
     photo = Batch.from_parquet(root / "data" / "sft.parquet").column("lq")[0]
     cv2.imwrite(str(tmp_path / "in.png"), cv2.cvtColor(photo, cv2.COLOR_RGB2BGR))

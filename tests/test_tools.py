@@ -1,5 +1,5 @@
 """The weight-free restoration tools: registry, argument and image checks, and that each tool
-really improves the degradation of its subtask (real tir.degradations on real photo crops)."""
+really improves the degradation of its subtask (real tir.data.degradations on real photo crops)."""
 import json
 
 import numpy as np
@@ -8,7 +8,7 @@ from skimage import data
 from skimage.metrics import peak_signal_noise_ratio
 
 import tir  # noqa: F401  (shims first)
-from tir.degradations import DEGRADATIONS, SUBTASK_FOR_DEGRADATION
+from tir.data.degradations import DEGRADATIONS, SUBTASK_FOR_DEGRADATION
 from tool_pool.classical_deblur import estimate_defocus_radius, estimate_motion
 from tool_pool.classical_jpeg import estimate_jpeg_quality
 from tool_pool.imaging import estimate_noise_sigma

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 import tir  # noqa: F401  - shims before transformers
-from tir import models, prompts
-from tir.agent_loop import LoopSettings, rollout
+from tir.agent import models, prompts
+from tir.agent.loop import LoopSettings, rollout
 from tir.config import load_recipe
-from tir.data import synthesize
+from tir.data.synth import synthesize
 from tool_pool.client import LocalPool
 from tool_pool.tools import tool_schemas
 from workers.rollout import engine_class

@@ -29,13 +29,13 @@ def _config_show(args: argparse.Namespace) -> int:
 
 
 def _data_synth(args: argparse.Namespace) -> int:
-    from tir.data import synth_main
+    from tir.data.synth import synth_main
 
     return synth_main(args)
 
 
 def _data_expert(args: argparse.Namespace) -> int:
-    from tir.expert import expert_main
+    from tir.data.expert_run import expert_main
 
     return expert_main(args)
 
@@ -51,25 +51,25 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from tir.evaluation import eval_main
+    from tir.eval.cli import eval_main
 
     return eval_main(args)
 
 
 def _dumps(args: argparse.Namespace) -> int:
-    from tir.dump_analysis import dumps_main
+    from tir.dumps.summary import dumps_main
 
     return dumps_main(args)
 
 
 def _model_tiny(args: argparse.Namespace) -> int:
-    from tir.models import tiny_main
+    from tir.agent.models import tiny_main
 
     return tiny_main(args)
 
 
 def _restore(args: argparse.Namespace) -> int:
-    from tir.restore import restore_main
+    from tir.agent.restore import restore_main
 
     return restore_main(args)
 
@@ -81,7 +81,7 @@ def _quickstart(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from tir.demo import main as demo_main
+    from tir.eval.oracle_demo import main as demo_main
 
     return demo_main(args.overrides)
 
@@ -97,12 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = commands.add_parser("data", help="datasets").add_subparsers(dest="action", required=True)
     synth = data.add_parser("synth", help="degrade HQ photos into an LQ/HQ Parquet dataset")
-    from tir.data import add_synth_arguments
+    from tir.data.synth import add_synth_arguments
 
     add_synth_arguments(synth)
     synth.set_defaults(run=_data_synth)
     expert = data.add_parser("expert", help="search expert tool schedules (and perturb them) for SFT")
-    from tir.expert import add_expert_arguments
+    from tir.data.expert_run import add_expert_arguments
 
     add_expert_arguments(expert)
     expert.set_defaults(run=_data_expert)
@@ -114,25 +114,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     model = commands.add_parser("model", help="policy checkpoints").add_subparsers(dest="action", required=True)
     tiny = model.add_parser("tiny", help="write a tiny random Qwen2.5-VL policy offline")
-    from tir.models import add_tiny_arguments
+    from tir.agent.models import add_tiny_arguments
 
     add_tiny_arguments(tiny)
     tiny.set_defaults(run=_model_tiny)
 
     evaluate = commands.add_parser("eval", help="score agents (checkpoints and baselines) on a test set, per group")
-    from tir.evaluation import add_eval_arguments
+    from tir.eval.cli import add_eval_arguments
 
     add_eval_arguments(evaluate)
     evaluate.set_defaults(run=_eval)
 
     dumps = commands.add_parser("dumps", help="analyse rollout dumps: summary tables and plots, an HTML trajectory viewer")
-    from tir.dump_analysis import add_dumps_arguments
+    from tir.dumps.summary import add_dumps_arguments
 
     add_dumps_arguments(dumps)
     dumps.set_defaults(run=_dumps)
 
     restore = commands.add_parser("restore", help="restore one photo with a policy checkpoint or a baseline")
-    from tir.restore import add_restore_arguments
+    from tir.agent.restore import add_restore_arguments
 
     add_restore_arguments(restore)
     restore.set_defaults(run=_restore)

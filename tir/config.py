@@ -47,7 +47,7 @@ class ModelConfig:
     dtype: str = "float32"
     perception_cues: bool = False  # measured degradation cues as text beside each image
     cue_style: str = "full"  # "full": the measured numbers and the guessed degradations; "guess": the guess only
-    tool_prompt: str = "full"  # "full": the tools' JSON schemas; "names": names only, default arguments (tir.prompts.policy_schemas)
+    tool_prompt: str = "full"  # "full": the tools' JSON schemas; "names": names only, default arguments (tir.agent.prompts.policy_schemas)
 
 
 @dataclass
@@ -142,7 +142,7 @@ class RewardConfig:
     adaptive: bool = True  # False: the fixed-weight sum (the ablation)
     format_penalty: float = 0.5
     tool_cost: float = 0.05
-    # adaptive weights (tir/reward.py AdaptiveWeights): EMA decay and the pull of each signal
+    # adaptive weights (tir/rl/reward.py AdaptiveWeights): EMA decay and the pull of each signal
     decay: float = 0.9
     agreement_scale: float = 4.0
     improvement_scale: float = 1.0
@@ -158,8 +158,8 @@ class SFTConfig:
     swap_tool_prob: float = 0.3
     beam_width: int = 4
     # None below: the driver's default, named beside each.
-    tie_margin: Optional[float] = None  # expert near ties, in TIE_TOLERANCEs (tir.expert: 1.0)
-    expert_rule: Optional[str] = None  # "combination" (one order of subtasks per combination) or "sample" (tir.expert: combination)
+    tie_margin: Optional[float] = None  # expert near ties, in TIE_TOLERANCEs (tir.data.expert: 1.0)
+    expert_rule: Optional[str] = None  # "combination" (one order of subtasks per combination) or "sample" (tir.data.expert: combination)
     batch_size: Optional[int] = None  # rows per SFT step (trainer.batch_size)
     data_path: Optional[str] = None  # expert trajectories (<run.output_dir>/data/sft.parquet)
     eval_samples: Optional[int] = None  # held-out rows scored each evaluation (64)
@@ -173,7 +173,7 @@ class TrainerConfig:
     batch_size: int = 8  # images per step (each rolled out rollout.n times)
     save_every: int = 5
     resume: str = "auto"  # "auto", "never", or a checkpoint dir
-    keep_checkpoints: Optional[int] = None  # newest RL checkpoints kept (2)
+    keep_checkpoints: Optional[int] = None  # newest checkpoints kept, RL and SFT (2)
     dump_rollouts: bool = True
     log_every: int = 1
 

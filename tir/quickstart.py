@@ -103,7 +103,7 @@ class Stages:
 
 
 def make_policy(cfg, folder: Path) -> Path:
-    from tir.models import build_tiny_policy
+    from tir.agent.models import build_tiny_policy
     from tool_pool.tools import tool_schemas
 
     if (folder / "config.json").exists():
@@ -115,8 +115,8 @@ def make_data(cfg):
     """(train, test) Batches of the built-in photos. The test set holds the held-out photos only;
     the training set has them too, but SFT keeps their rows for its held-out accuracy and RL
     leaves them out (``split_by_image``), so no agent trains on a test photo."""
-    from tir.data import read_synth, synthesize
-    from tir.sft_data import split_by_image
+    from tir.data.synth import read_synth, synthesize
+    from tir.data.sft_rows import split_by_image
     from tir.trainer.sft import DEFAULT_HELDOUT
 
     train_path, test_path = Path(cfg.data.train_path), Path(cfg.data.test_path)
@@ -133,7 +133,8 @@ def make_data(cfg):
 
 
 def make_expert(cfg, pool, train) -> Path:
-    from tir.expert import ExpertSettings, run_shards, summary
+    from tir.data.expert import ExpertSettings
+    from tir.data.expert_run import run_shards, summary
 
     path = Path(cfg.run.output_dir) / "data" / "sft.parquet"
     if not path.exists():
@@ -162,7 +163,7 @@ def run_stage_rl(cfg, out: Path) -> Path:
 
 
 def evaluate(cfg, pool, test, checkpoints: dict, folder: Path) -> dict:
-    from tir.evaluation import EvalSettings, evaluate_agents
+    from tir.eval.agents import EvalSettings, evaluate_agents
 
     agents = ["identity", "random", "fixed_order", "exhaustive", *(f"{name}={path}" for name, path in checkpoints.items())]
     settings = EvalSettings.from_recipe(cfg, concurrency=4)
@@ -175,7 +176,7 @@ def evaluate(cfg, pool, test, checkpoints: dict, folder: Path) -> dict:
 def write_report(cfg, out: Path, report: dict, clock: Stages) -> Path:
     """<out>/report/: README.md (the tables and timings), the eval plot, the reward curve,
     before/after strips, the dump summary and the trajectory viewer."""
-    from tir.dump_analysis import dumps_main
+    from tir.dumps.summary import dumps_main
 
     folder = out / "report"
     folder.mkdir(parents=True, exist_ok=True)
@@ -207,7 +208,7 @@ def write_report(cfg, out: Path, report: dict, clock: Stages) -> Path:
 def _namespace(**values):
     import argparse
 
-    from tir.dump_analysis import add_dumps_arguments
+    from tir.dumps.summary import add_dumps_arguments
 
     parser = add_dumps_arguments(argparse.ArgumentParser())
     args = [values["command"], values["folder"], "--out", values["out"]]
@@ -242,7 +243,7 @@ def before_after(dumps: Path, folder: Path) -> list[str]:
     """A few (degraded | the policy's result | HQ) strips from the last dumped RL step."""
     import cv2
 
-    from tir.dumps import list_dumps, read_dump
+    from tir.dumps.reader import list_dumps, read_dump
 
     found = list_dumps(dumps) if dumps.exists() else {}
     if not found:

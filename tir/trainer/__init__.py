@@ -1,5 +1,5 @@
 """The drivers: single-controller loops that own a run and call the worker groups.
 
-- ``tir.trainer.sft``: ``tir train sft recipe=...`` (supervised fine-tuning on expert trajectories)
-- ``tir.trainer.evaluate``: tool-choice accuracy of a policy on held-out samples
+``sft`` (``tir train sft``) and ``rl`` (``tir train rl``) read top to bottom as stories; they
+share ``checkpoint`` (atomic, resumable) and ``run_log`` (console, metrics.jsonl, TensorBoard).
 """

@@ -1,12 +1,14 @@
-"""Runs that survive: the RL run's state on disk, and the data order that a resume repeats.
+"""Runs that survive: a training run's state on disk (RL and SFT alike), and the data order that a
+resume repeats.
 
 A checkpoint after step ``k`` (steps count from 1) holds everything the next step depends on:
 
     <out>/checkpoints/step_00000k/
         actor/       the training engine's checkpoint: model and optimizer (sharded where the
                      engine shards), LR schedule, optimizer step
-        state.json   TrainState: steps done, data position, the adaptive reward's weight state,
-                     and fingerprints of the data and recipe it was trained with
+        state.json   the driver's state: for RL a ``TrainState`` (steps done, data position, the
+                     adaptive reward's weight state, fingerprints of the data and recipe); for
+                     SFT its ``Progress`` (epoch, step in epoch, held-out evaluations)
         rng.pt       the driver's RNG states (python, numpy, torch)
     <out>/checkpoints/latest.json   {"path": "step_00000k", "step": k}, rewritten last
 
@@ -108,10 +110,10 @@ def write_json(path: Path, value) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(out_dir: str | Path, actors, state: TrainState, keep: int = 2) -> Path:
+def save_checkpoint(out_dir: str | Path, actors, state, keep: int = 2) -> Path:
     """Write the checkpoint of ``state.step`` (see the module docstring); keep the ``keep``
-    newest checkpoints (0: keep all). ``actors``: the actor WorkerGroup (or anything with its
-    ``save_checkpoint(path)``)."""
+    newest checkpoints (0: keep all). ``state``: a dataclass with a ``step`` (``TrainState``, SFT's
+    ``Progress``). ``actors``: the actor WorkerGroup (or anything with its ``save_checkpoint(path)``)."""
     import torch
 
     folder = checkpoint_dir(out_dir)
@@ -150,16 +152,17 @@ def checkpoint_to_resume(out_dir: str | Path, how: str) -> Path | None:
         return latest_checkpoint(out_dir)
     path = Path(how)
     if not (path / "state.json").is_file():
-        raise FileNotFoundError(f"trainer.resume={how!r}: not an RL checkpoint (no state.json); expected 'auto', 'never' or a checkpoint folder")
+        raise FileNotFoundError(f"trainer.resume={how!r}: not a checkpoint (no state.json); expected 'auto', 'never' or a checkpoint folder")
     return path
 
 
-def load_checkpoint(path: str | Path, actors) -> TrainState:
-    """Restore the actors (model, optimizer, schedule) and the driver's RNG; the TrainState."""
+def load_checkpoint(path: str | Path, actors, state_type: type = TrainState):
+    """Restore the actors (model, optimizer, schedule) and the driver's RNG; the driver's state
+    (a ``state_type``)."""
     import torch
 
     path = Path(path)
-    state = TrainState(**json.loads((path / "state.json").read_text()))
+    state = state_type(**json.loads((path / "state.json").read_text()))
     actors.load_checkpoint(str(path / "actor"))
     restore_rng(torch.load(path / "rng.pt", weights_only=False))
     return state

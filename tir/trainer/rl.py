@@ -35,11 +35,11 @@ from typing import Any
 
 import numpy as np
 
-from tir import algos
+from tir.rl import algos
 from tir.config import value_or
-from tir.dumps import DumpWriter, step_dump
+from tir.dumps.writer import DumpWriter, step_dump
 from tir.trainer import checkpoint
-from tir.trainer.logging import (
+from tir.trainer.run_log import (
     RunLogger,
     StepTimer,
     advantage_metrics,
@@ -73,11 +73,11 @@ def rl_main(cli_args: list[str]) -> int:
 
 def train_rl(cfg) -> dict:
     """The whole run (see the module docstring); the summary it writes to ``summary.json``."""
-    from tir.agent_loop import pool_tool_schemas
+    from tir.agent.loop import pool_tool_schemas
     from tir.config import save_resolved
-    from tir.prompts import policy_schemas
-    from tir.env import recipe_cues
-    from tir.reward import MultiMetricReward
+    from tir.agent.prompts import policy_schemas
+    from tir.agent.env import recipe_cues
+    from tir.rl.reward import MultiMetricReward
     from tool_pool.client import make_pool
     from workers.actor import actor_group, reference_group
 
@@ -90,7 +90,7 @@ def train_rl(cfg) -> dict:
     check_metrics(pool, samples, list(cfg.reward.metrics))
     run = Run(cfg=cfg, out=out, samples=samples, stream=stream, pool=pool, schemas=schemas,
               processor=load_processor(model_path), cues=recipe_cues(cfg.model),
-              reward_fn=MultiMetricReward.from_config(cfg.reward), loss_fn=functools.partial(grpo_loss, settings=LossSettings.from_recipe(cfg.algo)))  # fmt: skip
+              reward_fn=MultiMetricReward.from_config(cfg.reward), loss_fn=functools.partial(algos.grpo_loss, settings=algos.LossSettings.from_recipe(cfg.algo)))  # fmt: skip
     print(f"[rl] policy {model_path}; {len(samples)} training samples; {len(schemas)} tools; out: {out}")
 
     with contextlib.ExitStack() as stack:
@@ -162,7 +162,7 @@ def rl_step(run: Run, state: checkpoint.TrainState, step: int) -> tuple[checkpoi
     """One GRPO step; the new state, the step's metrics and its trajectories (for the dump)."""
     import torch
 
-    from tir.agent_loop import run_rollout
+    from tir.agent.loop import run_rollout
 
     cfg, n, timer = run.cfg, run.cfg.rollout.n, StepTimer()
     # sample images: batch_size photos, each rolled out n times (a GRPO group: adjacent rows)
@@ -221,8 +221,8 @@ def load_processor(model_path: str):
 def training_data(cfg):
     """The training samples (``data.train_path``, synthesized from ``data.*`` when absent), less
     the photos SFT holds out for evaluation, and the DataStream that orders them."""
-    from tir.data import read_synth, synthesize
-    from tir.sft_data import split_by_image
+    from tir.data.synth import read_synth, synthesize
+    from tir.data.sft_rows import split_by_image
     from tir.trainer.sft import DEFAULT_HELDOUT
 
     path = Path(cfg.data.train_path)
@@ -329,7 +329,7 @@ def step_seed(seed: int, step: int) -> int:
 
 
 def loop_settings(cfg, step: int):
-    from tir.agent_loop import LoopSettings
+    from tir.agent.loop import LoopSettings
 
     choices = value_or(cfg, "rollout.choices", None)  # replies constrained to these texts (smoke runs)
     return LoopSettings.from_recipe(cfg.rollout, seed=step_seed(cfg.run.seed, step), choices=tuple(choices) if choices else None)
@@ -396,43 +396,8 @@ def fill_missing(finals: list[dict], inputs: list[dict], metrics, lower_better: 
     return finals, inputs
 
 
-# ------------------------------------------------------------------------------ the update
-@dataclass(frozen=True)
-class LossSettings:
-    clip_low: float = 0.2
-    clip_high: float = 0.28
-    kl_coef: float = 0.0
-    kl_kind: str = "k3"
-    entropy_coef: float = 0.0
-    agg: str = "token-mean"
-
-    @classmethod
-    def from_recipe(cls, algo) -> LossSettings:
-        return cls(algo.clip_ratio_low, algo.clip_ratio_high, algo.kl_coef, algo.kl_kind, algo.entropy_coef, algo.loss_agg)
 
 
-def grpo_loss(logprobs, tensors: dict, settings: LossSettings):
-    """The actor's loss on the policy's own tokens (``loss_mask``): the clipped surrogate with
-    GRPO advantages, plus ``kl_coef`` x KL(policy || reference), minus ``entropy_coef`` x entropy.
-
-    The engine gives log-probs of the sampled tokens only, not whole distributions, so entropy
-    is the sampled estimate ``-log p`` (what is logged) and its bonus a score-function surrogate
-    ``-stop_grad(log p) * log p``, whose gradient is the entropy's (on-policy, in expectation)."""
-    mask = tensors["loss_mask"]
-    old = tensors["old_logprobs"] if "old_logprobs" in tensors else tensors["rollout_logprobs"]
-    loss, metrics = algos.policy_loss(logprobs, old, tensors["advantages"], mask, settings.clip_low, settings.clip_high, settings.agg)
-    metrics["pg_loss"] = loss.item()
-    if settings.kl_coef > 0:
-        kl = algos.aggregate(algos.kl_penalty(logprobs, tensors["ref_logprobs"], settings.kl_kind, mask), mask, settings.agg)
-        loss = loss + settings.kl_coef * kl
-        metrics["kl"] = kl.item()
-    entropy = algos.aggregate(-logprobs.detach(), mask, settings.agg)
-    if settings.entropy_coef > 0:
-        loss = loss - settings.entropy_coef * algos.aggregate(-logprobs.detach() * logprobs, mask, settings.agg)
-    metrics["entropy"] = entropy.item()
-    # the rollout engine's log-probs vs the actor's: ~0 when weights were pushed correctly (T = 1)
-    metrics["rollout_logprob_diff"] = algos.masked_mean((logprobs.detach() - tensors["rollout_logprobs"]).abs(), mask).item()
-    return loss, metrics
 
 
 def with_logprobs(batch, group, column: str):

@@ -5,7 +5,7 @@ The story (``sft_main``, top to bottom):
     recipe -> the resolved config next to the outputs (<run.output_dir>/sft/)
     Ray, the tool pool, the policy's processor, the served tools, perception cues if the recipe shows them
     expert trajectories (`tir data expert`) -> held-out photos set aside -> tokenized rows, built by
-        the agent loop itself (tir.sft_data), so they are what the policy sees at rollout time
+        the agent loop itself (tir.data.sft_rows), so they are what the policy sees at rollout time
     the actor group (FSDP2 or DeepSpeed over actor.num_workers), resumed from the last checkpoint
     evaluate the untrained policy; then per epoch: shuffled batches -> train_step with the loss
         on the policy's own tokens only -> checkpoint -> weights to the evaluation engine ->
@@ -13,32 +13,28 @@ The story (``sft_main``, top to bottom):
     an HF checkpoint (<out>/hf) that `tir restore --agent <out>/hf` and the RL trainer load
 
 Outputs in <run.output_dir>/sft/: config.yaml, metrics.jsonl (one line per step and per
-evaluation), checkpoints/ (engine state + progress.json; ``latest.json`` names the newest),
-hf/, summary.json.
+evaluation; a resumed run drops the records of the steps it repeats), tensorboard/,
+checkpoints/ (``tir.trainer.checkpoint``: engine state + ``state.json`` holding the
+``Progress``, written atomically; ``latest.json`` names the newest), hf/, summary.json.
 """
 from __future__ import annotations
 
 import asyncio
-import json
-import shutil
+import contextlib
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from tir.algos import masked_mean
 from tir.config import value_or
-from tir.trainer.checkpoint import latest_checkpoint, write_json
+from tir.rl.algos import sft_loss
+from tir.trainer import checkpoint
+from tir.trainer.run_log import RunLogger
 
 DEFAULT_HELDOUT = ("chelsea", "stereo_motorcycle")  # 2 of the 8 built-in photos: never trained on
-KEEP_CHECKPOINTS = 2
 
 
-def sft_loss(logprobs, tensors):
-    """Negative log-likelihood of the policy's tokens (the loss mask: assistant turns only)."""
-    nll = -masked_mean(logprobs, tensors["loss_mask"])
-    return nll, {"nll": nll.item()}
 
 
 def sft_main(cli_args: list[str]) -> int:
@@ -53,21 +49,20 @@ def sft_main(cli_args: list[str]) -> int:
 
 
 def run_sft(cfg) -> int:
-    from tir.agent_loop import LoopSettings, pool_tool_schemas
+    from tir.agent.loop import LoopSettings, pool_tool_schemas
     from tir.config import save_resolved
-    from tir.prompts import policy_schemas
-    from tir.env import recipe_cues
-    from tir.expert import ExpertSettings
-    from tir.models import load_policy
+    from tir.agent.prompts import policy_schemas
+    from tir.agent.env import recipe_cues
+    from tir.data.expert import ExpertSettings
+    from tir.agent.models import load_policy
     from tir.protocol import Batch
-    from tir.sft_data import TRAIN_COLUMNS, sft_rows, split_by_image
+    from tir.data.sft_rows import TRAIN_COLUMNS, sft_rows, split_by_image
     from tool_pool.client import make_pool
     from workers.actor import actor_group
     from workers.rollout.hf_engine import HFEngine
 
     out = Path(cfg.run.output_dir) / "sft"
     save_resolved(cfg, out)
-    log = MetricsLog(out / "metrics.jsonl")
     print(f"[sft] recipe resolved -> {out / 'config.yaml'}")
 
     pool = make_pool(cfg.pool)
@@ -92,51 +87,48 @@ def run_sft(cfg) -> int:
     epochs, batch_size = int(cfg.sft.epochs), int(value_or(cfg, "sft.batch_size", cfg.trainer.batch_size))
     eval_every = max(1, int(value_or(cfg, "sft.eval_every", 1)))  # epochs between held-out evaluations
     steps_per_epoch = len(epoch_batches(len(train), batch_size, cfg.actor.num_workers, cfg.run.seed, 0))
-    actors = actor_group(cfg, name="sft_actor", lr=cfg.sft.lr, total_steps=max(1, steps_per_epoch * epochs))
     train_s = 0.0  # seconds in train steps (this process's share of the run)
-    try:
+    keep = int(value_or(cfg, "trainer.keep_checkpoints", 2))
+    with contextlib.ExitStack() as stack:
+        actors = stack.enter_context(actor_group(cfg, name="sft_actor", lr=cfg.sft.lr, total_steps=max(1, steps_per_epoch * epochs)))
         progress = resume(actors, out, cfg.trainer.resume, steps_per_epoch)
+        log = stack.enter_context(RunLogger(out, steps_per_epoch * epochs, progress.step + 1, cfg.trainer.log_every, prefix="sft"))
         engine = HFEngine(model=model, processor=processor, max_batch_size=cfg.rollout.max_batch_size, seed=cfg.run.seed)
 
         def evaluate(epoch: int) -> None:
             push_weights(actors, engine)
             accuracy = evaluate_heldout(engine, processor, pool, heldout, schemas, loop, cues, tie_margin)
             progress.evaluations.append({"epoch": epoch, **accuracy})
-            log.write({"kind": "eval", "epoch": epoch, "step": progress.global_step, **accuracy})
+            log.record(progress.step, {"kind": "eval", "epoch": epoch, **accuracy})
             tie = f" (ties the sample's best: {accuracy['first_call_tie']:.0%})" if "first_call_tie" in accuracy else ""
-            print(f"[sft] epoch {epoch} held-out: first call {accuracy['first_call']:.0%}{tie}, subtask {accuracy['first_subtask']:.0%}, "
+            log.print(f"epoch {epoch} held-out: first call {accuracy['first_call']:.0%}{tie}, subtask {accuracy['first_subtask']:.0%}, "
                   f"sequence {accuracy['sequence']:.0%}, well-formed {accuracy['format_ok']:.0%} ({accuracy['samples']} samples)")  # fmt: skip
 
         if not progress.evaluations:
             evaluate(0)  # the policy before SFT
         if progress.epoch >= epochs:
-            print(f"[sft] all {epochs} epochs were already trained (checkpoint {latest_checkpoint(out)}); writing the HF checkpoint only")
+            log.print(f"all {epochs} epochs were already trained (checkpoint {checkpoint.latest_checkpoint(out)}); writing the HF checkpoint only")
         for epoch in range(progress.epoch, epochs):
             batches = epoch_batches(len(train), batch_size, cfg.actor.num_workers, cfg.run.seed, epoch)
             for index in range(progress.step_in_epoch, len(batches)):
                 step_started = time.perf_counter()
                 metrics = actors.train_step(train.take(batches[index]), sft_loss)[0]
                 train_s += time.perf_counter() - step_started
-                progress.step_in_epoch, progress.global_step = index + 1, progress.global_step + 1
-                log.write({"kind": "train", "epoch": epoch + 1, "global_step": progress.global_step, **metrics})
-                if progress.global_step % max(1, cfg.trainer.log_every) == 0:
-                    print(f"[sft] epoch {epoch + 1} step {index + 1}/{len(batches)}: nll {metrics['nll']:.3f}, "
-                          f"grad norm {metrics['grad_norm']:.2f}, lr {metrics['lr']:.2e}")  # fmt: skip
-                if cfg.trainer.save_every and progress.global_step % cfg.trainer.save_every == 0 and index + 1 < len(batches):
-                    save(actors, out, progress)
+                progress.step_in_epoch, progress.step = index + 1, progress.step + 1
+                log.step(progress.step, {"kind": "train", "epoch": epoch + 1, "global_step": progress.step, **metrics})
+                if cfg.trainer.save_every and progress.step % cfg.trainer.save_every == 0 and index + 1 < len(batches):
+                    checkpoint.save_checkpoint(out, actors, progress, keep)
             progress.epoch, progress.step_in_epoch = epoch + 1, 0
             if (epoch + 1) % eval_every == 0 or epoch + 1 == epochs:
                 evaluate(epoch + 1)
-            save(actors, out, progress)
+            checkpoint.save_checkpoint(out, actors, progress, keep)
 
         hf = actors.save_hf(str(out / "hf"))[0]
-    finally:
-        actors.shutdown()
-    summary = {"before": progress.evaluations[0], "after": progress.evaluations[-1], "epochs": epochs, "steps": progress.global_step,
+    summary = {"before": progress.evaluations[0], "after": progress.evaluations[-1], "epochs": epochs, "steps": progress.step,
                "train_rows": len(train), "cues": bool(cues), "train_s": train_s, "hf_checkpoint": hf}  # fmt: skip
-    write_json(out / "summary.json", summary)
+    checkpoint.write_json(out / "summary.json", summary)
     print(f"[sft] first-call accuracy {summary['before']['first_call']:.0%} -> {summary['after']['first_call']:.0%} "
-          f"({progress.global_step} steps, {train_s:.0f}s training); HF checkpoint: {hf}")  # fmt: skip
+          f"({progress.step} steps, {train_s:.0f}s training); HF checkpoint: {hf}")  # fmt: skip
     return 0
 
 
@@ -171,22 +163,10 @@ def push_weights(actors, engine) -> None:
 
 
 def evaluate_heldout(engine, processor, pool, heldout, schemas, loop, cues, tie_margin: float) -> dict:
-    from tir.trainer.evaluate import evaluate_tool_choice
+    from tir.eval.tool_choice import evaluate_tool_choice
 
     accuracy, _ = asyncio.run(evaluate_tool_choice(engine, processor, pool, heldout, schemas, loop, cues, tie_margin))
     return accuracy
-
-
-class MetricsLog:
-    """One JSON object per line, appended (a resumed run continues the same file)."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-
-    def write(self, record: dict) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps({"time": time.time(), **record}) + "\n")
 
 
 # ---------------------------------------------------------------- checkpoints and resume
@@ -194,40 +174,23 @@ class MetricsLog:
 
 @dataclass
 class Progress:
+    """Where an SFT run stands: what its checkpoint's ``state.json`` holds."""
+
     epoch: int = 0  # epochs finished
     step_in_epoch: int = 0  # batches of the current epoch already trained
-    global_step: int = 0
+    step: int = 0  # batches trained in all
     steps_per_epoch: int = 0
     evaluations: list = field(default_factory=list)  # {"epoch": e, accuracies...}; epoch 0: before SFT
 
 
-def save(actors, out: Path, progress: Progress) -> Path:
-    """Engine state (every rank's shards) + progress, then ``latest.json`` names it: a kill at
-    any moment leaves ``latest.json`` naming a complete checkpoint."""
-    folder = out / "checkpoints"
-    path = folder / f"step_{progress.global_step:06d}"
-    actors.save_checkpoint(str(path))
-    write_json(path / "progress.json", asdict(progress))
-    write_json(folder / "latest.json", {"path": path.name})
-    for old in sorted(folder.glob("step_*"))[:-KEEP_CHECKPOINTS]:
-        shutil.rmtree(old, ignore_errors=True)
-    return path
-
-
-
 def resume(actors, out: Path, how: str, steps_per_epoch: int) -> Progress:
     """``trainer.resume``: "auto" (the latest checkpoint if any), "never", or a checkpoint dir."""
-    if how == "never":
-        return Progress(steps_per_epoch=steps_per_epoch)
-    path = latest_checkpoint(out) if how == "auto" else Path(how)
+    path = checkpoint.checkpoint_to_resume(out, how)
     if path is None:
         return Progress(steps_per_epoch=steps_per_epoch)
-    if not (path / "progress.json").is_file():
-        raise FileNotFoundError(f"{path} is not an SFT checkpoint (no progress.json)")
-    progress = Progress(**json.loads((path / "progress.json").read_text()))
+    progress = checkpoint.load_checkpoint(path, actors, Progress)
     if progress.steps_per_epoch != steps_per_epoch:
         raise ValueError(f"checkpoint {path} was trained with {progress.steps_per_epoch} steps per epoch, this run has "
                          f"{steps_per_epoch}: the data or sft batch size changed (use trainer.resume=never to start over)")  # fmt: skip
-    actors.load_checkpoint(str(path))
     print(f"[sft] resumed from {path}: {progress.epoch} epoch(s) and {progress.step_in_epoch} step(s) done")
     return progress

@@ -5,7 +5,7 @@ token log-probs of trajectory rows, takes optimizer steps with a given loss func
 and loads its state. Subclasses only say how the model is wrapped (none, FSDP2, DeepSpeed ZeRO),
 how a backward and an optimizer step run, and how full and sharded states are written.
 
-Rows are trajectories (see ``tir.multimodal``): ``input_ids``, ``images``, and any per-token
+Rows are trajectories (see ``tir.agent.multimodal``): ``input_ids``, ``images``, and any per-token
 columns aligned with ``input_ids`` (``loss_mask``, ``rollout_logprobs``, ``ref_logprobs``...) and
 per-row numbers (``advantages``...). A loss function sees them as tensors:
 
@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 import tir  # noqa: F401  - environment shims before transformers imports torchvision
-from tir.multimodal import model_inputs
+from tir.agent.multimodal import model_inputs
 from tir.protocol import Batch
 from tir.registry import Registry
 
@@ -139,7 +139,7 @@ class TrainingEngine(ABC):
     name = "base"
 
     def __init__(self, model_path: str | os.PathLike, options: EngineOptions, trainable: bool = True):
-        from tir.models import load_policy
+        from tir.agent.models import load_policy
 
         self.options, self.trainable = options, trainable
         self.rank = dist.get_rank() if dist.is_initialized() else 0
@@ -274,7 +274,7 @@ class TrainingEngine(ABC):
             self.scheduler.load_state_dict(state["scheduler"])
 
     def save_hf(self, path: str | os.PathLike) -> str:
-        """An HF checkpoint (model + processor) that ``tir.models.load_policy`` loads; collective."""
+        """An HF checkpoint (model + processor) that ``tir.agent.models.load_policy`` loads; collective."""
         weights = self._full_state_dict()
 
         def write(tmp: Path) -> None:

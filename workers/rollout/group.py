@@ -1,7 +1,7 @@
 """The rollout worker group: N engine replicas as Ray actors behind a least-loaded router.
 
     group = rollout_group(recipe)                     # rollout.engine x rollout.num_replicas
-    batch = await rollout(group, processor, pool, samples, settings)   # tir.agent_loop: one request per turn
+    batch = await rollout(group, processor, pool, samples, settings)   # tir.agent.loop: one request per turn
     group.update_weights(state_dict)                  # tensors the driver holds -> every replica
     group.sync_from(actors)                           # actor rank 0 -> object store -> replicas
     group.sync_from(actors, transport="broadcast")    # a torch.distributed group (NCCL on GPUs)

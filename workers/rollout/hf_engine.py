@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 import tir  # noqa: F401  - environment shims before transformers imports torchvision
-from tir import models, prompts
+from tir.agent import models, prompts
 from workers.rollout.base import RolloutEngine, check_sampling
 
 # Requests batch together only when these sampling settings agree (max_tokens may differ).

@@ -26,7 +26,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import tir  # noqa: F401  - environment shims before transformers imports torchvision
-from tir import models, prompts
+from tir.agent import models, prompts
 from workers.rollout.base import RolloutEngine, check_sampling
 from workers.rollout.weight_sync import buckets, shm_dir, spec
 

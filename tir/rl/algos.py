@@ -1,11 +1,12 @@
 """GRPO as small pure functions over torch tensors: advantages, the clipped policy loss, the KL
-penalty, entropy, and loss aggregation.
+penalty, entropy, loss aggregation, and the two losses the actor minimises (``grpo_loss`` for
+RL, ``sft_loss`` for SFT), each a function of the per-token log-probs and the batch's tensors.
 
 Shapes: ``N`` rows (trajectories), ``T`` token positions (padded). ``mask`` [N, T] is 1 on the
 tokens the policy wrote (assistant tokens) and 0 on prompt, tool/observation and padding tokens,
 so only the policy's own tokens carry gradient.
 
-The formulas follow verl (``trainer/ppo/core_algos.py``), the reference framework, so that a
+The formulas follow verl (``trainer/ppo/core_py``), the reference framework, so that a
 result here can be compared with a verl run:
 - GRPO advantage (Shao et al. 2024, DeepSeekMath): ``(r - mean(group)) / (std(group) + eps)``;
 - clipped surrogate (Schulman et al. 2017, PPO) with DAPO's asymmetric "clip-higher"
@@ -13,6 +14,8 @@ result here can be compared with a verl run:
 - KL estimators k1, k2, k3 from J. Schulman, "Approximating KL Divergence" (2020).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -204,3 +207,48 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     ``log(0)``), as verl computes it."""
     logits = logits.float()
     return torch.logsumexp(logits, dim=-1) - (torch.softmax(logits, dim=-1) * logits).sum(dim=-1)
+
+
+# ------------------------------------------------------------------------------ the losses the actor minimises
+@dataclass(frozen=True)
+class LossSettings:
+    clip_low: float = 0.2
+    clip_high: float = 0.28
+    kl_coef: float = 0.0
+    kl_kind: str = "k3"
+    entropy_coef: float = 0.0
+    agg: str = "token-mean"
+
+    @classmethod
+    def from_recipe(cls, algo) -> LossSettings:
+        return cls(algo.clip_ratio_low, algo.clip_ratio_high, algo.kl_coef, algo.kl_kind, algo.entropy_coef, algo.loss_agg)
+
+
+def grpo_loss(logprobs, tensors: dict, settings: LossSettings):
+    """The actor's loss on the policy's own tokens (``loss_mask``): the clipped surrogate with
+    GRPO advantages, plus ``kl_coef`` x KL(policy || reference), minus ``entropy_coef`` x entropy.
+
+    The engine gives log-probs of the sampled tokens only, not whole distributions, so entropy
+    is the sampled estimate ``-log p`` (what is logged) and its bonus a score-function surrogate
+    ``-stop_grad(log p) * log p``, whose gradient is the entropy's (on-policy, in expectation)."""
+    mask = tensors["loss_mask"]
+    old = tensors["old_logprobs"] if "old_logprobs" in tensors else tensors["rollout_logprobs"]
+    loss, metrics = policy_loss(logprobs, old, tensors["advantages"], mask, settings.clip_low, settings.clip_high, settings.agg)
+    metrics["pg_loss"] = loss.item()
+    if settings.kl_coef > 0:
+        kl = aggregate(kl_penalty(logprobs, tensors["ref_logprobs"], settings.kl_kind, mask), mask, settings.agg)
+        loss = loss + settings.kl_coef * kl
+        metrics["kl"] = kl.item()
+    entropy = aggregate(-logprobs.detach(), mask, settings.agg)
+    if settings.entropy_coef > 0:
+        loss = loss - settings.entropy_coef * aggregate(-logprobs.detach() * logprobs, mask, settings.agg)
+    metrics["entropy"] = entropy.item()
+    # the rollout engine's log-probs vs the actor's: ~0 when weights were pushed correctly (T = 1)
+    metrics["rollout_logprob_diff"] = masked_mean((logprobs.detach() - tensors["rollout_logprobs"]).abs(), mask).item()
+    return loss, metrics
+
+
+def sft_loss(logprobs, tensors):
+    """Negative log-likelihood of the policy's tokens (the loss mask: assistant turns only)."""
+    nll = -masked_mean(logprobs, tensors["loss_mask"])
+    return nll, {"nll": nll.item()}

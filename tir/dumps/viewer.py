@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tir.dumps.reader import DumpError, dump_files, first_line, read_batch
+
 VIEW_COLUMNS = ("image_id", "combo", "lq", "hq", "images", "final_image", "messages", "tool_calls", "num_turns", "format_errors",
                 "tool_errors", "stop_reason", "error", "final_scores", "input_scores", "reward", "reward_terms", "reward_weights", "advantage")  # fmt: skip
 REQUIRED = ("lq", "final_image", "messages", "stop_reason")
@@ -115,8 +117,6 @@ def write_viewer(folder, out, steps: Sequence[int] | None = None, max_episodes: 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from tir.dump_analysis import DumpError, _first_line, dump_files, read_batch
-
     if max_episodes < 1:
         raise DumpError(f"--max-episodes must be >= 1, got {max_episodes}")
     files = dump_files(folder, steps)
@@ -125,7 +125,7 @@ def write_viewer(folder, out, steps: Sequence[int] | None = None, max_episodes: 
         try:
             counts[step] = pq.ParquetFile(path).metadata.num_rows
         except (pa.ArrowException, OSError) as err:
-            raise DumpError(f"{path}: cannot read this dump (corrupt or not Parquet): {_first_line(err)}") from err
+            raise DumpError(f"{path}: cannot read this dump (corrupt or not Parquet): {first_line(err)}") from err
     chosen = pick_rows(counts, max_episodes)
     store, episodes, meta = ImageStore(image_side, image_format), [], {}
     for step, rows in chosen.items():
@@ -134,7 +134,7 @@ def write_viewer(folder, out, steps: Sequence[int] | None = None, max_episodes: 
         try:
             columns = {name: batch.column(name) for name in batch.columns}
         except ValueError as err:
-            raise DumpError(f"{files[step]}: a column cannot be decoded: {_first_line(err)}") from err
+            raise DumpError(f"{files[step]}: a column cannot be decoded: {first_line(err)}") from err
         real_step = int(batch.meta.get("step", step))
         for i, row in enumerate(rows):
             episodes.append(episode_view(real_step, row, {name: values[i] for name, values in columns.items()}, store))

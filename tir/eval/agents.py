@@ -9,15 +9,15 @@ scored through the pool against its HQ photo (``score_against_hq``: an output sm
 a 1/4-size thumbnail no tool super-resolved, is upscaled bicubically to the HQ size first, as
 the protocol scores it), then per group (A, B, C, their union "A-C", ood, single, ...) and
 overall: mean, sample std and n of each metric, tool calls, turns, wall seconds and format
-errors per image (``aggregate``). Outputs (``tir.eval_report``): report.md, eval.json (per-image
+errors per image (``aggregate``). Outputs (``tir.eval.report``): report.md, eval.json (per-image
 rows and the aggregates), quality_vs_calls.png.
 
 Agents (``parse_agent``):
 - ``identity``: the degraded input as the answer (no tool call): the "degraded input" row.
-- ``random``, ``fixed_order``, ``exhaustive``: the training-free baselines of ``tir.baselines``;
+- ``random``, ``fixed_order``, ``exhaustive``: the training-free baselines of ``tir.agent.baselines``;
   by default they perceive the degradations from measured cues, as a policy must
   (``baseline_degradations="known"`` hands them the true ones).
-- ``expert``: the expert search of ``tir.expert`` (knows the degradations and the HQ photo):
+- ``expert``: the expert search of ``tir.data.expert`` (knows the degradations and the HQ photo):
   an upper reference, not an agent; its tool calls are every execution of its search.
 - a policy checkpoint folder (``name=path`` to label it; a run folder with ``hf/`` works too),
   run greedily by the agent loop with the transformers engine.
@@ -40,15 +40,11 @@ from typing import Any
 
 import numpy as np
 
+from tir.eval.report import aggregate, group_name
 from tir.protocol import Batch
 
 BASELINE_AGENTS = ("random", "fixed_order", "exhaustive")
 KNOWN_AGENTS = ("identity", *BASELINE_AGENTS, "expert")
-# The test set's group column -> the group a report shows (ood2 and ood3 are both out of domain).
-GROUP_NAMES = {"groupA": "A", "groupB": "B", "groupC": "C", "ood": "ood", "ood2": "ood", "ood3": "ood", "single": "single"}
-GROUP_ORDER = ("A", "B", "C", "A-C", "ood", "single", "custom", "overall")
-# Per-image quantities besides the metrics, in table order.
-COUNTS = ("tool_calls", "turns", "wall_s", "format_errors")
 REQUIRED_COLUMNS = ("lq", "hq")
 
 
@@ -103,7 +99,7 @@ def parse_agent(text: str, label: str | None = None) -> AgentSpec:
 def checkpoint_folder(path: str) -> str:
     """The policy folder ``path`` names (a run folder's ``hf/`` too), or EvalError saying why
     it is not one. A name like ``Qwen/Qwen2.5-VL-3B-Instruct`` that is no folder passes as a hub name."""
-    from tir.models import _checkpoint_source
+    from tir.agent.models import _checkpoint_source
 
     folder = Path(path).expanduser()
     if folder.is_dir() and not (folder / "config.json").is_file() and (folder / "hf" / "config.json").is_file():
@@ -158,7 +154,7 @@ class EvalSettings:
     exhaustive_metric: str = "niqe"
     tools: tuple[str, ...] | None = None  # tools offered to agents (None: all the pool serves)
     cues: bool = False  # perception cues beside each image (as the policy was trained)
-    cue_style: str = "full"  # tir.perception.observe's style (the recipe's model.cue_style)
+    cue_style: str = "full"  # tir.data.perception.observe's style (the recipe's model.cue_style)
     tool_prompt: str = "full"  # how policies are told about the tools (the recipe's model.tool_prompt)
     loop: Any = None  # LoopSettings for policies (None: defaults with max_turns)
     expert: Any = None  # ExpertSettings for the oracle (None: its defaults, no perturbation)
@@ -176,8 +172,8 @@ class EvalSettings:
     @classmethod
     def from_recipe(cls, cfg, **overrides) -> EvalSettings:
         """Metrics: psnr, ssim and the reward's; tools, cues, turns and loop from the recipe."""
-        from tir.agent_loop import LoopSettings
-        from tir.expert import ExpertSettings
+        from tir.agent.loop import LoopSettings
+        from tir.data.expert import ExpertSettings
 
         metrics = tuple(dict.fromkeys(["psnr", "ssim", *cfg.reward.metrics]))
         values = {"metrics": metrics, "seed": int(cfg.run.seed), "max_turns": int(cfg.rollout.max_turns), "tools": tuple(cfg.pool.tools) or None,
@@ -203,15 +199,15 @@ def evaluate_agents(agents, test: Batch, pool, metrics: Sequence[str] | None = N
 
 
 async def evaluate_agents_async(agents, test: Batch, pool, settings: EvalSettings, out_dir=None, meta: Mapping | None = None) -> dict:
-    from tir.agent_loop import pool_tool_schemas
-    from tir.eval_report import render_markdown, write_outputs
+    from tir.agent.loop import pool_tool_schemas
+    from tir.eval.report import render_markdown, write_outputs
 
     specs = parse_agents(agents)
     check_test_set(test, needs_degradations=any(s.kind == "expert" for s in specs.values())
                    or (settings.baseline_degradations == "known" and any(s.kind in ("baseline", "custom") for s in specs.values())))  # fmt: skip
     schemas = await pool_tool_schemas(pool, list(settings.tools) if settings.tools else None)
     started = time.perf_counter()
-    scorer = Scorer(pool, settings.metrics)
+    scorer = HQScorer(pool, settings.metrics)
     hqs, lqs = test.column("hq"), test.column("lq")
     with _progress(len(test), "score inputs", settings.progress) as bar:
         input_scores = await _gather_limited([scorer.score(lq, hq, bar) for lq, hq in zip(lqs, hqs)], settings.concurrency)
@@ -260,7 +256,7 @@ def identity_episode(lq: np.ndarray) -> dict:
 
 
 def _baseline(spec: AgentSpec, settings: EvalSettings):
-    from tir.baselines import make_baseline
+    from tir.agent.baselines import make_baseline
 
     if spec.kind == "custom":
         return spec.agent
@@ -269,8 +265,8 @@ def _baseline(spec: AgentSpec, settings: EvalSettings):
 
 
 async def baseline_episodes(agent, test: Batch, pool, schemas, settings: EvalSettings, bar) -> list[dict]:
-    from tir.baselines import run_baseline_episode
-    from tir.env import perception_cues
+    from tir.agent.baselines import run_baseline_episode
+    from tir.agent.env import perception_cues
 
     cues = perception_cues(style=settings.cue_style) if settings.cues else None
     known = test.column("degradations") if settings.baseline_degradations == "known" else [None] * len(test)
@@ -283,11 +279,11 @@ async def baseline_episodes(agent, test: Batch, pool, schemas, settings: EvalSet
 
 
 async def policy_episodes(path: str, test: Batch, pool, schemas, settings: EvalSettings, bar) -> list[dict]:
-    from tir import prompts
-    from tir.agent_loop import LoopSettings, run_episode
-    from tir.env import RestorationEnv, perception_cues
-    from tir.models import load_policy
-    from tir.trainer.evaluate import greedy
+    from tir.agent import prompts
+    from tir.agent.loop import LoopSettings, run_episode
+    from tir.agent.env import RestorationEnv, perception_cues
+    from tir.agent.models import load_policy
+    from tir.eval.tool_choice import greedy
     from workers.rollout.hf_engine import HFEngine
 
     try:
@@ -324,7 +320,7 @@ def episode_summary(report: Mapping, wall_s: float, error: str = "", **extra) ->
 async def expert_episodes(pool, test: Batch, settings: EvalSettings, bar) -> list[dict]:
     """The expert search per row; its final image is the best schedule's, its cost every
     execution and scoring of the search (which knows the degradations and the HQ photo)."""
-    from tir import expert
+    from tir.data import expert
 
     options = settings.expert or expert.ExpertSettings(perturb=False)
     tools = await expert.served_tools_by_subtask(pool)
@@ -363,7 +359,7 @@ async def score_against_hq(pool, image: np.ndarray, hq: np.ndarray, metrics: Seq
     return {metric: scores.get(metric) for metric in metrics}
 
 
-class Scorer:
+class HQScorer:
     """``score_against_hq`` with a cache keyed by the pixels: an unchanged image (the identity
     agent, a baseline that answers at once) is scored once."""
 
@@ -381,11 +377,6 @@ def _digest(image: np.ndarray) -> str:
     return hashlib.sha1(np.ascontiguousarray(image).tobytes() + str(image.shape).encode()).hexdigest()
 
 
-# ---------------------------------------------------------------- aggregation
-
-
-def group_name(group: str | None) -> str:
-    return GROUP_NAMES.get(group or "custom", group or "custom")
 
 
 def image_row(spec: AgentSpec, test: Batch, index: int, episode: dict, final: dict, inputs: dict) -> dict:
@@ -397,37 +388,10 @@ def image_row(spec: AgentSpec, test: Batch, index: int, episode: dict, final: di
             "scores": final, "input_scores": inputs, **episode}  # fmt: skip
 
 
-def cell(values: Sequence[float | None]) -> dict:
-    """mean, sample std (0 for one value) and n of the values that are not None; n counts
-    those, ``missing`` the rest."""
-    known = np.array([v for v in values if v is not None], dtype=float)
-    n = int(known.size)
-    return {"mean": float(known.mean()) if n else None, "std": float(known.std(ddof=1)) if n > 1 else (0.0 if n else None),
-            "n": n, "missing": len(values) - n}  # fmt: skip
 
 
-def aggregate(rows: Sequence[Mapping], metrics: Sequence[str]) -> dict:
-    """{agent: {group: {quantity: cell}}} for each metric and COUNTS; groups in GROUP_ORDER
-    (those present), "A-C" when more than one of A, B, C is and other groups too (else it
-    would repeat "overall"), and "overall" always."""
-    out: dict[str, dict] = {}
-    for agent in dict.fromkeys(row["agent"] for row in rows):
-        mine = [row for row in rows if row["agent"] == agent]
-        present = {row["group"] for row in mine}
-        groups = {g: [r for r in mine if r["group"] == g] for g in sorted(present, key=_group_rank)}
-        if len(present & {"A", "B", "C"}) > 1 and present - {"A", "B", "C"}:  # else it is "overall"
-            groups["A-C"] = [r for r in mine if r["group"] in ("A", "B", "C")]
-        groups["overall"] = mine
-        out[agent] = {
-            g: {**{m: cell([r["scores"].get(m) for r in members]) for m in metrics}, **{q: cell([r[q] for r in members]) for q in COUNTS},
-                "images": len(members), "errors": sum(1 for r in members if r.get("error"))}
-            for g, members in sorted(groups.items(), key=lambda item: _group_rank(item[0]))
-        }  # fmt: skip
-    return out
 
 
-def _group_rank(group: str) -> tuple:
-    return (GROUP_ORDER.index(group), "") if group in GROUP_ORDER else (GROUP_ORDER.index("custom"), group)
 
 
 # ---------------------------------------------------------------- helpers
@@ -455,99 +419,14 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, unit="img", disable=not enabled, leave=False, file=sys.stderr)
 
 
-def subset(test: Batch, limit: int | None) -> Batch:
-    """At most ``limit`` rows, spread evenly over the file (so every group keeps its share)."""
-    if limit is None or limit >= len(test):
-        return test
-    if limit < 1:
-        raise EvalError(f"--limit must be >= 1, got {limit}")
-    return test.take(np.unique(np.linspace(0, len(test) - 1, limit).round().astype(int)).tolist())
 
 
-# ---------------------------------------------------------------- CLI: tir eval
 
 
-def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--test", required=True, help="test samples from `tir data synth` (.parquet file or shard folder)")
-    parser.add_argument("--agents", default="identity,random,fixed_order,exhaustive,expert",
-                        help=f"comma-separated: {', '.join(KNOWN_AGENTS)}, policy checkpoint folders, NAME=CHECKPOINT")  # fmt: skip
-    parser.add_argument("--out", required=True, help="folder for report.md, eval.json and quality_vs_calls.png")
-    parser.add_argument("--recipe", default="tiny_cpu", help="recipe naming the pool, its tools, metrics, cues and rollout settings")
-    parser.add_argument("--limit", type=int, default=None, help="only N test rows, spread evenly over the file")
-    parser.add_argument("--seed", type=int, default=None, help="seed of the random agent and the policy's requests (default: run.seed)")
-    parser.add_argument("--pool", choices=("recipe", "local", "serve"), default="recipe", help="the recipe's pool backend, or force one (local: no Ray)")
-    parser.add_argument("--metrics", default=None, help="comma-separated pyiqa metrics (default: psnr, ssim and the reward's)")
-    parser.add_argument("--concurrency", type=int, default=1, help="episodes in flight per agent (1: clean per-image wall times)")
-    parser.add_argument("--max-turns", type=int, default=None, help="turns per episode (default: rollout.max_turns)")
-    parser.add_argument("--baseline-degradations", choices=("perceived", "known"), default="perceived",
-                        help="what fixed_order/exhaustive are told: perceived from cues (as a policy), or the true ones")  # fmt: skip
-    parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. pool.tools=[] model.perception_cues=false")
-    return parser
 
 
-def eval_main(args: argparse.Namespace) -> int:
-    from tir.config import RecipeError, load_recipe
-    from tir.data import read_synth
-    from tir.expert import open_pool
-
-    try:
-        overrides = list(args.overrides) + ([f"pool.backend={args.pool}"] if args.pool != "recipe" else [])
-        cfg = load_recipe(args.recipe, overrides)
-        if not Path(args.test).exists():
-            raise EvalError(f"test set {args.test!r} does not exist; make one with `tir data synth --combos groupA,groupB,groupC --out {args.test}`")
-        specs = parse_agents(args.agents)
-        test = subset(read_synth(args.test), args.limit)
-        metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip()) if args.metrics else None
-        settings = EvalSettings.from_recipe(cfg, metrics=metrics, seed=args.seed, concurrency=args.concurrency, max_turns=args.max_turns,
-                                            baseline_degradations=args.baseline_degradations, progress=not args.no_progress)  # fmt: skip
-        for spec in specs.values():
-            warn_if_trained_otherwise(spec, cfg)
-    except (EvalError, RecipeError, FileNotFoundError) as err:
-        print(f"tir eval: error: {err}", file=sys.stderr)
-        return 2
-    pool, release = open_pool(cfg)
-    try:
-        meta = {"test": str(args.test), "recipe": str(args.recipe), "pool_backend": cfg.pool.backend, "limit": args.limit}
-        report = evaluate_agents(specs, test, pool, settings=settings, out_dir=args.out, meta=meta)
-    except EvalError as err:
-        print(f"tir eval: error: {err}", file=sys.stderr)
-        return 2
-    finally:
-        release()
-    print(report["markdown"])
-    print(f"wrote {', '.join(report['files'].values())} ({report['meta']['wall_s']:.1f}s)")
-    return 0
 
 
-def warn_if_trained_otherwise(spec: AgentSpec, cfg) -> None:
-    """A checkpoint next to its run's config.yaml: say when it saw other tools or cues than this
-    evaluation offers (its tool calls would then be refused or its inputs unfamiliar)."""
-    if spec.kind != "policy":
-        return
-    run_cfg = Path(spec.path).parent / "config.yaml"
-    if not run_cfg.is_file():
-        return
-    from omegaconf import OmegaConf
-
-    trained = OmegaConf.load(run_cfg)
-    tools, cues = OmegaConf.select(trained, "pool.tools", default=None), OmegaConf.select(trained, "model.perception_cues", default=None)
-    if tools is not None and list(tools) != list(cfg.pool.tools):
-        print(f"tir eval: warning: {spec.label} was trained with pool.tools={list(tools) or 'all'}, this evaluation offers "
-              f"{list(cfg.pool.tools) or 'all'} (override pool.tools=... to match)", file=sys.stderr)  # fmt: skip
-    if cues is not None and bool(cues) != bool(cfg.model.perception_cues):
-        print(f"tir eval: warning: {spec.label} was trained with model.perception_cues={bool(cues)}, this evaluation uses "
-              f"{bool(cfg.model.perception_cues)}", file=sys.stderr)  # fmt: skip
-    tool_prompt = OmegaConf.select(trained, "model.tool_prompt", default=None)
-    if tool_prompt is not None and str(tool_prompt) != str(cfg.model.tool_prompt):
-        print(f"tir eval: warning: {spec.label} was trained with model.tool_prompt={tool_prompt}, this evaluation uses "
-              f"{cfg.model.tool_prompt}", file=sys.stderr)  # fmt: skip
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m tir.evaluation ...`` (until ``tir eval`` is wired)."""
-    return eval_main(add_eval_arguments(argparse.ArgumentParser(prog="tir eval", description=__doc__.splitlines()[0])).parse_args(argv))
 
-
-if __name__ == "__main__":
-    sys.exit(main())

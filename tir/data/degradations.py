@@ -25,7 +25,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from tir.depth import resize_depth, synthetic_depth
+from tir.data.depth import resize_depth, synthetic_depth
 from tir.registry import Registry, closest
 
 DEGRADATIONS = Registry("degradation")
@@ -183,7 +183,7 @@ def haze(image: np.ndarray, rng: np.random.Generator, **params) -> tuple[np.ndar
 
     ``depth`` (HxW array, larger = farther, any scale and size) is the scene's depth map; it is
     not recorded in the applied params, only ``depth_source`` (a label you may pass with it,
-    default "given"). Without one the fallback ``tir.depth.synthetic_depth`` is used
+    default "given"). Without one the fallback ``tir.data.depth.synthetic_depth`` is used
     (``depth_source="synthetic"``), which is reproducible from the image alone.
     """
     _reject_unknown("haze", params, ("A", "beta", "depth", "depth_source"))

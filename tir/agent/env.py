@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from tir import prompts
+from tir.agent import prompts
 from tool_pool.client import PoolError
 
 # Why an episode ended (the agent loop adds "max_length").
@@ -49,9 +49,9 @@ class StepResult:
 
 
 def perception_cues(names: Sequence[str] | None = None, style: str = "full") -> Cues:
-    """The measured cues of ``tir.perception`` and the degradations they suggest, one line per
-    image (``style``: see ``tir.perception.observe``)."""
-    from tir.perception import CUE_STYLES, observe
+    """The measured cues of ``tir.data.perception`` and the degradations they suggest, one line per
+    image (``style``: see ``tir.data.perception.observe``)."""
+    from tir.data.perception import CUE_STYLES, observe
 
     if style not in CUE_STYLES:
         raise ValueError(f"cue style {style!r} unknown; expected one of {CUE_STYLES}")

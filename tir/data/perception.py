@@ -283,8 +283,8 @@ def _format(name: str, value: float) -> str:
 
 def likely_degradations(cues: Mapping[str, float]) -> list[str]:
     """Degradations guessed from measured cues (rough: each threshold separates 80-100% of
-    crops), in ``tir.degradations.NAMES`` order; a cue that was not measured guesses nothing."""
-    from tir.degradations import NAMES
+    crops), in ``tir.data.degradations.NAMES`` order; a cue that was not measured guesses nothing."""
+    from tir.data.degradations import NAMES
 
     t = THRESHOLDS
     found = {name for name, cue, hit in (

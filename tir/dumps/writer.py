@@ -2,7 +2,7 @@
 
     with DumpWriter("runs/x/rl/dumps") as dumps:
         dumps.write(step, batch)        # returns at once; a thread writes step_000012.parquet
-    batch = read_dump("runs/x/rl/dumps", 12)
+    batch = tir.dumps.reader.read_dump("runs/x/rl/dumps", 12)
 
 A dump is the step's trajectory ``Batch`` as the driver holds it: the degraded and HQ photos,
 every image the policy saw, the tool calls, the chat as text, token ids, loss mask and log-probs,
@@ -17,36 +17,18 @@ memory. An error in the thread is raised by the next ``write`` or by ``close``.
 from __future__ import annotations
 
 import queue
-import re
 import threading
 from pathlib import Path
 
+from tir.dumps.reader import dump_path
 from tir.protocol import Batch
 
-_NAME = "step_{:06d}.parquet"
-_PATTERN = re.compile(r"step_(\d+)\.parquet$")
 
 
-def dump_path(folder: str | Path, step: int) -> Path:
-    return Path(folder) / _NAME.format(step)
 
 
-def list_dumps(folder: str | Path) -> dict[int, Path]:
-    """Step -> file, for every dump in ``folder``, in step order."""
-    found = {}
-    for path in Path(folder).glob("step_*.parquet"):
-        match = _PATTERN.search(path.name)
-        if match:
-            found[int(match.group(1))] = path
-    return dict(sorted(found.items()))
 
 
-def read_dump(folder: str | Path, step: int, columns: list[str] | None = None) -> Batch:
-    path = dump_path(folder, step)
-    if not path.is_file():
-        steps = list(list_dumps(folder))
-        raise FileNotFoundError(f"no dump of step {step} in {folder} (dumped steps: {steps[:5]}{'...' if len(steps) > 5 else ''})")
-    return Batch.from_parquet(path, columns=columns)
 
 
 class DumpWriter:
@@ -109,8 +91,8 @@ class DumpWriter:
 
 
 def step_dump(trajectories: Batch, batch: Batch, reward, advantages: list[float], finals: list[dict], inputs: list[dict]) -> Batch:
-    """What an RL step dumps: its trajectories (``tir.agent_loop.rollout``) with the reward's
-    pieces (``tir.reward.RewardOutput``: per-metric scores, gains and contributions, the
+    """What an RL step dumps: its trajectories (``tir.agent.loop.rollout``) with the reward's
+    pieces (``tir.rl.reward.RewardOutput``: per-metric scores, gains and contributions, the
     weights), each row's advantage, and the per-token log-probs ``batch`` (what the actor
     trained on) holds beside the rollout's."""
     metrics = list(reward.weights)

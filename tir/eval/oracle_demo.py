@@ -1,6 +1,6 @@
 """The main job for now (`make demo`): the end-to-end path that exists today.
 
-recipe -> degrade the built-in photos (tir.data) -> start the cluster-wide tool pool on Ray Serve
+recipe -> degrade the built-in photos (tir.data.synth) -> start the cluster-wide tool pool on Ray Serve
 -> restore every sample with a greedy oracle schedule (undo the degradations last-first; at each
 step try every tool of the matching subtask through the pool and keep the one with the best PSNR
 against the HQ photo) -> score -> write the Batch to Parquet and a Markdown table.
@@ -19,7 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from tir.config import config_hash, load_recipe, save_resolved, split_cli_overrides
-from tir.degradations import SUBTASK_FOR_DEGRADATION
+from tir.data.degradations import SUBTASK_FOR_DEGRADATION
 from tir.protocol import Batch
 
 
@@ -80,8 +80,8 @@ def main(cli_args: list[str]) -> int:
     import ray
 
     from tir.cluster import init_ray
-    from tir.data import list_sources, synthesize
-    from tir.degradations import parse_combos
+    from tir.data.synth import list_sources, synthesize
+    from tir.data.degradations import parse_combos
     from tool_pool.client import make_pool
     from tool_pool.tools import tools_for_subtask
 

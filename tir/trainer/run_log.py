@@ -20,7 +20,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -33,8 +33,11 @@ CONSOLE = (
     ("episode/format_errors", "fmt_err", "{:.2f}"),
     ("actor/kl", "kl", "{:.4f}"),
     ("actor/entropy", "entropy", "{:.3f}"),
+    ("nll", "nll", "{:.3f}"),  # SFT
+    ("grad_norm", "grad norm", "{:.2f}"),
+    ("lr", "lr", "{:.2e}"),
 )
-TIMES = ("generate", "tools", "score", "reward", "reference", "update", "weight_sync", "checkpoint")
+TIMES = ("generate", "tools", "score", "reward", "reference", "old_logprobs", "update", "weight_sync", "dump", "checkpoint")
 
 
 def _number(value: Any) -> float | None:
@@ -105,6 +108,12 @@ class RunLogger:
     def print(self, text: str) -> None:
         tqdm.write(f"[{self.prefix}] {text}")
 
+    def record(self, step: int, record: dict[str, Any]) -> None:
+        """A JSONL record at ``step`` that is not a step of its own (an evaluation): cut back
+        with the steps on resume like every record, no console line, no progress."""
+        with self.jsonl.open("a") as f:
+            f.write(json.dumps({"step": step, "time": time.time(), **record}, default=float) + "\n")
+
     def step(self, step: int, metrics: dict[str, Any]) -> None:
         """Log step ``step`` (from 1): JSONL always; TensorBoard every number; console every ``every``."""
         with self.jsonl.open("a") as f:
@@ -128,7 +137,7 @@ class RunLogger:
             self.writer.close()
             self.writer = None
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> RunLogger:
         return self
 
     def __exit__(self, *exc) -> None:

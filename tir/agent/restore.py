@@ -23,7 +23,7 @@ class InputError(ValueError):
 
 
 def add_restore_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    from tir.baselines import BASELINES
+    from tir.agent.baselines import BASELINES
 
     parser.add_argument("input", metavar="IN", help="the degraded photo (PNG, JPEG, ...)")
     parser.add_argument("--agent", required=True, help=f"a policy checkpoint folder (or hub name), or a baseline: {', '.join(BASELINES)}")
@@ -99,13 +99,13 @@ def check_output_path(path: str) -> None:
 
 def resolve_agent(args: argparse.Namespace):
     """A baseline object, or an ``(engine, processor)`` pair for a checkpoint."""
-    from tir.baselines import BASELINES, make_baseline
+    from tir.agent.baselines import BASELINES, make_baseline
 
     name = args.agent.replace("-", "_")
     if name in BASELINES and not Path(args.agent).exists():
         options = {"seed": args.seed} if name == "random" else {"metric": args.metric} if name == "exhaustive" else {}
         return make_baseline(name, **options)
-    from tir.models import _checkpoint_source
+    from tir.agent.models import _checkpoint_source
     from tir.registry import closest
 
     hint = closest(name, BASELINES)
@@ -124,7 +124,7 @@ def resolve_agent(args: argparse.Namespace):
 
 
 def parse_degradations(spec: str | None) -> list[str] | None:
-    from tir.degradations import SUBTASK_FOR_DEGRADATION
+    from tir.data.degradations import SUBTASK_FOR_DEGRADATION
 
     if spec is None:
         return None
@@ -178,10 +178,10 @@ async def restore(agent, pool, image: np.ndarray, args: argparse.Namespace, degr
 
 async def run_agent(agent, pool, image: np.ndarray, args: argparse.Namespace, degradations):
     """Play one episode with ``agent``; the env, whose log holds every turn."""
-    from tir.agent_loop import LoopSettings, pool_tool_schemas, run_episode
-    from tir.baselines import run_baseline_episode
-    from tir.env import RestorationEnv, perception_cues
-    from tir.prompts import policy_schemas
+    from tir.agent.loop import LoopSettings, pool_tool_schemas, run_episode
+    from tir.agent.baselines import run_baseline_episode
+    from tir.agent.env import RestorationEnv, perception_cues
+    from tir.agent.prompts import policy_schemas
 
     schemas = await pool_tool_schemas(pool)
     cues = perception_cues(style=args.cue_style) if args.cues else None
@@ -199,7 +199,7 @@ async def run_agent(agent, pool, image: np.ndarray, args: argparse.Namespace, de
 
 async def print_trajectory(env, pool, args: argparse.Namespace) -> dict:
     """One line per turn; returns the scores of the input and of the final image."""
-    from tir.baselines import nr_score
+    from tir.agent.baselines import nr_score
 
     first = await nr_score(pool, env.images_shown[0], args.metric)
     print(f"input  {args.input}  {_size(env.images_shown[0])}  {args.metric} {_score(first)}")
@@ -257,7 +257,7 @@ def _score(value) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m tir.restore ...`` (the same as ``tir restore ...``)."""
+    """``python -m tir.agent.restore ...`` (the same as ``tir restore ...``)."""
     parser = add_restore_arguments(argparse.ArgumentParser(prog="tir restore", description=__doc__.splitlines()[0]))
     return restore_main(parser.parse_args(argv))
 

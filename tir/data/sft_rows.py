@@ -6,7 +6,7 @@ call per step, then the answer) and a ``ReplayPool`` answers each call with the 
 expert's run recorded. So the prompt, the perception cues (when the recipe shows them), every
 observation and every image token are exactly what the policy reads at rollout time, and the
 loss mask is the loop's own: 1 on the policy's replies (with their end-of-turn), 0 elsewhere.
-It is checked against ``tir.multimodal.assistant_mask`` on every row.
+It is checked against ``tir.agent.multimodal.assistant_mask`` on every row.
 """
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from tir import prompts
-from tir.agent_loop import LoopSettings, run_episode
-from tir.env import Cues, RestorationEnv
-from tir.multimodal import assistant_mask
+from tir.agent import prompts
+from tir.agent.loop import LoopSettings, run_episode
+from tir.agent.env import Cues, RestorationEnv
+from tir.agent.multimodal import assistant_mask
 from tir.protocol import Batch
 
 # What the actors train on, and what evaluation and splitting need beside it.

@@ -1,4 +1,7 @@
-"""What ``tir eval`` writes: a Markdown table, a JSON file and a quality-vs-cost plot.
+"""What ``tir eval`` writes: per-group aggregates, a Markdown table, a JSON file and a quality-vs-cost plot.
+
+- aggregates (``aggregate``): per agent and group (A, B, C, their union "A-C", ood, single, ...)
+  and overall: mean, sample std and n of each metric and of the per-image counts.
 
 - ``report.md``: the settings, a PSNR overview (agents x groups), then one full table per group:
   every metric, tool calls, turns, wall seconds and format errors per image, as mean ± std (n).
@@ -13,11 +16,19 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+
+import numpy as np
 
 # Metrics where lower is better (shown with a down arrow in the header).
 LOWER_BETTER = {"lpips", "niqe", "piqe", "brisque", "gmsd", "dists"}
 COUNT_HEADERS = {"tool_calls": "tool calls", "turns": "turns", "wall_s": "wall s", "format_errors": "format errors"}
+# The test set's group column -> the group a report shows (ood2 and ood3 are both out of domain).
+GROUP_NAMES = {"groupA": "A", "groupB": "B", "groupC": "C", "ood": "ood", "ood2": "ood", "ood3": "ood", "single": "single"}
+GROUP_ORDER = ("A", "B", "C", "A-C", "ood", "single", "custom", "overall")
+# Per-image quantities besides the metrics, in table order.
+COUNTS = ("tool_calls", "turns", "wall_s", "format_errors")
 
 
 def render_markdown(report: dict, timing: bool = True) -> str:
@@ -123,3 +134,40 @@ def _json_default(value):
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return str(value)
+
+
+def group_name(group: str | None) -> str:
+    return GROUP_NAMES.get(group or "custom", group or "custom")
+
+
+def cell(values: Sequence[float | None]) -> dict:
+    """mean, sample std (0 for one value) and n of the values that are not None; n counts
+    those, ``missing`` the rest."""
+    known = np.array([v for v in values if v is not None], dtype=float)
+    n = int(known.size)
+    return {"mean": float(known.mean()) if n else None, "std": float(known.std(ddof=1)) if n > 1 else (0.0 if n else None),
+            "n": n, "missing": len(values) - n}  # fmt: skip
+
+
+def aggregate(rows: Sequence[Mapping], metrics: Sequence[str]) -> dict:
+    """{agent: {group: {quantity: cell}}} for each metric and COUNTS; groups in GROUP_ORDER
+    (those present), "A-C" when more than one of A, B, C is and other groups too (else it
+    would repeat "overall"), and "overall" always."""
+    out: dict[str, dict] = {}
+    for agent in dict.fromkeys(row["agent"] for row in rows):
+        mine = [row for row in rows if row["agent"] == agent]
+        present = {row["group"] for row in mine}
+        groups = {g: [r for r in mine if r["group"] == g] for g in sorted(present, key=_group_rank)}
+        if len(present & {"A", "B", "C"}) > 1 and present - {"A", "B", "C"}:  # else it is "overall"
+            groups["A-C"] = [r for r in mine if r["group"] in ("A", "B", "C")]
+        groups["overall"] = mine
+        out[agent] = {
+            g: {**{m: cell([r["scores"].get(m) for r in members]) for m in metrics}, **{q: cell([r[q] for r in members]) for q in COUNTS},
+                "images": len(members), "errors": sum(1 for r in members if r.get("error"))}
+            for g, members in sorted(groups.items(), key=lambda item: _group_rank(item[0]))
+        }  # fmt: skip
+    return out
+
+
+def _group_rank(group: str) -> tuple:
+    return (GROUP_ORDER.index(group), "") if group in GROUP_ORDER else (GROUP_ORDER.index("custom"), group)

@@ -24,8 +24,8 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from tir.degradations import combo_name, degrade_chain, parse_combos, sample_rng
-from tir.depth import depth_from_disparity, find_depth, load_depth, resize_depth
+from tir.data.degradations import combo_name, degrade_chain, parse_combos, sample_rng
+from tir.data.depth import depth_from_disparity, find_depth, load_depth, resize_depth
 from tir.protocol import Batch
 
 BUILTIN_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "retina", "immunohistochemistry", "stereo_motorcycle")
@@ -61,7 +61,7 @@ class SampleSpec:
 # ------------------------------------------------------------------------------ sources
 def list_sources(spec: str | Path, recursive: bool = False, depth_dir: str | Path | None = None) -> list[SourceImage]:
     """``"builtin"`` or a folder (sorted by relative path; ``recursive`` descends into sub-folders).
-    ``depth_dir``: where depth maps of the folder's photos live (see ``tir.depth.find_depth``)."""
+    ``depth_dir``: where depth maps of the folder's photos live (see ``tir.data.depth.find_depth``)."""
     if str(spec) == "builtin":
         return [SourceImage(name) for name in BUILTIN_PHOTOS]
     folder = Path(spec)

@@ -22,7 +22,7 @@ from pathlib import Path
 from collections.abc import Mapping, Sequence
 
 import tir  # noqa: F401  - environment shims before transformers imports torchvision
-from tir import prompts
+from tir.agent import prompts
 
 # The Qwen2.5-VL special tokens (ids differ from Qwen's; the names are what the code relies on).
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",

@@ -22,9 +22,9 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from tir import prompts
-from tir.degradations import SUBTASK_FOR_DEGRADATION
-from tir.env import RestorationEnv
+from tir.agent import prompts
+from tir.data.degradations import SUBTASK_FOR_DEGRADATION
+from tir.agent.env import RestorationEnv
 from tir.protocol import Batch
 from tool_pool.client import PoolError
 
@@ -56,8 +56,8 @@ def restoration_order(degradations: Sequence[str]) -> list[str]:
 
 
 def perceive_degradations(image: np.ndarray) -> list[str]:
-    """Degradations guessed from measured cues (``tir.perception.likely_degradations``), in the order prior's order."""
-    from tir.perception import likely_degradations, measure_cues
+    """Degradations guessed from measured cues (``tir.data.perception.likely_degradations``), in the order prior's order."""
+    from tir.data.perception import likely_degradations, measure_cues
 
     return restoration_order(likely_degradations(measure_cues(image)))
 
@@ -185,7 +185,7 @@ async def run_baseline_episode(agent, pool, image: np.ndarray, tool_schemas: Seq
     if degradations is None and agent.needs_degradations:
         degradations = await asyncio.to_thread(perceive_degradations, image)
     await agent.act(env, list(degradations or []), episode)
-    from tir.agent_loop import chat_text
+    from tir.agent.loop import chat_text
 
     report = env.summary()
     report.update(agent=agent.name, degradations_used=list(degradations or []), wall_s=time.perf_counter() - started, messages=chat_text(env.messages))
@@ -196,7 +196,7 @@ async def run_baseline(agent, pool, samples: Batch, tool_schemas: Sequence[Mappi
                        use_known_degradations: bool = True, concurrency: int = 8, image_column: str = "lq") -> Batch:  # fmt: skip
     """One episode per sample row; ``samples`` with final_image, tool_calls, num_tool_calls,
     num_turns, stop_reason, wall_s, degradations_used and messages added."""
-    from tir.agent_loop import pool_tool_schemas
+    from tir.agent.loop import pool_tool_schemas
 
     schemas = list(tool_schemas) if tool_schemas is not None else await pool_tool_schemas(pool)
     images = samples.column(image_column)

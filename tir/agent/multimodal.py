@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 
 import tir  # noqa: F401  - environment shims before transformers imports torchvision
-from tir.models import mm_token_type_ids
+from tir.agent.models import mm_token_type_ids
 from tir.protocol import Batch
 
 

@@ -29,8 +29,8 @@ from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 
-from tir import prompts
-from tir.env import Cues, RestorationEnv
+from tir.agent import prompts
+from tir.agent.env import Cues, RestorationEnv
 from tir.protocol import Batch
 
 # Columns every trajectory row has (beside the sample's own), and their Batch kinds.
