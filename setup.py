@@ -3,6 +3,7 @@
 Install with `scripts/install.sh` (it picks torch and vLLM for CPU or GPU machines); the
 requirements below are what the code imports, left unpinned so both machine kinds resolve.
 """
+
 from setuptools import find_packages, setup
 
 setup(

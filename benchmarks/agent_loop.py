@@ -15,6 +15,7 @@ turn calls a tool, as a trained policy would. The same episodes run twice:
 through the pool) while no generation runs: time the policy engine sits idle because of tools.
 Prints both loops' wall time, that share, the engine's busy share, and the ratios.
 """
+
 import argparse
 import asyncio
 import tempfile
@@ -28,7 +29,15 @@ from tool_pool.tools import tool_schemas
 
 # Mid-weight weight-free tools (tens to hundreds of ms on a crop), one per subtask but super-
 # resolution (which would grow every later image 4x and make the run size-bound).
-TOOLS = ["denoise_dct", "deblur_motion_rl", "deblur_defocus_rl", "dehaze_dcp", "derain_median", "brighten_clahe", "jpeg_deblock_dct"]
+TOOLS = [
+    "denoise_dct",
+    "deblur_motion_rl",
+    "deblur_defocus_rl",
+    "dehaze_dcp",
+    "derain_median",
+    "brighten_clahe",
+    "jpeg_deblock_dct",
+]
 
 
 def union_length(intervals) -> float:
@@ -50,7 +59,11 @@ def waiting_on_tools_only(batch) -> float:
 
 
 def run(engine, processor, pool, samples, settings):
-    busy_before, batches_before, requests_before = engine.stats["busy_s"], engine.stats["batches"], engine.stats["requests"]
+    busy_before, batches_before, requests_before = (
+        engine.stats["busy_s"],
+        engine.stats["batches"],
+        engine.stats["requests"],
+    )
     started = time.perf_counter()
     batch = asyncio.run(rollout(engine, processor, pool, samples, settings, tool_schemas=tool_schemas(TOOLS)))
     wall = time.perf_counter() - started
@@ -92,7 +105,14 @@ def main():
 
     from workers.rollout.hf_engine import HFEngine
 
-    photos = synthesize("builtin", "noise,jpeg,haze,rain,dark,motion_blur,defocus_blur,noise+jpeg", per_image=1, seed=0, crop=args.crop, progress=False)
+    photos = synthesize(
+        "builtin",
+        "noise,jpeg,haze,rain,dark,motion_blur,defocus_blur,noise+jpeg",
+        per_image=1,
+        seed=0,
+        crop=args.crop,
+        progress=False,
+    )
     samples = photos.take([i % len(photos) for i in range(args.episodes)])
     with tempfile.TemporaryDirectory() as folder:
         engine = HFEngine(models.build_tiny_policy(folder, tool_schemas(TOOLS)), max_batch_size=args.max_batch_size)
@@ -101,18 +121,29 @@ def main():
     pool, close = open_pool(args.pool)
     try:
         run(engine, engine.processor, pool, samples.slice(0, 2), settings)  # warm up: first calls load and compile
-        results = {"sequential": run(engine, engine.processor, pool, samples, sequential(settings)), "async": run(engine, engine.processor, pool, samples, settings)}
+        results = {
+            "sequential": run(engine, engine.processor, pool, samples, sequential(settings)),
+            "async": run(engine, engine.processor, pool, samples, settings),
+        }
     finally:
         close()
 
-    print(f"{args.episodes} episodes x {args.max_turns} turns, tiny policy on the hf engine (batches <= {args.max_batch_size}), "
-          f"{args.pool} pool, {len(TOOLS)} tools, {args.crop} px crops\n")  # fmt: skip
-    print(f"{'loop':12s} {'wall s':>8s} {'waiting on tools':>17s} {'engine busy':>12s} {'tool calls':>11s} {'tool s':>8s} {'mean batch':>11s}")
+    print(
+        f"{args.episodes} episodes x {args.max_turns} turns, tiny policy on the hf engine (batches <= {args.max_batch_size}), "
+        f"{args.pool} pool, {len(TOOLS)} tools, {args.crop} px crops\n"
+    )
+    print(
+        f"{'loop':12s} {'wall s':>8s} {'waiting on tools':>17s} {'engine busy':>12s} {'tool calls':>11s} {'tool s':>8s} {'mean batch':>11s}"
+    )
     for name, r in results.items():
-        print(f"{name:12s} {r['wall']:8.1f} {r['tool_wait_share']:16.1%} {r['engine_busy_share']:11.1%} {r['tool_calls']:11d} {r['tool_s']:8.1f} {r['mean_batch']:11.1f}")
+        print(
+            f"{name:12s} {r['wall']:8.1f} {r['tool_wait_share']:16.1%} {r['engine_busy_share']:11.1%} {r['tool_calls']:11d} {r['tool_s']:8.1f} {r['mean_batch']:11.1f}"
+        )
     seq, asy = results["sequential"], results["async"]
-    print(f"\nshare of wall time waiting on tools: sequential {seq['tool_wait_share']:.1%}, async {asy['tool_wait_share']:.1%}, "
-          f"ratio {seq['tool_wait_share'] / max(asy['tool_wait_share'], 1e-9):.1f}x")  # fmt: skip
+    print(
+        f"\nshare of wall time waiting on tools: sequential {seq['tool_wait_share']:.1%}, async {asy['tool_wait_share']:.1%}, "
+        f"ratio {seq['tool_wait_share'] / max(asy['tool_wait_share'], 1e-9):.1f}x"
+    )
     print(f"wall time: sequential / async = {seq['wall'] / asy['wall']:.2f}x")
 
 

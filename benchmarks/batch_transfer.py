@@ -8,6 +8,7 @@
     ships), pickled row by row.
 Prints ns per row and MB/s for put, get, and get+decode (a view of every image), and the ratios.
 """
+
 import argparse
 import time
 
@@ -52,9 +53,9 @@ def main():
         ray.get(ray.put(payload))
     results = {}
     for name, payload, decode in (("rows", rows, decode_rows), ("batch", batch, decode_batch)):
-        put_s, ref = timed(lambda: ray.put(payload), args.repeats)
-        get_s, _ = timed(lambda: ray.get(ref), args.repeats)
-        getdec_s, _ = timed(lambda: decode(ray.get(ref)), args.repeats)
+        put_s, ref = timed(lambda payload=payload: ray.put(payload), args.repeats)
+        get_s, _ = timed(lambda ref=ref: ray.get(ref), args.repeats)
+        getdec_s, _ = timed(lambda ref=ref, decode=decode: decode(ray.get(ref)), args.repeats)
         results[name] = (put_s, get_s, getdec_s)
 
     print(f"{args.rows} rows x {args.size}x{args.size}x3 uint8 = {megabytes:.0f} MB, best of {args.repeats}\n")
@@ -66,7 +67,9 @@ def main():
             f"{megabytes / get_s:,.0f} | {getdec_s / args.rows * 1e9:,.0f} |"
         )
     (bp, bg, bd), (rp, rg, rd) = results["batch"], results["rows"]
-    print(f"\nratios rows/batch (higher = Batch faster): put {rp / bp:.2f}x, get {rg / bg:.2f}x, get+decode {rd / bd:.2f}x")
+    print(
+        f"\nratios rows/batch (higher = Batch faster): put {rp / bp:.2f}x, get {rg / bg:.2f}x, get+decode {rd / bd:.2f}x"
+    )
     chunk_s, _ = timed(lambda: [ray.put(p) for p in batch.chunk(4)], args.repeats)
     print(f"put of batch.chunk(4) (one piece per rank): {megabytes / chunk_s:,.0f} MB/s (slices compacted, no overlap)")
     ray.shutdown()

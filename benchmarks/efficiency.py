@@ -22,6 +22,7 @@ and once with tools loaded in the driver (``pool.backend=local``, the ``ablation
 recipe's setting); prints the step's time per phase and the ratio. Needs Ray and a policy
 (``model.path``); heavy on a 2-core machine (two Ray runs of a few minutes).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -77,8 +78,10 @@ def summary_line(label: str, cells: dict) -> str:
     def fmt(cell, digits):
         return "n/a" if cell["mean"] is None else f"{cell['mean']:.{digits}f} ± {cell['std']:.{digits}f}"
 
-    return (f"{label:>26}  calls/img {fmt(cells['tool_calls'], 2):>14}  s/img {fmt(cells['wall_s'], 3):>15}  "
-            f"PSNR {fmt(cells['psnr'], 2):>14}  SSIM {fmt(cells['ssim'], 3):>14}")  # fmt: skip
+    return (
+        f"{label:>26}  calls/img {fmt(cells['tool_calls'], 2):>14}  s/img {fmt(cells['wall_s'], 3):>15}  "
+        f"PSNR {fmt(cells['psnr'], 2):>14}  SSIM {fmt(cells['ssim'], 3):>14}"
+    )
 
 
 def agents_benchmark(args, cfg, pool) -> dict:
@@ -89,7 +92,9 @@ def agents_benchmark(args, cfg, pool) -> dict:
     if args.test:
         test = read_synth(args.test)
     else:
-        test = synthesize(cfg.data.hq, "groupA,groupB,groupC", per_image=1, seed=cfg.run.seed, crop=cfg.data.crop, progress=False)
+        test = synthesize(
+            cfg.data.hq, "groupA,groupB,groupC", per_image=1, seed=cfg.run.seed, crop=cfg.data.crop, progress=False
+        )
     test = subset(test, args.limit)
     settings = EvalSettings.from_recipe(cfg, metrics=("psnr", "ssim"), concurrency=1, progress=not args.no_progress)
     if args.checkpoint:
@@ -97,15 +102,25 @@ def agents_benchmark(args, cfg, pool) -> dict:
     else:
         started = time.perf_counter()
         trained_label, trained = STAND_IN, ReplayAgent(expert_schedules(test, pool, settings))
-        print(f"no --checkpoint: the trained agent is a STAND-IN, the expert search's schedule replayed "
-              f"(search, not timed: {time.perf_counter() - started:.1f}s)")  # fmt: skip
-    report = evaluate_agents({trained_label: trained, "exhaustive": "exhaustive"}, test, pool, settings=settings,
-                             out_dir=args.out, meta={"benchmark": "efficiency", "test": args.test or "synthesized groupA,groupB,groupC"})  # fmt: skip
+        print(
+            f"no --checkpoint: the trained agent is a STAND-IN, the expert search's schedule replayed "
+            f"(search, not timed: {time.perf_counter() - started:.1f}s)"
+        )
+    report = evaluate_agents(
+        {trained_label: trained, "exhaustive": "exhaustive"},
+        test,
+        pool,
+        settings=settings,
+        out_dir=args.out,
+        meta={"benchmark": "efficiency", "test": args.test or "synthesized groupA,groupB,groupC"},
+    )
     overall = {agent: groups["overall"] for agent, groups in report["aggregates"].items()}
     mine, theirs = overall[trained_label], overall["exhaustive"]
     groups = ", ".join(f"{g} {c['images']}" for g, c in report["aggregates"]["exhaustive"].items() if g != "overall")
-    print(f"\n{len(test)} images ({groups}); "
-          f"tools: {len(report['meta']['tools'])}; exhaustive told the degradations its cues perceive")  # fmt: skip
+    print(
+        f"\n{len(test)} images ({groups}); "
+        f"tools: {len(report['meta']['tools'])}; exhaustive told the degradations its cues perceive"
+    )
     print(summary_line(trained_label, mine))
     print(summary_line("exhaustive", theirs))
     ratios = {
@@ -114,8 +129,10 @@ def agents_benchmark(args, cfg, pool) -> dict:
         "psnr_diff_db": mine["psnr"]["mean"] - theirs["psnr"]["mean"],
     }
     calls = f"x{ratios['calls']:.2f}" if np.isfinite(ratios["calls"]) else f"n/a ({trained_label} made no tool call)"
-    print(f"exhaustive / {trained_label}: tool calls {calls}, wall time x{ratios['time']:.2f}; "
-          f"PSNR {trained_label} - exhaustive: {ratios['psnr_diff_db']:+.2f} dB")  # fmt: skip
+    print(
+        f"exhaustive / {trained_label}: tool calls {calls}, wall time x{ratios['time']:.2f}; "
+        f"PSNR {trained_label} - exhaustive: {ratios['psnr_diff_db']:+.2f} dB"
+    )
     print(f"(report: {report['files']['markdown']})")
     return {"overall": overall, "ratios": ratios, "images": len(test), "stand_in": not args.checkpoint}
 
@@ -135,8 +152,15 @@ def rl_step_benchmark(args) -> dict:
     for backend in ("serve", "local"):
         out = Path(args.out) / f"rl_step_{backend}"
         # one training set for both runs (synthesized by the first when absent); later overrides win
-        overrides = [f"data.train_path={Path(args.out) / 'rl_step_train.parquet'}", *args.overrides, f"pool.backend={backend}",
-                     "trainer.total_steps=1", "trainer.resume=never", "trainer.dump_rollouts=false", f"run.output_dir={out}"]  # fmt: skip
+        overrides = [
+            f"data.train_path={Path(args.out) / 'rl_step_train.parquet'}",
+            *args.overrides,
+            f"pool.backend={backend}",
+            "trainer.total_steps=1",
+            "trainer.resume=never",
+            "trainer.dump_rollouts=false",
+            f"run.output_dir={out}",
+        ]
         cfg = load_recipe(args.recipe, overrides)
         from tir.cluster import init_ray
 
@@ -147,11 +171,15 @@ def rl_step_benchmark(args) -> dict:
         finally:
             ray.shutdown()
         total = time.perf_counter() - started
-        record = [json.loads(line) for line in (out / "rl" / "metrics.jsonl").read_text().splitlines() if line.strip()][-1]
+        record = [json.loads(line) for line in (out / "rl" / "metrics.jsonl").read_text().splitlines() if line.strip()][
+            -1
+        ]
         phases = {k.removeprefix("time/"): v for k, v in record.items() if k.startswith("time/")}
         results[backend] = {"run_s": total, **phases}
-        print(f"RL step, pool {backend:>5}: step {phases.get('step', float('nan')):.2f}s (rollout {phases.get('rollout', float('nan')):.2f}s, "
-              f"tools busy {phases.get('tools', float('nan')):.2f}s, score {phases.get('score', float('nan')):.2f}s); whole run incl. setup {total:.1f}s")  # fmt: skip
+        print(
+            f"RL step, pool {backend:>5}: step {phases.get('step', float('nan')):.2f}s (rollout {phases.get('rollout', float('nan')):.2f}s, "
+            f"tools busy {phases.get('tools', float('nan')):.2f}s, score {phases.get('score', float('nan')):.2f}s); whole run incl. setup {total:.1f}s"
+        )
     serve, local = results["serve"].get("step"), results["local"].get("step")
     if serve and local:
         print(f"step time, tools in the driver / shared pool: x{local / serve:.2f}")
@@ -160,13 +188,26 @@ def rl_step_benchmark(args) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", default=None, help="the trained policy (HF folder); none: the expert-replay stand-in")
-    parser.add_argument("--test", default=None, help="a `tir data synth` Parquet (default: groupA-C of the builtin photos, synthesized)")
+    parser.add_argument(
+        "--checkpoint", default=None, help="the trained policy (HF folder); none: the expert-replay stand-in"
+    )
+    parser.add_argument(
+        "--test", default=None, help="a `tir data synth` Parquet (default: groupA-C of the builtin photos, synthesized)"
+    )
     parser.add_argument("--limit", type=int, default=16, help="test rows, spread evenly (default 16)")
     parser.add_argument("--recipe", default="tiny_cpu")
-    parser.add_argument("--pool", choices=("recipe", "local", "serve"), default="local", help="pool of the agent comparison (default local: no Ray)")
+    parser.add_argument(
+        "--pool",
+        choices=("recipe", "local", "serve"),
+        default="local",
+        help="pool of the agent comparison (default local: no Ray)",
+    )
     parser.add_argument("--out", default="runs/efficiency", help="where the evaluation report (and the RL runs) go")
-    parser.add_argument("--rl-step", action="store_true", help="also time one full RL step: shared pool vs tools in the driver (Ray; minutes)")
+    parser.add_argument(
+        "--rl-step",
+        action="store_true",
+        help="also time one full RL step: shared pool vs tools in the driver (Ray; minutes)",
+    )
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
     args = parser.parse_args(argv)
@@ -183,7 +224,9 @@ def main(argv=None) -> int:
     if args.rl_step:
         results["rl_step"] = rl_step_benchmark(args)
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "efficiency.json").write_text(json.dumps(results, indent=1, default=lambda v: v.item() if isinstance(v, np.generic) else str(v)))
+    (Path(args.out) / "efficiency.json").write_text(
+        json.dumps(results, indent=1, default=lambda v: v.item() if isinstance(v, np.generic) else str(v))
+    )
     return 0
 
 

@@ -14,6 +14,7 @@ rule costs in PSNR/SSIM against each sample's best-scoring schedule.
 
     .venv/bin/python benchmarks/expert_labels.py runs/quickstart/data/sft.parquet
 """
+
 from __future__ import annotations
 
 import argparse
@@ -77,16 +78,27 @@ def main(argv: list[str] | None = None) -> int:
     guesses = ["+".join(likely_degradations(measure_cues(r["lq"]))) or "none" for r in rows]
     combos = [r["combo"] for r in rows]
     best = [max(r["search_candidates"], key=lambda c: c["quality"]) for r in rows]
-    print(f"{args.expert_file}: {len(rows)} rows, {int((~train).sum())} held out ({args.heldout}); tie margin {args.tie_margin}")
-    print(f"perception guess names exactly the true degradations in {np.mean([set(g.split('+')) == set(c.split('+')) for g, c in zip(guesses, combos)]):.0%} of rows")
-    print("| expert rule | first-call ceiling, perfect perception | first-call ceiling, perception guess | PSNR vs the search's best | SSIM vs the search's best |")
+    print(
+        f"{args.expert_file}: {len(rows)} rows, {int((~train).sum())} held out ({args.heldout}); tie margin {args.tie_margin}"
+    )
+    print(
+        f"perception guess names exactly the true degradations in {np.mean([set(g.split('+')) == set(c.split('+')) for g, c in zip(guesses, combos)]):.0%} of rows"
+    )
+    print(
+        "| expert rule | first-call ceiling, perfect perception | first-call ceiling, perception guess | PSNR vs the search's best | SSIM vs the search's best |"
+    )
     print("|---|---|---|---|---|")
     for rule, tools in labels_by_rule(rows, args.tie_margin).items():
         firsts = [t[0] for t in tools]
         chosen = [next(c for c in r["search_candidates"] if c["tools"] == t) for r, t in zip(rows, tools)]
-        cost = {m: np.mean([c["scores"].get(m, np.nan) - b["scores"].get(m, np.nan) for c, b in zip(chosen, best)]) for m in ("psnr", "ssim")}
-        print(f"| {rule} | {lookup_accuracy(combos, firsts, train):.0%} | {lookup_accuracy(guesses, firsts, train):.0%} "
-              f"| {cost['psnr']:+.2f} dB | {cost['ssim']:+.4f} |")  # fmt: skip
+        cost = {
+            m: np.mean([c["scores"].get(m, np.nan) - b["scores"].get(m, np.nan) for c, b in zip(chosen, best)])
+            for m in ("psnr", "ssim")
+        }
+        print(
+            f"| {rule} | {lookup_accuracy(combos, firsts, train):.0%} | {lookup_accuracy(guesses, firsts, train):.0%} "
+            f"| {cost['psnr']:+.2f} dB | {cost['ssim']:+.4f} |"
+        )
     return 0
 
 

@@ -13,6 +13,7 @@ Prints calls/s, p50/p95 latency and peak memory per way (the summed resident mem
 processes that hold tools: the pool's replicas, the fresh processes, the client processes;
 sampled every 50 ms), and the ratios a/b and a/c.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,7 +32,15 @@ import psutil
 
 import tir  # noqa: F401
 
-ARCH = {"type": "SRVGGNetCompact", "num_in_ch": 3, "num_out_ch": 3, "num_feat": 48, "num_conv": 16, "upscale": 1, "act_type": "prelu"}
+ARCH = {
+    "type": "SRVGGNetCompact",
+    "num_in_ch": 3,
+    "num_out_ch": 3,
+    "num_feat": 48,
+    "num_conv": 16,
+    "upscale": 1,
+    "act_type": "prelu",
+}
 TOOL = "denoise_srvgg_bench"
 
 
@@ -45,8 +54,14 @@ def write_tool(folder: Path) -> Path:
     torch.manual_seed(0)
     torch.save({"params": build_network(ARCH).state_dict()}, folder / "srvgg.pth")
     manifest = folder / "manifest.yaml"
-    entry = {"name": TOOL, "subtask": "denoising", "description": "Benchmark denoiser (random weights).", "arch": ARCH,
-             "checkpoint": str(folder / "srvgg.pth"), "device": "cpu"}
+    entry = {
+        "name": TOOL,
+        "subtask": "denoising",
+        "description": "Benchmark denoiser (random weights).",
+        "arch": ARCH,
+        "checkpoint": str(folder / "srvgg.pth"),
+        "device": "cpu",
+    }
     manifest.write_text(yaml.safe_dump({"tools": [entry]}))
     return manifest
 
@@ -62,7 +77,9 @@ def rss_mb(processes) -> float:
 
 
 def pool_replicas():
-    return [p for p in psutil.process_iter(["cmdline"]) if "ServeReplica:bench_pool" in " ".join(p.info["cmdline"] or [])]
+    return [
+        p for p in psutil.process_iter(["cmdline"]) if "ServeReplica:bench_pool" in " ".join(p.info["cmdline"] or [])
+    ]
 
 
 def my_children():
@@ -93,8 +110,14 @@ class PeakMemory:
 
 def summarize(name, latencies, seconds, memory):
     lat = np.asarray(latencies)
-    return {"way": name, "calls": len(lat), "calls_per_s": len(lat) / seconds, "p50_ms": np.percentile(lat, 50) * 1e3,
-            "p95_ms": np.percentile(lat, 95) * 1e3, "peak_mb": memory.extra_mb}
+    return {
+        "way": name,
+        "calls": len(lat),
+        "calls_per_s": len(lat) / seconds,
+        "p50_ms": np.percentile(lat, 50) * 1e3,
+        "p95_ms": np.percentile(lat, 95) * 1e3,
+        "peak_mb": memory.extra_mb,
+    }
 
 
 def run_pool(manifest, images, clients):
@@ -103,8 +126,17 @@ def run_pool(manifest, images, clients):
     from tir.config import load_recipe
     from tool_pool.serve_app import start_pool, stop_pool
 
-    cfg = load_recipe(None, ["pool.name=bench_pool", "pool.num_replicas=2", "pool.num_cpus_per_replica=1",
-                             f"pool.manifest={manifest}", "pool.max_batch_size=8", "pool.call_timeout_s=600"])
+    cfg = load_recipe(
+        None,
+        [
+            "pool.name=bench_pool",
+            "pool.num_replicas=2",
+            "pool.num_cpus_per_replica=1",
+            f"pool.manifest={manifest}",
+            "pool.max_batch_size=8",
+            "pool.call_timeout_s=600",
+        ],
+    )
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     with PeakMemory(pool_replicas) as memory:
         pool = start_pool(cfg.pool)
@@ -161,8 +193,12 @@ def run_fresh(manifest, image_paths, clients, folder):
 
     def one(i):
         start = time.perf_counter()
-        subprocess.run([sys.executable, "-c", FRESH_CALL, str(manifest), image_paths[i], str(folder / f"out{i}.npy"), TOOL],
-                       check=True, env=env, capture_output=True)
+        subprocess.run(
+            [sys.executable, "-c", FRESH_CALL, str(manifest), image_paths[i], str(folder / f"out{i}.npy"), TOOL],
+            check=True,
+            env=env,
+            capture_output=True,
+        )
         return time.perf_counter() - start
 
     with PeakMemory(my_children) as memory, ThreadPoolExecutor(clients) as executor:
@@ -175,8 +211,16 @@ def run_fresh(manifest, image_paths, clients, folder):
 def run_copies(manifest, image_paths, clients):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with PeakMemory(my_children) as memory:
-        procs = [subprocess.Popen([sys.executable, "-c", CLIENT_COPY, str(manifest), ",".join(image_paths[c::clients]), TOOL],
-                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True) for c in range(clients)]
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", CLIENT_COPY, str(manifest), ",".join(image_paths[c::clients]), TOOL],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                env=env,
+                text=True,
+            )
+            for c in range(clients)
+        ]
         for proc in procs:
             assert proc.stdout.readline().strip() == "loaded"
         start = time.perf_counter()
@@ -207,8 +251,11 @@ def main():
         np.save(folder / f"in{i}.npy", image)
         image_paths.append(str(folder / f"in{i}.npy"))
 
-    print(f"{args.calls} calls of {TOOL} ({ARCH['type']}, {ARCH['num_feat']}x{ARCH['num_conv']}) on {args.size}x{args.size} "
-          f"images from {args.clients} concurrent clients; {os.cpu_count()} CPU cores\n", flush=True)
+    print(
+        f"{args.calls} calls of {TOOL} ({ARCH['type']}, {ARCH['num_feat']}x{ARCH['num_conv']}) on {args.size}x{args.size} "
+        f"images from {args.clients} concurrent clients; {os.cpu_count()} CPU cores\n",
+        flush=True,
+    )
     pool, stats = run_pool(manifest, images, args.clients)
     fresh = run_fresh(manifest, image_paths[: args.fresh_calls], args.clients, folder)
     copies = run_copies(manifest, image_paths, args.clients)
@@ -216,12 +263,18 @@ def main():
     print("| way | calls | calls/s | p50 ms | p95 ms | peak memory of tool processes MB |")
     print("|---|---|---|---|---|---|")
     for row in (pool, fresh, copies):
-        print(f"| {row['way']} | {row['calls']} | {row['calls_per_s']:.2f} | {row['p50_ms']:,.0f} | {row['p95_ms']:,.0f} | {row['peak_mb']:,.0f} |")
-    print(f"\nthroughput a/b: {pool['calls_per_s'] / fresh['calls_per_s']:.1f}x   a/c: {pool['calls_per_s'] / copies['calls_per_s']:.2f}x")
+        print(
+            f"| {row['way']} | {row['calls']} | {row['calls_per_s']:.2f} | {row['p50_ms']:,.0f} | {row['p95_ms']:,.0f} | {row['peak_mb']:,.0f} |"
+        )
+    print(
+        f"\nthroughput a/b: {pool['calls_per_s'] / fresh['calls_per_s']:.1f}x   a/c: {pool['calls_per_s'] / copies['calls_per_s']:.2f}x"
+    )
     print(f"p50 latency b/a: {fresh['p50_ms'] / pool['p50_ms']:.1f}x   c/a: {copies['p50_ms'] / pool['p50_ms']:.2f}x")
     print(f"peak memory c/a: {copies['peak_mb'] / pool['peak_mb']:.1f}x")
-    print(f"pool: mean batch {stats['mean_batch']:.2f} (max {stats['max_batch']}), model loads {stats['loads']}, "
-          f"mean queue wait {stats['mean_queue_wait_s'] * 1e3:.0f} ms")
+    print(
+        f"pool: mean batch {stats['mean_batch']:.2f} (max {stats['max_batch']}), model loads {stats['loads']}, "
+        f"mean queue wait {stats['mean_queue_wait_s'] * 1e3:.0f} ms"
+    )
 
 
 if __name__ == "__main__":

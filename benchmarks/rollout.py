@@ -13,6 +13,7 @@ Then each engine loads the full policy again with ``update_weights`` (vLLM: buck
 /dev/shm into a layerwise reload; transformers: copies in place) and the time per MB is printed.
 ``--group`` also times the Ray path: a one-replica vLLM rollout group fed through the object store.
 """
+
 import argparse
 import asyncio
 import os
@@ -31,13 +32,22 @@ TOOLS = ["brighten_shift", "brighten_gamma", "dehaze_global", "sharpen_unsharp",
 
 def play(engine, processor, samples, settings) -> dict:
     started = time.perf_counter()
-    batch = asyncio.run(rollout(engine, processor, LocalPool(TOOLS), samples, settings, tool_schemas=tool_schemas(TOOLS)))
+    batch = asyncio.run(
+        rollout(engine, processor, LocalPool(TOOLS), samples, settings, tool_schemas=tool_schemas(TOOLS))
+    )
     wall = time.perf_counter() - started
     generated = sum(sum(mask) for mask in batch.column("loss_mask"))
     turns = sum(batch.column("num_turns"))
     errors = sum(bool(e) for e in batch.column("error"))
-    return {"wall": wall, "trajectories_s": len(batch) / wall, "tokens_s": generated / wall, "tokens": generated, "turns": turns, "errors": errors,
-            "images": sum(len(images) for images in batch.column("images"))}  # fmt: skip
+    return {
+        "wall": wall,
+        "trajectories_s": len(batch) / wall,
+        "tokens_s": generated / wall,
+        "tokens": generated,
+        "turns": turns,
+        "errors": errors,
+        "images": sum(len(images) for images in batch.column("images")),
+    }
 
 
 def time_update(update, state_dict, repeats: int = 3) -> dict:
@@ -57,7 +67,9 @@ def group_update(path: str, state_dict) -> dict:
     from workers.rollout.group import RolloutGroup
 
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    group = RolloutGroup("vllm", path, num_replicas=1, resources={"CPU": 1}, options={"max_images": 8, "max_model_len": 4096})
+    group = RolloutGroup(
+        "vllm", path, num_replicas=1, resources={"CPU": 1}, options={"max_images": 8, "max_model_len": 4096}
+    )
     try:
         return time_update(group.update_weights, state_dict)
     finally:
@@ -70,14 +82,18 @@ def main():
     parser.add_argument("--episodes", type=int, default=64)
     parser.add_argument("--max-turns", type=int, default=3)
     parser.add_argument("--crop", type=int, default=96)
-    parser.add_argument("--hf-batch-size", type=int, default=16, help="the transformers engine's largest generate batch")
+    parser.add_argument(
+        "--hf-batch-size", type=int, default=16, help="the transformers engine's largest generate batch"
+    )
     parser.add_argument("--group", action="store_true", help="also time a weight update through a Ray rollout group")
     args = parser.parse_args()
 
     photos = synthesize("builtin", "noise,jpeg,haze,dark", per_image=1, seed=0, crop=args.crop, progress=False)
     samples = photos.take([i % len(photos) for i in range(args.episodes)])
     calls = tuple(prompts.format_call(prompts.ToolCall(name, {})) for name in TOOLS)
-    settings = LoopSettings(max_turns=args.max_turns, max_new_tokens=32, choices=calls, concurrency=args.episodes, seed=0)
+    settings = LoopSettings(
+        max_turns=args.max_turns, max_new_tokens=32, choices=calls, concurrency=args.episodes, seed=0
+    )
     with tempfile.TemporaryDirectory(prefix="tir_bench_policy_") as folder:
         path = str(models.build_tiny_policy(os.path.join(folder, "tiny"), tool_schemas(TOOLS)))
         results, updates, vllm_start = run_all(args, path, samples, settings)
@@ -110,13 +126,21 @@ def run_all(args, path: str, samples, settings):
 
 
 def report(args, results, updates, vllm_start):
-    print(f"\n{args.episodes} episodes x <= {args.max_turns} turns, tiny policy ({updates['hf (in place)']['mb']:.1f} MB "
-          f"of float32 weights), {len(TOOLS)} cheap tools, {args.crop} px crops, all episodes in flight; vLLM start-up {vllm_start:.0f} s\n")  # fmt: skip
-    print(f"{'backend':8s} {'wall s':>7s} {'traj/s':>7s} {'tokens/s':>9s} {'tokens':>7s} {'turns':>6s} {'images':>7s} {'errors':>7s}")
+    print(
+        f"\n{args.episodes} episodes x <= {args.max_turns} turns, tiny policy ({updates['hf (in place)']['mb']:.1f} MB "
+        f"of float32 weights), {len(TOOLS)} cheap tools, {args.crop} px crops, all episodes in flight; vLLM start-up {vllm_start:.0f} s\n"
+    )
+    print(
+        f"{'backend':8s} {'wall s':>7s} {'traj/s':>7s} {'tokens/s':>9s} {'tokens':>7s} {'turns':>6s} {'images':>7s} {'errors':>7s}"
+    )
     for name, r in results.items():
-        print(f"{name:8s} {r['wall']:7.1f} {r['trajectories_s']:7.2f} {r['tokens_s']:9.0f} {r['tokens']:7d} {r['turns']:6d} {r['images']:7d} {r['errors']:7d}")
+        print(
+            f"{name:8s} {r['wall']:7.1f} {r['trajectories_s']:7.2f} {r['tokens_s']:9.0f} {r['tokens']:7d} {r['turns']:6d} {r['images']:7d} {r['errors']:7d}"
+        )
     ratio = results["vllm"]["tokens_s"] / results["hf"]["tokens_s"]
-    print(f"\nvLLM / transformers: {results['vllm']['trajectories_s'] / results['hf']['trajectories_s']:.2f}x trajectories/s, {ratio:.2f}x tokens/s")
+    print(
+        f"\nvLLM / transformers: {results['vllm']['trajectories_s'] / results['hf']['trajectories_s']:.2f}x trajectories/s, {ratio:.2f}x tokens/s"
+    )
     print(f"\n{'weight update':28s} {'MB':>6s} {'s':>7s} {'ms/MB':>7s}")
     for name, u in updates.items():
         print(f"{name:28s} {u['mb']:6.1f} {u['s']:7.3f} {u['ms_per_mb']:7.1f}")

@@ -10,6 +10,7 @@ super-resolution the degraded input is the LQ image upscaled x4 with bicubic int
 
 Prints a Markdown table (time = CPU time per image on one thread); about a minute of CPU.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,7 +60,9 @@ def as_scored(lq: np.ndarray, hq: np.ndarray) -> np.ndarray:
 
 def scores(images: list[np.ndarray], references: list[np.ndarray]) -> tuple[float, float]:
     psnr = [peak_signal_noise_ratio(r, as_scored(i, r), data_range=255) for i, r in zip(images, references)]
-    ssim = [structural_similarity(r, as_scored(i, r), channel_axis=-1, data_range=255) for i, r in zip(images, references)]
+    ssim = [
+        structural_similarity(r, as_scored(i, r), channel_axis=-1, data_range=255) for i, r in zip(images, references)
+    ]
     return float(np.mean(psnr)), float(np.mean(ssim))
 
 
@@ -78,14 +81,26 @@ def measure(tool_names: list[str], crops: list[np.ndarray]) -> list[dict]:
             outputs = tool(lqs)
             ms = (time.process_time() - start) * 1000 / len(lqs)
             psnr_out, ssim_out = scores(outputs, crops)
-            rows.append({"tool": name, "subtask": subtask, "degradation": degradation, "psnr_in": psnr_in,
-                         "gain": psnr_out - psnr_in, "ssim_gain": ssim_out - ssim_in, "ms": ms})  # fmt: skip
+            rows.append(
+                {
+                    "tool": name,
+                    "subtask": subtask,
+                    "degradation": degradation,
+                    "psnr_in": psnr_in,
+                    "gain": psnr_out - psnr_in,
+                    "ssim_gain": ssim_out - ssim_in,
+                    "ms": ms,
+                }
+            )
             print(f"  {name:24s} {degradation:13s} {psnr_out - psnr_in:+6.2f} dB {ms:7.1f} ms", file=sys.stderr)
     return rows
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| tool | subtask | degradation | degraded PSNR | gain dB | SSIM gain | ms per call |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| tool | subtask | degradation | degraded PSNR | gain dB | SSIM gain | ms per call |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in sorted(rows, key=lambda r: (r["subtask"], -r["gain"])):
         lines.append(
             f"| {r['tool']} | {r['subtask']} | {r['degradation']} | {r['psnr_in']:.2f} | {r['gain']:+.2f} | {r['ssim_gain']:+.3f} | {r['ms']:.0f} |"
@@ -103,7 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     names = [n.strip() for n in args.tools.split(",") if n.strip()] or TOOLS.names()
     crops = photo_crops(args.size, args.crops)
     rows = measure(names, crops)
-    print(f"{len(crops)} crops of {args.size}x{args.size} px from scikit-image's colour photos; CPU ms per image, one thread.\n")
+    print(
+        f"{len(crops)} crops of {args.size}x{args.size} px from scikit-image's colour photos; CPU ms per image, one thread.\n"
+    )
     print(markdown(rows))
     return 0
 

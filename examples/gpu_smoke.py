@@ -17,6 +17,7 @@ Checks, each timed, printed as one table (check, ok, value, seconds):
 
 Exit code: 0 when every check passed (or "skipped: no CUDA" without --cpu), 1 otherwise.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,8 +36,14 @@ import torch
 import torch.distributed as dist
 
 # Tool schemas for the policy's prompt and tokenizer (only text: no tool runs in the policy checks).
-SCHEMAS = [{"name": name, "description": f"restoration tool {name}", "parameters": {"type": "object", "properties": {}, "additionalProperties": False}}
-           for name in ("denoise_tv", "sharpen_unsharp", "brighten_shift")]  # fmt: skip
+SCHEMAS = [
+    {
+        "name": name,
+        "description": f"restoration tool {name}",
+        "parameters": {"type": "object", "properties": {}, "additionalProperties": False},
+    }
+    for name in ("denoise_tv", "sharpen_unsharp", "brighten_shift")
+]
 _POLICY: dict = {}  # built once, used by two checks
 
 
@@ -86,7 +93,9 @@ def check_process_group(device: torch.device) -> str:
     backend = "nccl" if device.type == "cuda" else "gloo"
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(free_port()))
-    dist.init_process_group(backend=backend, init_method="env://", rank=0, world_size=1, device_id=device if device.type == "cuda" else None)
+    dist.init_process_group(
+        backend=backend, init_method="env://", rank=0, world_size=1, device_id=device if device.type == "cuda" else None
+    )
     x = torch.arange(4, dtype=torch.float32, device=device) + 1
     dist.all_reduce(x)  # one rank: the sum is itself
     y = torch.full((3,), 7.0, device=device)
@@ -102,7 +111,10 @@ def build_policy(folder: Path):
     if _POLICY:
         return _POLICY["path"], _POLICY["models"], _POLICY["prompts"]
     try:
-        from tir.agent import models, prompts  # tir.agent.models imports no Ray: tir (env shims), tir.agent.prompts, tir.registry
+        from tir.agent import (
+            models,
+            prompts,
+        )  # tir.agent.models imports no Ray: tir (env shims), tir.agent.prompts, tir.registry
     except ImportError as err:
         raise SkipCheck(f"cannot import tir from {REPO} ({err})") from err
     path = models.build_tiny_policy(folder / "tiny_policy", SCHEMAS, seed=0)
@@ -154,9 +166,13 @@ def check_fsdp2(device: torch.device, folder: Path) -> str:
         fully_shard(module, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
     params = list(model.parameters())
-    plain = [n for n, p in model.named_parameters() if not isinstance(p, DTensor)]  # checked before a forward: the root stays unsharded after one
+    plain = [
+        n for n, p in model.named_parameters() if not isinstance(p, DTensor)
+    ]  # checked before a forward: the root stays unsharded after one
     if plain:
-        raise AssertionError(f"{len(plain)} of {len(params)} parameters are not DTensors after fully_shard: {plain[:3]}")
+        raise AssertionError(
+            f"{len(plain)} of {len(params)} parameters are not DTensors after fully_shard: {plain[:3]}"
+        )
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     inputs = policy_inputs(models, prompts, processor, device)
     mask = text_mask(processor, inputs["input_ids"])
@@ -175,7 +191,9 @@ def check_fsdp2(device: torch.device, folder: Path) -> str:
     with torch.no_grad():
         after = loss_now()
     if not (torch.isfinite(norm) and after.item() < loss.item()):
-        raise AssertionError(f"loss {loss.item():.4f} -> {after.item():.4f}, grad norm {norm.item():.3g}: one step on the same rows should lower the loss")
+        raise AssertionError(
+            f"loss {loss.item():.4f} -> {after.item():.4f}, grad norm {norm.item():.3g}: one step on the same rows should lower the loss"
+        )
     return f"{len(wrapped)} blocks + root sharded ({len(params)} DTensor params, bf16 compute); loss {loss.item():.4f} -> {after.item():.4f}, grad norm {norm.item():.3g}"
 
 
@@ -188,7 +206,15 @@ def check_neural_tool(device: torch.device, folder: Path) -> str:
         from tool_pool.neural import NeuralTool, NeuralToolSpec, build_network
     except ImportError as err:
         raise SkipCheck(f"basicsr / tool_pool not importable ({err})") from err
-    arch = {"type": "SRVGGNetCompact", "num_in_ch": 3, "num_out_ch": 3, "num_feat": 16, "num_conv": 4, "upscale": 2, "act_type": "prelu"}
+    arch = {
+        "type": "SRVGGNetCompact",
+        "num_in_ch": 3,
+        "num_out_ch": 3,
+        "num_feat": 16,
+        "num_conv": 4,
+        "upscale": 2,
+        "act_type": "prelu",
+    }
     torch.manual_seed(0)
     network = build_network(arch)
     for p in network.parameters():  # random, but small enough that outputs stay inside [0, 1] mostly
@@ -197,11 +223,21 @@ def check_neural_tool(device: torch.device, folder: Path) -> str:
     torch.save({"params": network.state_dict()}, checkpoint)
 
     def tool(on: str) -> NeuralTool:
-        spec = NeuralToolSpec(name=f"sr_smoke_{on}", subtask="super_resolution", description="smoke test", arch=arch, checkpoint=checkpoint, scale=2, device=on)
+        spec = NeuralToolSpec(
+            name=f"sr_smoke_{on}",
+            subtask="super_resolution",
+            description="smoke test",
+            arch=arch,
+            checkpoint=checkpoint,
+            scale=2,
+            device=on,
+        )
         return NeuralTool(spec)
 
     rng = np.random.default_rng(0)
-    images = [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(4)] + [rng.integers(0, 256, (48, 40, 3), dtype=np.uint8) for _ in range(2)]
+    images = [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(4)] + [
+        rng.integers(0, 256, (48, 40, 3), dtype=np.uint8) for _ in range(2)
+    ]
     target = tool(device.type)
     outputs = target.run(images)
     if device.type == "cuda":
@@ -213,7 +249,9 @@ def check_neural_tool(device: torch.device, folder: Path) -> str:
     if diff > 2:
         raise AssertionError(f"max abs diff {device.type} vs cpu reference = {diff} (uint8 levels)")
     against = "cpu" if device.type == "cuda" else "one image at a time"
-    return f"{len(images)} images in 2 shape groups on {target.device}; max abs diff vs {against} = {diff} uint8 level(s)"
+    return (
+        f"{len(images)} images in 2 shape groups on {target.device}; max abs diff vs {against} = {diff} uint8 level(s)"
+    )
 
 
 def check_bf16_logprobs(device: torch.device, folder: Path) -> str:
@@ -236,8 +274,12 @@ def check_bf16_logprobs(device: torch.device, folder: Path) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cpu", action="store_true", help="run the same checks on CPU with gloo (to check the script without a GPU)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--cpu", action="store_true", help="run the same checks on CPU with gloo (to check the script without a GPU)"
+    )
     args = parser.parse_args(argv)
     if args.cpu:
         device = torch.device("cpu")
@@ -245,7 +287,9 @@ def main(argv=None) -> int:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     else:
-        print(f"skipped: no CUDA (torch {torch.__version__} sees no GPU); `python {sys.argv[0]} --cpu` runs the same checks on CPU with gloo")
+        print(
+            f"skipped: no CUDA (torch {torch.__version__} sees no GPU); `python {sys.argv[0]} --cpu` runs the same checks on CPU with gloo"
+        )
         return 0
     try:
         import transformers

@@ -1,6 +1,6 @@
 """Shared, expensive fixtures: started once per test session."""
+
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -34,8 +34,18 @@ def serve_pool(ray_cluster):
     from tir.config import load_recipe
     from tool_pool.serve_app import start_pool, stop_pool
 
-    cfg = load_recipe("tiny_cpu", ["pool.name=test_pool", "pool.tools=[]", "pool.num_replicas=2", "pool.num_cpus_per_replica=0.5",
-                                   "pool.max_batch_size=8", "pool.batch_wait_timeout_s=0.05", "pool.call_timeout_s=120"])
+    cfg = load_recipe(
+        "tiny_cpu",
+        [
+            "pool.name=test_pool",
+            "pool.tools=[]",
+            "pool.num_replicas=2",
+            "pool.num_cpus_per_replica=0.5",
+            "pool.max_batch_size=8",
+            "pool.batch_wait_timeout_s=0.05",
+            "pool.call_timeout_s=120",
+        ],
+    )
     pool = start_pool(cfg.pool)
     yield pool
     stop_pool(cfg.pool.name)

@@ -4,6 +4,7 @@ The tiny policy is random: free sampling gives malformed replies (good for the e
 ``choices`` constrains its replies to well-formed calls, so that episodes call tools and show
 many images (the model still picks among them with its own probabilities).
 """
+
 import asyncio
 import copy
 
@@ -59,8 +60,16 @@ def replay_logprobs(model, processor, ids, images, temperature=1.0):
     ids = torch.tensor([ids])
     vision = processor.image_processor(images=list(images), return_tensors="pt")
     with torch.no_grad():
-        logits = model(input_ids=ids, pixel_values=vision["pixel_values"], image_grid_thw=vision["image_grid_thw"],
-                       mm_token_type_ids=models.mm_token_type_ids(processor, ids)).logits[0].float()  # fmt: skip
+        logits = (
+            model(
+                input_ids=ids,
+                pixel_values=vision["pixel_values"],
+                image_grid_thw=vision["image_grid_thw"],
+                mm_token_type_ids=models.mm_token_type_ids(processor, ids),
+            )
+            .logits[0]
+            .float()
+        )
     logprobs = torch.log_softmax(logits[:-1] / temperature, dim=-1).gather(-1, ids[0, 1:, None])[:, 0]
     return torch.cat([torch.zeros(1), logprobs])  # position i: log-prob of token i given the ones before
 
@@ -72,12 +81,15 @@ def replay_logprobs(model, processor, ids, images, temperature=1.0):
 def test_engine_logprobs_are_what_a_forward_pass_gives(engine, policy, samples, temperature):
     _, model, processor = policy
     image = samples.column("lq")[0]
-    request = {"messages": prompts.initial_messages(SCHEMAS, prompts.image_size(image)), "images": [image],
-               "sampling": {"temperature": temperature, "max_tokens": 12, "seed": 3}}  # fmt: skip
+    request = {
+        "messages": prompts.initial_messages(SCHEMAS, prompts.image_size(image)),
+        "images": [image],
+        "sampling": {"temperature": temperature, "max_tokens": 12, "seed": 3},
+    }
     [result] = asyncio.run(engine.generate([request]))
     assert result["prompt_token_ids"] == first_prompt(processor, image)
     ids = result["prompt_token_ids"] + result["token_ids"]
-    expected = replay_logprobs(model, processor, ids, [image], temperature or 1.0)[len(result["prompt_token_ids"]):]
+    expected = replay_logprobs(model, processor, ids, [image], temperature or 1.0)[len(result["prompt_token_ids"]) :]
     assert len(result["logprobs"]) == len(result["token_ids"]) > 0
     assert torch.allclose(torch.tensor(result["logprobs"]), expected, atol=1e-4)
     assert result["finish_reason"] in ("stop", "length")
@@ -88,7 +100,11 @@ def test_engine_sampling_is_seeded_and_never_emits_vision_tokens(engine, samples
     image = samples.column("lq")[1]
 
     def request(seed):
-        return {"messages": prompts.initial_messages(SCHEMAS, (96, 96)), "images": [image], "sampling": {"temperature": 1.0, "max_tokens": 48, "seed": seed}}
+        return {
+            "messages": prompts.initial_messages(SCHEMAS, (96, 96)),
+            "images": [image],
+            "sampling": {"temperature": 1.0, "max_tokens": 48, "seed": seed},
+        }
 
     async def sample_all():
         return await asyncio.gather(*(engine.generate([request(seed)]) for seed in (1, 1, 2, 3, 4)))
@@ -103,7 +119,14 @@ def test_engine_sampling_is_seeded_and_never_emits_vision_tokens(engine, samples
 def test_concurrent_requests_are_batched_and_match_single_ones(policy, samples):
     engine = HFEngine(model=policy[1], processor=policy[2], max_batch_size=4)
     images = samples.column("lq")[:3]
-    requests = [{"prompt_token_ids": first_prompt(policy[2], im), "images": [im], "sampling": {"temperature": 0, "max_tokens": 10}} for im in images]
+    requests = [
+        {
+            "prompt_token_ids": first_prompt(policy[2], im),
+            "images": [im],
+            "sampling": {"temperature": 0, "max_tokens": 10},
+        }
+        for im in images
+    ]
     alone = [asyncio.run(engine.generate([r]))[0] for r in requests]
     assert engine.stats["batches"] == 3
 
@@ -119,8 +142,14 @@ def test_concurrent_requests_are_batched_and_match_single_ones(policy, samples):
 
 def test_choices_constrain_replies(engine, samples):
     image = samples.column("lq")[2]
-    requests = [{"messages": prompts.initial_messages(SCHEMAS, (96, 96)), "images": [image],
-                 "sampling": {"temperature": 1.0, "max_tokens": 40, "choices": list(CALLS_OR_ANSWER), "seed": seed}} for seed in range(6)]  # fmt: skip
+    requests = [
+        {
+            "messages": prompts.initial_messages(SCHEMAS, (96, 96)),
+            "images": [image],
+            "sampling": {"temperature": 1.0, "max_tokens": 40, "choices": list(CALLS_OR_ANSWER), "seed": seed},
+        }
+        for seed in range(6)
+    ]
     results = asyncio.run(engine.generate(requests))
     assert all(r["text"] in CALLS_OR_ANSWER and r["finish_reason"] == "stop" for r in results)
     assert len({r["text"] for r in results}) >= 2
@@ -145,7 +174,11 @@ def test_update_weights_changes_the_policy(policy, samples):
     model = copy.deepcopy(policy[1])
     engine = HFEngine(model=model, processor=policy[2])
     image = samples.column("lq")[0]
-    request = {"prompt_token_ids": first_prompt(policy[2], image), "images": [image], "sampling": {"temperature": 0, "max_tokens": 6}}
+    request = {
+        "prompt_token_ids": first_prompt(policy[2], image),
+        "images": [image],
+        "sampling": {"temperature": 0, "max_tokens": 6},
+    }
     before = asyncio.run(engine.generate([request]))[0]
     name = next(n for n in model.state_dict() if n.endswith("lm_head.weight"))
     new = torch.randn_like(model.state_dict()[name])
@@ -177,7 +210,7 @@ def test_rollout_rows_follow_the_trajectory_contract(engine, policy, samples):
     batch = run_rollout(engine, processor, pool(), samples.slice(0, 4), settings, tool_schemas=SCHEMAS)
     assert len(batch) == 4 and {"image_id", "combo", "degradations", "hq", "lq"} <= set(batch.columns)
     eos, image_pad = processor.tokenizer.eos_token_id, engine.image_token_id
-    merge = processor.image_processor.merge_size ** 2
+    merge = processor.image_processor.merge_size**2
     for row in batch.rows():
         ids, mask, logprobs = row["input_ids"], row["loss_mask"], row["rollout_logprobs"]
         assert len(ids) == len(mask) == len(logprobs) and ids[-1] == eos and row["error"] == ""
@@ -203,10 +236,16 @@ def test_input_ids_are_the_processor_tokenization_of_the_whole_chat(engine, poli
     settings = LoopSettings(max_turns=3, choices=CALLS_OR_ANSWER, seed=2)
     batch = run_rollout(engine, processor, pool(), samples.slice(4, 7), settings, tool_schemas=SCHEMAS)
     for row in batch.rows():
-        chat = [{"role": m["role"], "content": ([{"type": "image"}] if m["image"] else []) + [{"type": "text", "text": m["text"]}]} for m in row["messages"]]
+        chat = [
+            {
+                "role": m["role"],
+                "content": ([{"type": "image"}] if m["image"] else []) + [{"type": "text", "text": m["text"]}],
+            }
+            for m in row["messages"]
+        ]
         expected = tokenize(processor, prompts.render(processor, chat, add_generation_prompt=False), row["images"])
         assert expected[: len(row["input_ids"])] == row["input_ids"]
-        assert processor.tokenizer.decode(expected[len(row["input_ids"]):]) == "\n"
+        assert processor.tokenizer.decode(expected[len(row["input_ids"]) :]) == "\n"
 
 
 def test_long_multi_image_episodes_end_at_a_turn_boundary_and_replay(engine, policy, samples, tmp_path):
@@ -216,7 +255,9 @@ def test_long_multi_image_episodes_end_at_a_turn_boundary_and_replay(engine, pol
     images = samples.column("lq")
     max_length = len(first_prompt(processor, images[0])) + 200  # room for about three turns
     settings = LoopSettings(max_turns=10, max_length=max_length, choices=CALLS, seed=3)
-    path = run_rollout(engine, processor, pool(), samples.slice(0, 3), settings, tool_schemas=SCHEMAS).to_parquet(tmp_path / "rollout.parquet")
+    path = run_rollout(engine, processor, pool(), samples.slice(0, 3), settings, tool_schemas=SCHEMAS).to_parquet(
+        tmp_path / "rollout.parquet"
+    )
     batch = Batch.from_parquet(path)
     for row in batch.rows():
         ids, mask = row["input_ids"], row["loss_mask"]

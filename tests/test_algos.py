@@ -1,21 +1,21 @@
 """Tests for tir.rl.algos: hand-computed values, and loop implementations of the published formulas
 (GRPO's group normalisation as verl writes it, PPO's clipped objective, Schulman's KL estimators)."""
+
 import math
 from collections import defaultdict
 
+import numpy as np
 import pytest
 import torch
 
 import tir  # noqa: F401  (environment shims first)
-import numpy as np
-
 from tir.rl.algos import (
     LossSettings,
     aggregate,
     broadcast_to_tokens,
     entropy_from_logits,
-    grpo_loss,
     group_advantages,
+    grpo_loss,
     kl_penalty,
     policy_loss,
     sft_loss,
@@ -56,7 +56,9 @@ def _verl_grpo_loop(scores, index, eps, norm_by_std):
             id2mean[idx], id2std[idx] = torch.mean(torch.stack(values)), torch.std(torch.stack(values))
     out = scores.clone()
     for i in range(len(scores)):
-        out[i] = (scores[i] - id2mean[index[i]]) / (id2std[index[i]] + eps) if norm_by_std else scores[i] - id2mean[index[i]]
+        out[i] = (
+            (scores[i] - id2mean[index[i]]) / (id2std[index[i]] + eps) if norm_by_std else scores[i] - id2mean[index[i]]
+        )
     return out
 
 
@@ -91,11 +93,14 @@ LOSS = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0], [9.0, 9.0, 9.0]])
 MASK = torch.tensor([[1, 1, 1], [1, 0, 0], [0, 0, 0]])  # row 2 fully masked
 
 
-@pytest.mark.parametrize("mode, expected", [
-    ("token-mean", (1 + 2 + 3 + 4) / 4),               # 4 tokens
-    ("seq-mean-token-mean", ((1 + 2 + 3) / 3 + 4) / 2),  # rows with tokens: 2 and 4 -> 3
-    ("seq-mean-token-sum", ((1 + 2 + 3) + 4) / 2),       # 6 and 4 -> 5
-])
+@pytest.mark.parametrize(
+    "mode, expected",
+    [
+        ("token-mean", (1 + 2 + 3 + 4) / 4),  # 4 tokens
+        ("seq-mean-token-mean", ((1 + 2 + 3) / 3 + 4) / 2),  # rows with tokens: 2 and 4 -> 3
+        ("seq-mean-token-sum", ((1 + 2 + 3) + 4) / 2),  # 6 and 4 -> 5
+    ],
+)
 def test_aggregate_hand_computed_with_a_fully_masked_row(mode, expected):
     assert aggregate(LOSS, MASK, mode).item() == pytest.approx(expected)
 
@@ -123,9 +128,13 @@ def _logp_pair(ratios):
 
 
 def test_policy_loss_hand_computed_clipping_both_sides():
-    ratios = torch.tensor([[1.5, 0.5, 9.0],    # A = +1: 1.5 clipped to 1.28; 0.5 below range but A > 0: not clipped
-                           [1.1, 0.7, 1.5],    # A = -1: 1.1 inside; 0.7 clipped to 0.8; 1.5 above range but A < 0: not clipped
-                           [3.0, 3.0, 3.0]])   # fully masked
+    ratios = torch.tensor(
+        [
+            [1.5, 0.5, 9.0],  # A = +1: 1.5 clipped to 1.28; 0.5 below range but A > 0: not clipped
+            [1.1, 0.7, 1.5],  # A = -1: 1.1 inside; 0.7 clipped to 0.8; 1.5 above range but A < 0: not clipped
+            [3.0, 3.0, 3.0],
+        ]
+    )  # fully masked
     mask = torch.tensor([[1, 1, 0], [1, 1, 1], [0, 0, 0]])
     adv = torch.tensor([1.0, -1.0, 2.0])
     per_token = [-1.28, -0.5, 1.1, 0.8, 1.5]  # max(-A r, -A clip(r)) on the 5 unmasked tokens
@@ -197,7 +206,7 @@ def test_kl_estimators_hand_computed():
     logp, ref = torch.tensor([[math.log(0.5)]]), torch.tensor([[math.log(0.25)]])
     log_r = math.log(0.5)  # ref - logp
     assert kl_penalty(logp, ref, "k1").item() == pytest.approx(-log_r)
-    assert kl_penalty(logp, ref, "k2").item() == pytest.approx(0.5 * log_r ** 2)
+    assert kl_penalty(logp, ref, "k2").item() == pytest.approx(0.5 * log_r**2)
     assert kl_penalty(logp, ref, "k3").item() == pytest.approx(0.5 - log_r - 1)
 
 
@@ -242,8 +251,12 @@ def test_grpo_loss_is_the_policy_gradient_plus_kl_on_the_policys_tokens():
     logprobs = torch.log(torch.tensor([[0.5, 0.2, 0.4, 0.9], [0.5, 0.3, 0.6, 0.5]])).requires_grad_()
     mask = torch.tensor([[0.0, 1.0, 1.0, 0.0], [0.0, 1.0, 0.0, 0.0]])
     ref = torch.log(torch.tensor([[0.5, 0.4, 0.4, 0.1], [0.5, 0.3, 0.6, 0.5]]))
-    tensors = {"loss_mask": mask, "rollout_logprobs": logprobs.detach(), "ref_logprobs": ref,
-               "advantages": torch.tensor([1.0, -2.0])}  # fmt: skip
+    tensors = {
+        "loss_mask": mask,
+        "rollout_logprobs": logprobs.detach(),
+        "ref_logprobs": ref,
+        "advantages": torch.tensor([1.0, -2.0]),
+    }
     settings = LossSettings(kl_coef=0.5, kl_kind="k3")
     loss, metrics = grpo_loss(logprobs, tensors, settings)
     # on-policy (ratio 1): the surrogate is -mean(A) over the 3 policy tokens; k3 KL of token (0, 1) only

@@ -1,4 +1,5 @@
 """Training-free baselines on the real env, pool and tools."""
+
 import asyncio
 
 import pytest
@@ -6,26 +7,49 @@ import pytest
 import tir  # noqa: F401  - shims first
 from tir.agent import prompts
 from tir.agent.baselines import (
-    ExhaustiveAgent, FixedOrderAgent, RandomAgent, better, make_baseline, nr_score, perceive_degradations,
-    restoration_order, run_baseline, run_baseline_episode,
-)  # fmt: skip
+    ExhaustiveAgent,
+    FixedOrderAgent,
+    RandomAgent,
+    better,
+    make_baseline,
+    nr_score,
+    perceive_degradations,
+    restoration_order,
+    run_baseline,
+    run_baseline_episode,
+)
 from tir.data.synth import synthesize
 from tool_pool.client import LocalPool
 from tool_pool.tools import get_tool, tool_schemas
 
 # Fast tools, two for most subtasks (so that exploring has a choice).
-TOOLS = ["denoise_tv", "denoise_nlm", "jpeg_reapply", "sr_bicubic", "sr_lanczos", "derain_median", "derain_opening",
-         "brighten_shift", "dehaze_dcp"]  # fmt: skip
+TOOLS = [
+    "denoise_tv",
+    "denoise_nlm",
+    "jpeg_reapply",
+    "sr_bicubic",
+    "sr_lanczos",
+    "derain_median",
+    "derain_opening",
+    "brighten_shift",
+    "dehaze_dcp",
+]
 SCHEMAS = tool_schemas(TOOLS)
 
 
 @pytest.fixture(scope="module")
 def data():
-    return synthesize("builtin", "noise,rain,jpeg,lowres,noise+jpeg,rain+noise+lowres", per_image=1, seed=0, crop=128, progress=False)
+    return synthesize(
+        "builtin", "noise,rain,jpeg,lowres,noise+jpeg,rain+noise+lowres", per_image=1, seed=0, crop=128, progress=False
+    )
 
 
 def pick(batch, combo, image_id="astronaut"):
-    rows = [i for i, (c, name) in enumerate(zip(batch.column("combo"), batch.column("image_id"))) if c == combo and name == image_id]
+    rows = [
+        i
+        for i, (c, name) in enumerate(zip(batch.column("combo"), batch.column("image_id")))
+        if c == combo and name == image_id
+    ]
     return batch.take(rows)
 
 
@@ -67,17 +91,29 @@ def test_the_chat_of_a_baseline_reads_like_a_policy_s(data):
     replies = [prompts.message_text(m) for m in env.messages if m["role"] == "assistant"]
     actions = [prompts.parse_action(text, SCHEMAS) for text in replies]
     assert [type(a).__name__ for a in actions] == ["ToolCall", "ToolCall", "Stop"]
-    assert [m["role"] for m in env.messages] == ["system", "user", "assistant", "tool", "assistant", "tool", "assistant"]
+    assert [m["role"] for m in env.messages] == [
+        "system",
+        "user",
+        "assistant",
+        "tool",
+        "assistant",
+        "tool",
+        "assistant",
+    ]
 
 
 def test_random_agent_is_seeded_and_calls_only_served_tools(data):
     sample, tools = pick(data, "noise"), [name for name in TOOLS if not name.startswith("sr_")]  # keep images small
-    runs = [episode(RandomAgent(seed=seed), sample, degradations=None, max_turns=6, tools=tools)[1] for seed in (7, 7, 8)]
+    runs = [
+        episode(RandomAgent(seed=seed), sample, degradations=None, max_turns=6, tools=tools)[1] for seed in (7, 7, 8)
+    ]
     names = [[c["name"] for c in run["tool_calls"]] for run in runs]
     assert names[0] == names[1]
     assert all(name in tools for run in names for name in run)
     assert all(run["stop_reason"] in ("answer", "max_turns") and run["wall_s"] > 0 for run in runs)
-    many = [episode(RandomAgent(seed=seed), sample, degradations=None, max_turns=6, tools=tools)[1] for seed in range(6)]
+    many = [
+        episode(RandomAgent(seed=seed), sample, degradations=None, max_turns=6, tools=tools)[1] for seed in range(6)
+    ]
     assert len({tuple(c["name"] for c in run["tool_calls"]) for run in many}) > 1
 
 
@@ -115,11 +151,22 @@ def test_better_prefers_any_score_to_none():
 def test_run_baseline_reports_every_episode(data):
     samples = data.take([i for i, combo in enumerate(data.column("combo")) if combo == "noise"][:3])
     batch = asyncio.run(run_baseline(FixedOrderAgent(), LocalPool(TOOLS), samples, tool_schemas=SCHEMAS))
-    assert {"final_image", "tool_calls", "num_tool_calls", "wall_s", "stop_reason", "messages", "image_id", "hq"} <= set(batch.columns)
+    assert {
+        "final_image",
+        "tool_calls",
+        "num_tool_calls",
+        "wall_s",
+        "stop_reason",
+        "messages",
+        "image_id",
+        "hq",
+    } <= set(batch.columns)
     assert batch.meta["agent"] == "fixed_order"
     assert all(n == len(calls) for n, calls in zip(batch.column("num_tool_calls"), batch.column("tool_calls")))
     assert batch.column("degradations_used") == batch.column("degradations")
-    perceived = asyncio.run(run_baseline(FixedOrderAgent(), LocalPool(TOOLS), samples, tool_schemas=SCHEMAS, use_known_degradations=False))
+    perceived = asyncio.run(
+        run_baseline(FixedOrderAgent(), LocalPool(TOOLS), samples, tool_schemas=SCHEMAS, use_known_degradations=False)
+    )
     assert all("noise" in used for used in perceived.column("degradations_used"))
 
 

@@ -1,6 +1,7 @@
 """Runs that survive: the data order a resume repeats, atomic checkpoints of a real training
 engine (the plain engine in this process stands in for the actor group's dispatch), resume
 modes, RNG states, and logs that a resumed run cuts back to its checkpoint."""
+
 import json
 import random
 
@@ -9,10 +10,10 @@ import pytest
 import torch
 
 import tir  # noqa: F401  - shims before transformers
-from tir.rl import algos
 from tir.agent import models, prompts
 from tir.agent.multimodal import assistant_mask
 from tir.protocol import Batch
+from tir.rl import algos
 from tir.rl.reward import MultiMetricReward
 from tir.trainer import checkpoint
 from tir.trainer.checkpoint import (
@@ -81,11 +82,21 @@ def batch(policy):
     image = np.random.default_rng(0).integers(0, 256, (56, 56, 3), dtype=np.uint8)
     rows = []
     for i, tool in enumerate(TOOLS):
-        messages = [{"role": "system", "content": "Restore photos."}, prompts.user_message((56, 56)),
-                    prompts.assistant_message(prompts.format_call(prompts.ToolCall(tool, {})))]  # fmt: skip
+        messages = [
+            {"role": "system", "content": "Restore photos."},
+            prompts.user_message((56, 56)),
+            prompts.assistant_message(prompts.format_call(prompts.ToolCall(tool, {}))),
+        ]
         text = prompts.render(processor, messages, add_generation_prompt=False)
         ids = list(processor(text=[text], images=[image])["input_ids"][0])
-        rows.append({"input_ids": ids, "loss_mask": assistant_mask(processor, ids), "images": [image], "advantages": 1.0 - 2 * i})
+        rows.append(
+            {
+                "input_ids": ids,
+                "loss_mask": assistant_mask(processor, ids),
+                "images": [image],
+                "advantages": 1.0 - 2 * i,
+            }
+        )
     return Batch.from_rows(rows, kinds={"images": "images"})
 
 
@@ -136,7 +147,9 @@ def test_checkpoints_are_kept_newest_first_and_named_by_latest_json(policy, tmp_
     assert latest_checkpoint(tmp_path).name == "step_000006"
     assert checkpoint.checkpoint_to_resume(tmp_path, "auto") == latest_checkpoint(tmp_path)
     assert checkpoint.checkpoint_to_resume(tmp_path, "never") is None
-    assert checkpoint.checkpoint_to_resume(tmp_path, str(tmp_path / "checkpoints" / "step_000004")).name == "step_000004"
+    assert (
+        checkpoint.checkpoint_to_resume(tmp_path, str(tmp_path / "checkpoints" / "step_000004")).name == "step_000004"
+    )
     assert checkpoint.checkpoint_to_resume(tmp_path / "elsewhere", "auto") is None
     with pytest.raises(FileNotFoundError, match="not an RL checkpoint"):
         checkpoint.checkpoint_to_resume(tmp_path, str(tmp_path))
@@ -169,7 +182,9 @@ def test_a_resumed_run_logs_each_step_once(tmp_path):
             log.step(step, {"reward/mean": step / 10})
     with (tmp_path / "metrics.jsonl").open("a") as f:
         f.write('{"step": 4, "reward/me')  # a line cut by the kill
-    with RunLogger(tmp_path, total_steps=5, start_step=3, tensorboard=False) as log:  # resumed after step 2's checkpoint
+    with RunLogger(
+        tmp_path, total_steps=5, start_step=3, tensorboard=False
+    ) as log:  # resumed after step 2's checkpoint
         for step in (3, 4, 5):
             log.step(step, {"reward/mean": step})
     records = read_records(tmp_path / "metrics.jsonl")
@@ -193,8 +208,20 @@ def test_tensorboard_gets_every_number(tmp_path):
 
 
 def test_the_console_line_shows_rewards_and_the_time_breakdown():
-    line = console_line(3, 10, {"reward/mean": 0.12, "reward/gain/psnr": 1.5, "episode/tool_calls": 2.0, "time/step": 12.0,
-                                "time/rollout": 8.0, "time/generate": 5.0, "time/tools": 4.0, "time/update": 2.5})  # fmt: skip
+    line = console_line(
+        3,
+        10,
+        {
+            "reward/mean": 0.12,
+            "reward/gain/psnr": 1.5,
+            "episode/tool_calls": 2.0,
+            "time/step": 12.0,
+            "time/rollout": 8.0,
+            "time/generate": 5.0,
+            "time/tools": 4.0,
+            "time/update": 2.5,
+        },
+    )
     assert line.startswith("step 3/10 | reward +0.120 psnr +1.50dB calls 2.00")
     assert "12.0s: rollout 8.0 (generate 5.0, tools 4.0, update 2.5)" in line
     assert json.dumps(line)  # plain text

@@ -1,13 +1,14 @@
 """``init_ray`` picks the cluster to attach to (no cluster is started here: ``ray.init`` is
 recorded, not run, so that the choice itself is what is tested)."""
+
 from types import SimpleNamespace
 
 import pytest
 
 ray = pytest.importorskip("ray")
-from ray._private import services
+from ray._private import services  # noqa: E402
 
-from tir import cluster
+from tir import cluster  # noqa: E402
 
 
 @pytest.fixture

@@ -18,7 +18,9 @@ def test_schema_defaults_without_a_recipe():
 
 
 def test_packaged_tiny_recipe_inherits_base_and_takes_overrides():
-    recipe, overrides = split_cli_overrides(["recipe=recipes/tiny_cpu.yaml", "trainer.total_steps=3", "algo.kl_coef=0.5"])
+    recipe, overrides = split_cli_overrides(
+        ["recipe=recipes/tiny_cpu.yaml", "trainer.total_steps=3", "algo.kl_coef=0.5"]
+    )
     cfg = load_recipe(recipe, overrides)
     assert cfg.run.name == "tiny_cpu" and cfg.model.path == "runs/tiny_cpu/tiny_policy"
     assert cfg.reward.metrics == ["psnr", "ssim", "niqe"]  # from base.yaml
@@ -38,11 +40,15 @@ def test_unknown_key_names_key_file_and_closest(tmp_path):
     with pytest.raises(RecipeError) as err:
         load_recipe(path)
     message = str(err.value)
-    assert str(path) in message and "'trainer.total_step'" in message and "did you mean 'trainer.total_steps'" in message
+    assert (
+        str(path) in message and "'trainer.total_step'" in message and "did you mean 'trainer.total_steps'" in message
+    )
 
 
 def test_unknown_key_on_the_command_line():
-    with pytest.raises(RecipeError, match=r"command line: unknown key 'rollout.temprature'; did you mean 'rollout.temperature'"):
+    with pytest.raises(
+        RecipeError, match=r"command line: unknown key 'rollout.temprature'; did you mean 'rollout.temperature'"
+    ):
         load_recipe("tiny_cpu", ["rollout.temprature=0.7"])
 
 

@@ -1,12 +1,13 @@
 import argparse
 import json
 
-import tir  # noqa: F401  (environment shims before basicsr)
 import cv2
 import numpy as np
 import pytest
 import skimage.data
 
+import tir  # noqa: F401  (environment shims before basicsr)
+from tir.data.degradations import degrade_chain, sample_rng
 from tir.data.synth import (
     BUILTIN_PHOTOS,
     SourceImage,
@@ -19,7 +20,6 @@ from tir.data.synth import (
     synth_main,
     synthesize,
 )
-from tir.data.degradations import degrade_chain, sample_rng
 from tir.protocol import Batch
 
 COLUMNS = ["image_id", "combo", "group", "degradations", "params", "depth_source", "seed", "crop_box", "lq", "hq"]
@@ -69,12 +69,23 @@ def test_crop_box():
 
 def test_synthesize_builtin_rows_are_reproducible():
     sources = [SourceImage("astronaut"), SourceImage("stereo_motorcycle")]
-    batch = synthesize(sources, "rain+haze,motion_blur+lowres", per_image=2, seed=5, crop=64, crop_mode="random", progress=False)
+    batch = synthesize(
+        sources, "rain+haze,motion_blur+lowres", per_image=2, seed=5, crop=64, crop_mode="random", progress=False
+    )
     assert batch.columns == COLUMNS and len(batch) == 2 * 2 * 2
     rows = batch.rows()
     assert [r["combo"] for r in rows[:4]] == ["rain+haze"] * 2 + ["motion_blur+lowres"] * 2
     assert {r["group"] for r in rows} == {"custom"}
-    assert [r["depth_source"] for r in rows] == ["synthetic", "synthetic", "none", "none", "stereo", "stereo", "none", "none"]
+    assert [r["depth_source"] for r in rows] == [
+        "synthetic",
+        "synthetic",
+        "none",
+        "none",
+        "stereo",
+        "stereo",
+        "none",
+        "none",
+    ]
     for row in rows:
         assert row["hq"].shape == (64, 64, 3)
         assert row["lq"].shape == ((16, 16, 3) if "lowres" in row["degradations"] else (64, 64, 3))
@@ -84,14 +95,25 @@ def test_synthesize_builtin_rows_are_reproducible():
 
     # a row is remade from (image_id, combo, seed) alone ...
     row = rows[2]
-    spec = type("Spec", (), {"source": SourceImage(row["image_id"]), "group": "custom", "combo": tuple(row["degradations"]), "seed": row["seed"]})
+    spec = type(
+        "Spec",
+        (),
+        {
+            "source": SourceImage(row["image_id"]),
+            "group": "custom",
+            "combo": tuple(row["degradations"]),
+            "seed": row["seed"],
+        },
+    )
     remade = make_sample(spec, load_source(spec.source), crop=64, crop_mode="random")
     assert np.array_equal(remade["lq"], row["lq"]) and remade["params"] == row["params"]
     # ... or from the HQ crop and the recorded params
     replay, _ = degrade_chain(row["hq"], row["degradations"], np.random.default_rng(0), params=row["params"])
     assert np.array_equal(replay, row["lq"])
     # the whole batch again: identical; another seed: different
-    assert synthesize(sources, "rain+haze,motion_blur+lowres", per_image=2, seed=5, crop=64, crop_mode="random", progress=False).equals(batch)
+    assert synthesize(
+        sources, "rain+haze,motion_blur+lowres", per_image=2, seed=5, crop=64, crop_mode="random", progress=False
+    ).equals(batch)
     other = synthesize(sources[:1], "rain+haze", per_image=1, seed=6, crop=64, crop_mode="random", progress=False)
     assert not np.array_equal(other.column("lq")[0], rows[0]["lq"])
 
@@ -144,7 +166,23 @@ def parse(argv):
 def test_cli_writes_one_file(photo_folder, tmp_path, capsys):
     out = tmp_path / "out" / "x.parquet"
     with pytest.warns(UserWarning, match="broken.png"):
-        code = synth_main(parse(["--hq", str(photo_folder), "--combos", "noise+jpeg,dark", "--per-image", "2", "--crop", "48", "--no-progress", "--out", str(out)]))
+        code = synth_main(
+            parse(
+                [
+                    "--hq",
+                    str(photo_folder),
+                    "--combos",
+                    "noise+jpeg,dark",
+                    "--per-image",
+                    "2",
+                    "--crop",
+                    "48",
+                    "--no-progress",
+                    "--out",
+                    str(out),
+                ]
+            )
+        )
     assert code == 0 and "wrote 8 samples (2 photos, 2 combinations)" in capsys.readouterr().out
     batch = Batch.from_parquet(out)
     assert len(batch) == 8 and batch.column("hq")[0].shape == (48, 48, 3)
@@ -154,7 +192,19 @@ def test_cli_writes_one_file(photo_folder, tmp_path, capsys):
 
 def test_cli_shards_resume_after_an_interruption(tmp_path, capsys):
     out = tmp_path / "shards"
-    argv = ["--hq", "builtin", "--combos", "noise,jpeg", "--crop", "32", "--shard-size", "5", "--no-progress", "--out", str(out)]
+    argv = [
+        "--hq",
+        "builtin",
+        "--combos",
+        "noise,jpeg",
+        "--crop",
+        "32",
+        "--shard-size",
+        "5",
+        "--no-progress",
+        "--out",
+        str(out),
+    ]
     assert synth_main(parse(argv)) == 0
     parts = sorted(out.glob("part-*.parquet"))
     assert len(parts) == 4  # 8 photos x 2 combos = 16 samples in shards of 5

@@ -1,10 +1,10 @@
 import json
 
-import tir  # noqa: F401  (environment shims before basicsr)
 import numpy as np
 import pytest
 import skimage.data
 
+import tir  # noqa: F401  (environment shims before basicsr)
 from tir.data.degradations import (
     CANONICAL_ORDER,
     COMBINATIONS,
@@ -79,7 +79,10 @@ def test_noise_residual_std_is_near_sigma(smooth):
     assert (poisson.astype(np.float64) - smooth).std() > 5
 
 
-@pytest.mark.parametrize("variant, amount", [("constant_shift", {"shift": 40}), ("gamma", {"gamma": 0.6}), ("linear_compress", {"max_value": 120})])
+@pytest.mark.parametrize(
+    "variant, amount",
+    [("constant_shift", {"shift": 40}), ("gamma", {"gamma": 0.6}), ("linear_compress", {"max_value": 120})],
+)
 def test_dark_lowers_brightness(photo, variant, amount):
     out, applied = degrade(photo, "dark", np.random.default_rng(0), variant=variant, **amount)
     assert applied == {"variant": variant, **amount}
@@ -176,7 +179,9 @@ def test_out_of_range_message_gives_the_allowed_range(photo):
         degrade(photo, "jpeg", None, quality=30)
 
 
-@pytest.mark.parametrize("bad", [np.zeros((8, 8), np.uint8), np.zeros((8, 8, 4), np.uint8), np.zeros((8, 8, 3), np.float32), [[1, 2, 3]]])
+@pytest.mark.parametrize(
+    "bad", [np.zeros((8, 8), np.uint8), np.zeros((8, 8, 4), np.uint8), np.zeros((8, 8, 3), np.float32), [[1, 2, 3]]]
+)
 def test_bad_images_are_refused(bad):
     with pytest.raises(DegradationError, match="noise: input: expected an RGB uint8 HxWx3 image"):
         degrade(bad, "noise", np.random.default_rng(0))
@@ -201,7 +206,9 @@ def test_chain_is_reproducible_from_image_id_combo_and_seed(photo):
     assert len(applied) == 2 and set(applied[1]) == {"A", "beta", "depth_source"}
     replay, _ = degrade_chain(photo, ["rain", "haze"], np.random.default_rng(99), params=applied)
     assert np.array_equal(out, replay)
-    by_name, _ = degrade_chain(photo, ["rain", "haze"], np.random.default_rng(99), params={"rain": applied[0], "haze": applied[1]})
+    by_name, _ = degrade_chain(
+        photo, ["rain", "haze"], np.random.default_rng(99), params={"rain": applied[0], "haze": applied[1]}
+    )
     assert np.array_equal(out, by_name)
 
 
@@ -222,8 +229,16 @@ def test_stable_hash_is_fixed_across_processes():
 
 
 def test_named_combination_sets():
-    assert COMBINATIONS["groupA"] == [("rain", "haze"), ("motion_blur", "lowres"), ("dark", "noise"), ("defocus_blur", "jpeg"),
-                                      ("noise", "jpeg"), ("rain", "lowres"), ("motion_blur", "dark"), ("defocus_blur", "haze")]  # fmt: skip
+    assert COMBINATIONS["groupA"] == [
+        ("rain", "haze"),
+        ("motion_blur", "lowres"),
+        ("dark", "noise"),
+        ("defocus_blur", "jpeg"),
+        ("noise", "jpeg"),
+        ("rain", "lowres"),
+        ("motion_blur", "dark"),
+        ("defocus_blur", "haze"),
+    ]
     assert len(combinations("groupB")) == 4 and all(len(c) == 2 for c in combinations("groupB"))
     assert len(combinations("groupC")) == 4 and all(len(c) == 3 for c in combinations("groupC"))
     assert combinations("groupC")[1] == ("rain", "noise", "lowres")

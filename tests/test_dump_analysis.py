@@ -2,6 +2,7 @@
 scored by real metrics, rewarded by the real reward, written by ``tir.dumps.writer``; the viewer is
 loaded in a real headless Chromium (skipped, saying why, when none is installed:
 scripts/install_browser.sh installs one)."""
+
 import argparse
 import asyncio
 import json
@@ -16,10 +17,11 @@ import pyarrow.parquet as pq
 import pytest
 
 import tir  # noqa: F401  - shims before transformers
-from tir.dumps import reader, summary as dump_analysis
 from tir.agent import models, prompts
 from tir.agent.loop import LoopSettings, run_rollout
 from tir.data.synth import synthesize
+from tir.dumps import reader
+from tir.dumps import summary as dump_analysis
 from tir.dumps.reader import DumpError, list_dumps, load_episodes
 from tir.dumps.summary import add_dumps_arguments, dumps_main, summarize
 from tir.dumps.viewer import pick_rows
@@ -33,7 +35,10 @@ torch = pytest.importorskip("torch")
 TOOL_NAMES = ["brighten_shift", "dehaze_dcp", "denoise_tv", "derain_median", "sharpen_unsharp"]
 SCHEMAS = tool_schemas(TOOL_NAMES)
 # well-formed calls, the answer, and a malformed call (a format error the env turns into an observation)
-REPLIES = tuple(prompts.format_call(prompts.ToolCall(n, {})) for n in TOOL_NAMES) + (prompts.format_stop(), "<tool_call>{oops</tool_call>")
+REPLIES = tuple(prompts.format_call(prompts.ToolCall(n, {})) for n in TOOL_NAMES) + (
+    prompts.format_stop(),
+    "<tool_call>{oops</tool_call>",
+)
 METRICS = ["psnr", "ssim"]
 GROUP = 2
 STEPS = (1, 2)
@@ -58,14 +63,31 @@ def dumps(tmp_path_factory):
     folder = root / "rl" / "dumps"
     with DumpWriter(folder) as writer:
         for step in STEPS:
-            trajectories = run_rollout(engine, processor, pool, samples.repeat(GROUP), LoopSettings(max_turns=3, choices=REPLIES, seed=step),
-                                       tool_schemas=SCHEMAS)  # fmt: skip
+            trajectories = run_rollout(
+                engine,
+                processor,
+                pool,
+                samples.repeat(GROUP),
+                LoopSettings(max_turns=3, choices=REPLIES, seed=step),
+                tool_schemas=SCHEMAS,
+            )
             hqs = trajectories.column("hq")
             finals = asyncio.run(scores(trajectories.column("final_image"), hqs))
             inputs = asyncio.run(scores(trajectories.column("lq"), hqs))
-            reward = reward_fn(finals, inputs, trajectories.column("num_tool_calls"), trajectories.column("format_errors"), group_size=GROUP)
+            reward = reward_fn(
+                finals,
+                inputs,
+                trajectories.column("num_tool_calls"),
+                trajectories.column("format_errors"),
+                group_size=GROUP,
+            )
             advantages = group_advantages(torch.tensor(reward.rewards), GROUP, 1e-6, True)
-            writer.write(step, step_dump(trajectories, trajectories, reward, advantages.tolist(), finals, inputs).with_meta(step=step, config_hash="test"))
+            writer.write(
+                step,
+                step_dump(trajectories, trajectories, reward, advantages.tolist(), finals, inputs).with_meta(
+                    step=step, config_hash="test"
+                ),
+            )
     assert sorted(list_dumps(folder)) == list(STEPS)
     return folder
 
@@ -75,7 +97,20 @@ def raw_rows(folder):
     independent side of the hand counts."""
     rows = []
     for step, path in list_dumps(folder).items():
-        table = pq.read_table(path, columns=["combo", "tool_calls", "format_errors", "stop_reason", "reward", "final_scores", "reward_weights", "input_ids", "images"])
+        table = pq.read_table(
+            path,
+            columns=[
+                "combo",
+                "tool_calls",
+                "format_errors",
+                "stop_reason",
+                "reward",
+                "final_scores",
+                "reward_weights",
+                "input_ids",
+                "images",
+            ],
+        )
         meta = json.loads(table.schema.metadata[b"tir.meta"])
         assert meta["step"] == step
         for row in table.to_pylist():
@@ -106,12 +141,16 @@ def test_summary_matches_hand_counts(dumps):
         assert stats["lengths"]["episodes"] == len(mine)
         assert stats["subtasks"] == dict(Counter(TOOLS.get(c["name"]).subtask for r in mine for c in r["tool_calls"]))
         assert stats["format"]["format_errors"] == sum(r["format_errors"] for r in mine)
-        assert stats["format"]["episodes_with_errors"] == pytest.approx(sum(r["format_errors"] > 0 for r in mine) / len(mine))
+        assert stats["format"]["episodes_with_errors"] == pytest.approx(
+            sum(r["format_errors"] > 0 for r in mine) / len(mine)
+        )
         assert stats["lengths"]["stop_reasons"] == dict(Counter(r["stop_reason"] for r in mine))
         assert stats["lengths"]["tokens_mean"] == pytest.approx(np.mean([len(r["input_ids"]) for r in mine]))
         assert stats["reward"]["reward_mean"] == pytest.approx(np.mean([r["reward"] for r in mine]))
         for m in METRICS:
-            assert stats["reward"]["metrics"][m]["final"] == pytest.approx(np.mean([r["final_scores"][m] for r in mine]))
+            assert stats["reward"]["metrics"][m]["final"] == pytest.approx(
+                np.mean([r["final_scores"][m] for r in mine])
+            )
         assert summary["weights"][step] == pytest.approx(mine[0]["meta_weights"])
         assert summary["weights"][step] == pytest.approx(mine[-1]["reward_weights"])
     positions = Counter((i + 1, c["name"]) for r in rows for i, c in enumerate(r["tool_calls"]))
@@ -125,28 +164,67 @@ def test_summary_matches_hand_counts(dumps):
 
 def test_statistics_of_hand_made_episodes():
     def ep(step, combo, calls, reward, fe=0, stop="answer", ok=None, gains=None):
-        return reader.episode_record(step, 0, {
-            "combo": combo, "tool_calls": [{"name": n, "ok": o, "committed": True} for n, o in zip(calls, ok or [True] * len(calls))],
-            "num_turns": len(calls) + 1 + fe, "format_errors": fe, "stop_reason": stop, "reward": reward,
-            "reward_terms": {"gain": gains or {}, "contribution": {}}, "reward_weights": {"psnr": 0.5 + step / 10},
-        })  # fmt: skip
+        return reader.episode_record(
+            step,
+            0,
+            {
+                "combo": combo,
+                "tool_calls": [
+                    {"name": n, "ok": o, "committed": True} for n, o in zip(calls, ok or [True] * len(calls))
+                ],
+                "num_turns": len(calls) + 1 + fe,
+                "format_errors": fe,
+                "stop_reason": stop,
+                "reward": reward,
+                "reward_terms": {"gain": gains or {}, "contribution": {}},
+                "reward_weights": {"psnr": 0.5 + step / 10},
+            },
+        )
 
-    episodes = [ep(1, "noise", ["denoise_tv", "sr_swinir"], 1.0, gains={"psnr": 2.0}), ep(1, "noise", ["denoise_tv", "sr_swinir"], 3.0, gains={"psnr": -1.0}),
-                ep(1, "noise", ["dehaze_dcp"], 5.0, fe=2, stop="parse_error_limit", ok=[False]), ep(2, "blur", [], -1.0, fe=1),
-                ep(2, "noise", ["mystery_tool"], 0.0)]  # fmt: skip
-    assert dump_analysis.tool_usage_by_subtask(episodes) == {"denoising": 2, "super_resolution": 2, "dehazing": 1, "other": 1}
-    assert dump_analysis.tool_usage_by_position(episodes) == {1: {"denoise_tv": 2, "dehaze_dcp": 1, "mystery_tool": 1}, 2: {"sr_swinir": 2}}
-    assert dump_analysis.format_error_stats(episodes) == {"format_errors": 3, "per_episode": 0.6, "episodes_with_errors": 0.4,
-                                                          "parse_error_limit": 1, "tool_errors": 1, "crashed": 0}  # fmt: skip
+    episodes = [
+        ep(1, "noise", ["denoise_tv", "sr_swinir"], 1.0, gains={"psnr": 2.0}),
+        ep(1, "noise", ["denoise_tv", "sr_swinir"], 3.0, gains={"psnr": -1.0}),
+        ep(1, "noise", ["dehaze_dcp"], 5.0, fe=2, stop="parse_error_limit", ok=[False]),
+        ep(2, "blur", [], -1.0, fe=1),
+        ep(2, "noise", ["mystery_tool"], 0.0),
+    ]
+    assert dump_analysis.tool_usage_by_subtask(episodes) == {
+        "denoising": 2,
+        "super_resolution": 2,
+        "dehazing": 1,
+        "other": 1,
+    }
+    assert dump_analysis.tool_usage_by_position(episodes) == {
+        1: {"denoise_tv": 2, "dehaze_dcp": 1, "mystery_tool": 1},
+        2: {"sr_swinir": 2},
+    }
+    assert dump_analysis.format_error_stats(episodes) == {
+        "format_errors": 3,
+        "per_episode": 0.6,
+        "episodes_with_errors": 0.4,
+        "parse_error_limit": 1,
+        "tool_errors": 1,
+        "crashed": 0,
+    }
     assert dump_analysis.weights_over_time(episodes) == {1: {"psnr": 0.6}, 2: {"psnr": 0.7}}
     top = dump_analysis.top_sequences(episodes, k=2)
-    assert top["noise"] == [{"sequence": ["denoise_tv", "sr_swinir"], "count": 2, "share": 0.5, "reward_mean": 2.0},
-                            {"sequence": ["dehaze_dcp"], "count": 1, "share": 0.25, "reward_mean": 5.0}]  # fmt: skip
+    assert top["noise"] == [
+        {"sequence": ["denoise_tv", "sr_swinir"], "count": 2, "share": 0.5, "reward_mean": 2.0},
+        {"sequence": ["dehaze_dcp"], "count": 1, "share": 0.25, "reward_mean": 5.0},
+    ]
     assert top["blur"] == [{"sequence": [], "count": 1, "share": 1.0, "reward_mean": -1.0}]
     reward = dump_analysis.reward_by_metric(episodes)
-    assert reward["reward_mean"] == pytest.approx(1.6) and reward["metrics"]["psnr"]["gain"] == 0.5 and reward["metrics"]["psnr"]["improved"] == 0.5
+    assert (
+        reward["reward_mean"] == pytest.approx(1.6)
+        and reward["metrics"]["psnr"]["gain"] == 0.5
+        and reward["metrics"]["psnr"]["improved"] == 0.5
+    )
     lengths = dump_analysis.episode_lengths(episodes)
-    assert lengths["turns_mean"] == pytest.approx((3 + 3 + 4 + 2 + 2) / 5) and lengths["turns_histogram"] == {2: 2, 3: 2, 4: 1}
+    assert lengths["turns_mean"] == pytest.approx((3 + 3 + 4 + 2 + 2) / 5) and lengths["turns_histogram"] == {
+        2: 2,
+        3: 2,
+        4: 1,
+    }
     assert pick_rows({1: 4, 2: 4}, 3) == {1: [0], 2: [0, 3]} and pick_rows({1: 2}, 10) == {1: [0, 1]}
     assert reader.parse_steps("1,3-5, 9") == [1, 3, 4, 5, 9]
     with pytest.raises(DumpError, match="step numbers"):
@@ -160,8 +238,14 @@ def test_summary_command_writes_tables_and_plots(dumps, tmp_path, capsys):
     out = tmp_path / "summary"
     assert dumps_main(parse("summary", str(dumps), "--out", str(out))) == 0
     printed = capsys.readouterr().out
-    for title in ("## Episodes", "## Reward per metric", "## Reward weights over steps", "## Tool calls by subtask",
-                  "## Tool calls by position", "## Most common tool sequences"):  # fmt: skip
+    for title in (
+        "## Episodes",
+        "## Reward per metric",
+        "## Reward weights over steps",
+        "## Tool calls by subtask",
+        "## Tool calls by position",
+        "## Most common tool sequences",
+    ):
         assert title in printed
     assert (out / "summary.md").read_text() in printed
     assert json.loads((out / "summary.json").read_text())["all"]["lengths"]["episodes"] == 8
@@ -189,8 +273,13 @@ def test_clear_errors_for_missing_empty_and_corrupt_dumps(dumps, tmp_path, capsy
         assert "step_000003.parquet" in message and "corrupt" in message
     other = tmp_path / "other"
     other.mkdir()
-    pq.write_table(pq.read_table(next(iter(list_dumps(dumps).values())), columns=["reward"]), other / "step_000001.parquet")
-    assert re.search(r"step_000001\.parquet: not a rollout dump, it has no column\(s\) combo, tool_calls", error("summary", str(other)))
+    pq.write_table(
+        pq.read_table(next(iter(list_dumps(dumps).values())), columns=["reward"]), other / "step_000001.parquet"
+    )
+    assert re.search(
+        r"step_000001\.parquet: not a rollout dump, it has no column\(s\) combo, tool_calls",
+        error("summary", str(other)),
+    )
 
 
 def test_documented_pandas_recipe_reads_a_dump(dumps):
@@ -213,7 +302,16 @@ def browser():
 
 
 def load_page(url, profile, *extra):
-    command = [browser(), "--headless", "--disable-gpu", "--no-sandbox", f"--user-data-dir={profile}", "--virtual-time-budget=10000", *extra, url]
+    command = [
+        browser(),
+        "--headless",
+        "--disable-gpu",
+        "--no-sandbox",
+        f"--user-data-dir={profile}",
+        "--virtual-time-budget=10000",
+        *extra,
+        url,
+    ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout
@@ -222,7 +320,14 @@ def load_page(url, profile, *extra):
 def sections(dom):
     """(hidden, step, combo) of every trajectory element in the dumped DOM."""
     tags = re.findall(r'<section class="trajectory"[^>]*>', dom)
-    return [(" hidden" in tag, int(re.search(r'data-step="(\d+)"', tag).group(1)), re.search(r'data-combo="([^"]*)"', tag).group(1)) for tag in tags]
+    return [
+        (
+            " hidden" in tag,
+            int(re.search(r'data-step="(\d+)"', tag).group(1)),
+            re.search(r'data-combo="([^"]*)"', tag).group(1),
+        )
+        for tag in tags
+    ]
 
 
 def test_viewer_renders_every_trajectory_in_headless_chromium(dumps, tmp_path, capsys):
@@ -231,7 +336,11 @@ def test_viewer_renders_every_trajectory_in_headless_chromium(dumps, tmp_path, c
     assert "8 trajectories" in capsys.readouterr().out
     page = out.read_text()
     assert not re.search(r'(src|href)="(https?:)?//', page) and "<script src" not in page  # self-contained
-    data = json.loads(re.search(r'<script type="application/json" id="tir-data">(.*?)</script>', page, re.DOTALL).group(1).replace("<\\/", "</"))
+    data = json.loads(
+        re.search(r'<script type="application/json" id="tir-data">(.*?)</script>', page, re.DOTALL)
+        .group(1)
+        .replace("<\\/", "</")
+    )
     assert all(uri.startswith("data:image/jpeg;base64,") for uri in data["images"].values())
     rows = raw_rows(dumps)
     for episode, row in zip(data["episodes"], rows):

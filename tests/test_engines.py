@@ -4,20 +4,28 @@ The reference is the plain engine in this process; each sharded engine runs the 
 Qwen2.5-VL on the same multi-image trajectories, split over 2 ranks unevenly (3 + 2 rows, 2 + 1
 micro-batches), and must give the same log-probs, loss, grad norm and updated weights.
 """
+
 import numpy as np
 import pytest
 import torch
 
 import tir  # noqa: F401  - shims before transformers
-from tir.rl import algos
 from tir.agent import models, prompts
 from tir.agent.multimodal import TrajectoryError, assistant_mask, model_inputs
 from tir.protocol import Batch
+from tir.rl import algos
 from workers.engines import EngineOptions, make_engine, token_logprobs
 from workers.engines.base import WarmupSchedule
 
 TOOLS = ["denoise_tv", "brighten_gamma", "upscale_bicubic"]
-OPTIONS = {"lr": 1e-3, "warmup_steps": 2, "grad_clip": 1.0, "micro_batch_size": 2, "weight_decay": 0.01, "zero_stage": 2}
+OPTIONS = {
+    "lr": 1e-3,
+    "warmup_steps": 2,
+    "grad_clip": 1.0,
+    "micro_batch_size": 2,
+    "weight_decay": 0.01,
+    "zero_stage": 2,
+}
 LOSS_TOL = {"rtol": 1e-4, "atol": 1e-6}  # grad norm 1.48 > grad_clip: the clip is exercised
 # |updated - plain's updated| / |plain's update| over all weights. Measured: FSDP2 1e-6, ZeRO-2 4e-7,
 # ZeRO-3 6e-5: Adam's first step is ~lr * sign(grad), so weights whose true gradient is 0 (the
@@ -45,8 +53,11 @@ def chat(processor, seed):
     rng = np.random.default_rng(seed)
     images = [photo(int(rng.integers(56, 140)), int(rng.integers(56, 140)), seed)]
     call = prompts.format_call(prompts.ToolCall(TOOLS[seed % 3], {}))
-    messages = [{"role": "system", "content": "Restore photos with tools."}, prompts.user_message(prompts.image_size(images[0])),
-                prompts.assistant_message(call)]  # fmt: skip
+    messages = [
+        {"role": "system", "content": "Restore photos with tools."},
+        prompts.user_message(prompts.image_size(images[0])),
+        prompts.assistant_message(call),
+    ]
     if seed % 2 == 0:
         images.append(photo(84, 112, seed + 100))
         messages.append(prompts.tool_message(TOOLS[seed % 3], prompts.image_size(images[1])))
@@ -87,8 +98,14 @@ def reference(policy):
     batch = batch.with_column("rollout_logprobs", old)
     initial = engine.state_dict_for_rollout()
     metrics = engine.train_step(batch, policy_gradient_loss)
-    return {"batch": batch, "initial": initial, "logprobs": logprobs, "metrics": metrics, "weights": engine.state_dict_for_rollout(),
-            "next_loss": engine.train_step(batch, policy_gradient_loss)["loss"]}  # fmt: skip
+    return {
+        "batch": batch,
+        "initial": initial,
+        "logprobs": logprobs,
+        "metrics": metrics,
+        "weights": engine.state_dict_for_rollout(),
+        "next_loss": engine.train_step(batch, policy_gradient_loss)["loss"],
+    }
 
 
 # ---------------------------------------------------------------- single process
@@ -126,7 +143,9 @@ def test_gradient_accumulation_equals_one_big_micro_batch(policy, reference):
 def test_rows_without_policy_tokens_add_nothing(policy, reference):
     path, _ = policy
     batch = reference["batch"].slice(0, 3)
-    silent = batch.with_column("loss_mask", [[0] * len(m) if i == 1 else m for i, m in enumerate(batch.column("loss_mask"))])
+    silent = batch.with_column(
+        "loss_mask", [[0] * len(m) if i == 1 else m for i, m in enumerate(batch.column("loss_mask"))]
+    )
     options = {**OPTIONS, "micro_batch_size": 1}
     with_silent_row = make_engine("plain", path, options).train_step(silent, sft_loss)
     without_it = make_engine("plain", path, options).train_step(batch.take([0, 2]), sft_loss)
@@ -157,7 +176,9 @@ def test_image_token_mismatch_names_the_row(policy, reference):
     batch = reference["batch"].slice(0, 2)
     rows = batch.column("images")
     broken = batch.with_column("images", [rows[0], rows[1] + [photo(56, 56, 9)]], kind="images")
-    with pytest.raises(TrajectoryError, match=r"row 1: input_ids hold \d+ image tokens but its 2 image\(s\) expand to \d+"):
+    with pytest.raises(
+        TrajectoryError, match=r"row 1: input_ids hold \d+ image tokens but its 2 image\(s\) expand to \d+"
+    ):
         model_inputs(broken, processor, processor.tokenizer.pad_token_id)
 
 
@@ -188,7 +209,9 @@ def test_plain_checkpoint_resumes_to_the_same_next_step(policy, reference, tmp_p
     again = make_engine("plain", path, OPTIONS)
     again.load_checkpoint(tmp_path / "ckpt")
     assert again.step == 1
-    np.testing.assert_allclose(again.train_step(reference["batch"], policy_gradient_loss)["loss"], reference["next_loss"], rtol=1e-6)
+    np.testing.assert_allclose(
+        again.train_step(reference["batch"], policy_gradient_loss)["loss"], reference["next_loss"], rtol=1e-6
+    )
 
 
 def test_save_hf_loads_with_load_policy(policy, reference, tmp_path):
@@ -197,8 +220,10 @@ def test_save_hf_loads_with_load_policy(policy, reference, tmp_path):
     engine.train_step(reference["batch"], policy_gradient_loss)
     engine.save_hf(tmp_path / "hf")
     reloaded = make_engine("plain", tmp_path / "hf", OPTIONS, trainable=False)
-    for a, b in zip(reloaded.forward_logprobs(reference["batch"]).column("logprobs"),
-                    engine.forward_logprobs(reference["batch"]).column("logprobs")):  # fmt: skip
+    for a, b in zip(
+        reloaded.forward_logprobs(reference["batch"]).column("logprobs"),
+        engine.forward_logprobs(reference["batch"]).column("logprobs"),
+    ):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
     assert reloaded.processor.tokenizer.get_vocab() == engine.processor.tokenizer.get_vocab()
     with pytest.raises(RuntimeError, match="frozen"):
@@ -216,8 +241,13 @@ def sharded(request, ray_cluster, policy, reference, tmp_path_factory):
     from workers.group import WorkerGroup
 
     engine, extra = request.param
-    group = WorkerGroup(ActorWorker, num_workers=2, name=f"actor_{engine}_{extra.get('zero_stage', '')}", resources={"CPU": 1},
-                        init_kwargs={"model_path": str(policy[0]), "engine": engine, "options": {**OPTIONS, **extra}})  # fmt: skip
+    group = WorkerGroup(
+        ActorWorker,
+        num_workers=2,
+        name=f"actor_{engine}_{extra.get('zero_stage', '')}",
+        resources={"CPU": 1},
+        init_kwargs={"model_path": str(policy[0]), "engine": engine, "options": {**OPTIONS, **extra}},
+    )
     try:
         assert group.init_model() == [engine, engine]
         batch = reference["batch"]

@@ -1,4 +1,5 @@
 """RestorationEnv on the real local pool and real tools: turns, errors as observations, limits."""
+
 import asyncio
 
 import numpy as np
@@ -6,8 +7,8 @@ import pytest
 
 import tir  # noqa: F401  - shims first
 from tir.agent import prompts
-from tir.data.synth import synthesize
 from tir.agent.env import RestorationEnv, perception_cues
+from tir.data.synth import synthesize
 from tool_pool.client import LocalPool
 from tool_pool.tools import tool_schemas
 
@@ -53,7 +54,9 @@ def test_a_tool_call_runs_through_the_pool_and_shows_the_new_image(noisy):
     step = run(episode())
     assert not step.done and step.observation.image is env.image
     assert env.image.shape == noisy.shape and not np.array_equal(env.image, noisy)
-    assert step.observation.message["role"] == "tool" and "denoise_tv returned a 96x96 image" in prompts.message_text(step.observation.message)
+    assert step.observation.message["role"] == "tool" and "denoise_tv returned a 96x96 image" in prompts.message_text(
+        step.observation.message
+    )
     [record] = env.tool_calls
     assert record["name"] == "denoise_tv" and record["arguments"] == {"strength": 1.0} and record["ok"]
     assert record["error_kind"] is None and record["seconds"] > 0 and record["committed"]
@@ -69,7 +72,11 @@ def test_malformed_replies_become_error_observations_up_to_the_limit(noisy):
         return [await env.step(reply) for reply in ("hello", call("denoise_tvv"), '<tool_call>{"name": </tool_call>')]
 
     first, second, third = run(episode())
-    assert not first.done and first.observation.image is None and "Error: no tool call found" in prompts.message_text(first.observation.message)
+    assert (
+        not first.done
+        and first.observation.image is None
+        and "Error: no tool call found" in prompts.message_text(first.observation.message)
+    )
     assert "did you mean 'denoise_tv'" in prompts.message_text(second.observation.message)
     assert third.done and third.stop_reason == "parse_error_limit" and third.observation is None
     assert env.format_error_kinds == ["no_action", "unknown_tool", "bad_json"]

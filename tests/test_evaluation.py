@@ -3,6 +3,7 @@
 One module-scoped evaluation (identity, random, fixed_order, exhaustive, the expert oracle and a
 tiny random policy on 5 crops of 64 px) feeds most tests; a second run checks determinism.
 """
+
 import json
 import statistics
 from pathlib import Path
@@ -12,39 +13,69 @@ import numpy as np
 import pytest
 
 import tir  # noqa: F401  - shims before transformers
-from tir.eval import agents as evaluation, cli as eval_cli
 from tir.agent import models
 from tir.agent.loop import LoopSettings
+from tir.data.expert import ExpertSettings
 from tir.data.synth import synthesize
-from tir.eval.report import aggregate, render_markdown
+from tir.eval import agents as evaluation
+from tir.eval import cli as eval_cli
 from tir.eval.agents import (
     EvalError,
     EvalSettings,
     evaluate_agents,
     parse_agents,
 )
-from tir.data.expert import ExpertSettings
+from tir.eval.report import aggregate, render_markdown
 from tir.protocol import Batch
 from tool_pool.client import LocalPool
 from tool_pool.tools import tool_schemas
 
-TOOLS = ["denoise_tv", "deblur_motion_rl", "deblur_defocus_wiener", "jpeg_deblock_dct", "dehaze_dcp", "derain_opening", "brighten_shift", "sr_backprojection"]
+TOOLS = [
+    "denoise_tv",
+    "deblur_motion_rl",
+    "deblur_defocus_wiener",
+    "jpeg_deblock_dct",
+    "dehaze_dcp",
+    "derain_opening",
+    "brighten_shift",
+    "sr_backprojection",
+]
 METRICS = ("psnr", "ssim")
 AGENTS = "identity,random,fixed_order,exhaustive,expert"
 
 
 def small_test_set() -> Batch:
     """5 rows over groups A, B, C and single; two of them at 1/4 size (lowres)."""
-    rows = synthesize("builtin", "noise+jpeg,motion_blur+lowres,haze+noise,rain+noise+lowres,dark", per_image=1, seed=0, crop=64, progress=False)
+    rows = synthesize(
+        "builtin",
+        "noise+jpeg,motion_blur+lowres,haze+noise,rain+noise+lowres,dark",
+        per_image=1,
+        seed=0,
+        crop=64,
+        progress=False,
+    )
     keep = [i for i, image_id in enumerate(rows.column("image_id")) if image_id == "astronaut"]
-    groups = {"noise+jpeg": "groupA", "motion_blur+lowres": "groupA", "haze+noise": "groupB", "rain+noise+lowres": "groupC", "dark": "single"}
+    groups = {
+        "noise+jpeg": "groupA",
+        "motion_blur+lowres": "groupA",
+        "haze+noise": "groupB",
+        "rain+noise+lowres": "groupC",
+        "dark": "single",
+    }
     test = rows.take(keep)
     return test.with_column("group", [groups[c] for c in test.column("combo")])
 
 
 def settings(**overrides) -> EvalSettings:
-    values = {"metrics": METRICS, "seed": 0, "max_turns": 3, "tools": tuple(TOOLS), "loop": LoopSettings(max_new_tokens=24),
-              "progress": False, "expert": ExpertSettings(metrics=METRICS, perturb=False)}  # fmt: skip
+    values = {
+        "metrics": METRICS,
+        "seed": 0,
+        "max_turns": 3,
+        "tools": tuple(TOOLS),
+        "loop": LoopSettings(max_new_tokens=24),
+        "progress": False,
+        "expert": ExpertSettings(metrics=METRICS, perturb=False),
+    }
     return EvalSettings(**{**values, **overrides})
 
 
@@ -70,12 +101,53 @@ def report(test_set, policy, tmp_path_factory):
 
 def test_per_group_aggregates_match_hand_computed_values():
     rows = [
-        {"agent": "a", "group": "A", "scores": {"psnr": 20.0, "ssim": 0.5}, "tool_calls": 1, "turns": 2, "wall_s": 0.1, "format_errors": 0},
-        {"agent": "a", "group": "A", "scores": {"psnr": 24.0, "ssim": 0.7}, "tool_calls": 3, "turns": 4, "wall_s": 0.3, "format_errors": 1},
-        {"agent": "a", "group": "B", "scores": {"psnr": 18.0, "ssim": None}, "tool_calls": 2, "turns": 3, "wall_s": 0.2, "format_errors": 0},
-        {"agent": "a", "group": "ood", "scores": {"psnr": 30.0, "ssim": 0.9}, "tool_calls": 0, "turns": 1, "wall_s": 0.0, "format_errors": 0},
-        {"agent": "b", "group": "A", "scores": {"psnr": 10.0, "ssim": 0.1}, "tool_calls": 0, "turns": 1, "wall_s": 0.0, "format_errors": 2, "error": "boom"},
-    ]  # fmt: skip
+        {
+            "agent": "a",
+            "group": "A",
+            "scores": {"psnr": 20.0, "ssim": 0.5},
+            "tool_calls": 1,
+            "turns": 2,
+            "wall_s": 0.1,
+            "format_errors": 0,
+        },
+        {
+            "agent": "a",
+            "group": "A",
+            "scores": {"psnr": 24.0, "ssim": 0.7},
+            "tool_calls": 3,
+            "turns": 4,
+            "wall_s": 0.3,
+            "format_errors": 1,
+        },
+        {
+            "agent": "a",
+            "group": "B",
+            "scores": {"psnr": 18.0, "ssim": None},
+            "tool_calls": 2,
+            "turns": 3,
+            "wall_s": 0.2,
+            "format_errors": 0,
+        },
+        {
+            "agent": "a",
+            "group": "ood",
+            "scores": {"psnr": 30.0, "ssim": 0.9},
+            "tool_calls": 0,
+            "turns": 1,
+            "wall_s": 0.0,
+            "format_errors": 0,
+        },
+        {
+            "agent": "b",
+            "group": "A",
+            "scores": {"psnr": 10.0, "ssim": 0.1},
+            "tool_calls": 0,
+            "turns": 1,
+            "wall_s": 0.0,
+            "format_errors": 2,
+            "error": "boom",
+        },
+    ]
     out = aggregate(rows, METRICS)
     a = out["a"]
     assert list(a) == ["A", "B", "A-C", "ood", "overall"]
@@ -85,8 +157,14 @@ def test_per_group_aggregates_match_hand_computed_values():
     assert a["B"]["ssim"] == {"mean": None, "std": None, "n": 0, "missing": 1}  # a metric that could not score
     assert a["A-C"]["psnr"]["mean"] == pytest.approx((20 + 24 + 18) / 3)
     assert a["A-C"]["ssim"]["mean"] == pytest.approx(0.6) and a["A-C"]["ssim"]["n"] == 2
-    assert a["overall"]["psnr"]["mean"] == pytest.approx(23.0) and a["overall"]["psnr"]["std"] == pytest.approx(statistics.stdev([20, 24, 18, 30]))
-    assert a["overall"]["wall_s"]["mean"] == pytest.approx(0.15) and a["overall"]["images"] == 4 and a["overall"]["errors"] == 0
+    assert a["overall"]["psnr"]["mean"] == pytest.approx(23.0) and a["overall"]["psnr"]["std"] == pytest.approx(
+        statistics.stdev([20, 24, 18, 30])
+    )
+    assert (
+        a["overall"]["wall_s"]["mean"] == pytest.approx(0.15)
+        and a["overall"]["images"] == 4
+        and a["overall"]["errors"] == 0
+    )
     assert list(out["b"]) == ["A", "overall"] and out["b"]["overall"]["errors"] == 1
     assert aggregate(rows[:2], METRICS)["a"].keys() == {"A", "overall"}  # no A-C that would repeat overall
 
@@ -101,7 +179,9 @@ def test_report_aggregates_are_the_per_image_rows(report, test_set):
         assert cell["psnr"]["mean"] == pytest.approx(np.mean(psnr)) and cell["psnr"]["n"] == len(psnr)
         assert cell["tool_calls"]["mean"] == pytest.approx(np.mean(calls))
     assert report["aggregates"]["exhaustive"]["A-C"]["psnr"]["n"] == 4
-    assert report["aggregates"]["exhaustive"]["overall"]["psnr"]["std"] == pytest.approx(statistics.stdev([r["scores"]["psnr"] for r in rows]))
+    assert report["aggregates"]["exhaustive"]["overall"]["psnr"]["std"] == pytest.approx(
+        statistics.stdev([r["scores"]["psnr"] for r in rows])
+    )
 
 
 # ---------------------------------------------------------------- scoring
@@ -161,7 +241,12 @@ def test_the_same_seed_and_checkpoint_give_the_same_table(report, test_set, poli
 def test_outputs_are_a_table_a_json_file_and_a_png(report):
     files = report["files"]
     markdown = Path(files["markdown"]).read_text()
-    assert markdown == report["markdown"] and "| expert |" in markdown and "## A (2 images)" in markdown and "PSNR ↑" in markdown
+    assert (
+        markdown == report["markdown"]
+        and "| expert |" in markdown
+        and "## A (2 images)" in markdown
+        and "PSNR ↑" in markdown
+    )
     body = json.loads(Path(files["json"]).read_text())
     assert set(body) == {"meta", "aggregates", "rows"} and len(body["rows"]) == 6 * 5
     assert "final_image" not in body["rows"][0]
@@ -190,8 +275,16 @@ def test_a_folder_that_is_no_policy_and_a_missing_path_are_refused(tmp_path):
 
 def test_the_cli_reports_bad_input_in_one_line(tmp_path, capsys):
     parser = eval_cli.add_eval_arguments(__import__("argparse").ArgumentParser())
-    code = eval_cli.eval_main(parser.parse_args(["--test", str(tmp_path / "missing.parquet"), "--out", str(tmp_path / "out"), "--pool", "local"]))
+    code = eval_cli.eval_main(
+        parser.parse_args(
+            ["--test", str(tmp_path / "missing.parquet"), "--out", str(tmp_path / "out"), "--pool", "local"]
+        )
+    )
     assert code == 2 and "test set" in capsys.readouterr().err
     small_test_set().to_parquet(tmp_path / "test.parquet")
-    code = eval_cli.eval_main(parser.parse_args(["--test", str(tmp_path / "test.parquet"), "--agents", "identty", "--out", str(tmp_path / "out")]))
+    code = eval_cli.eval_main(
+        parser.parse_args(
+            ["--test", str(tmp_path / "test.parquet"), "--agents", "identty", "--out", str(tmp_path / "out")]
+        )
+    )
     assert code == 2 and "did you mean 'identity'" in capsys.readouterr().err

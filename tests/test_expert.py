@@ -3,6 +3,7 @@
 A small toolbox (two tools per subtask where it matters) and 64 px crops keep every search to a
 few dozen tool calls of milliseconds; PSNR and SSIM (no NIQE model to load) rank the schedules.
 """
+
 import asyncio
 import itertools
 import os
@@ -25,15 +26,27 @@ from tool_pool.client import LocalPool
 from tool_pool.tools import get_tool
 
 REPO = Path(__file__).resolve().parent.parent
-TOOLS = ["denoise_tv", "denoise_dct", "jpeg_deblock_dct", "jpeg_reapply", "brighten_shift", "brighten_gamma",
-         "dehaze_dcp", "dehaze_global", "sr_bicubic", "sr_lanczos"]  # fmt: skip
+TOOLS = [
+    "denoise_tv",
+    "denoise_dct",
+    "jpeg_deblock_dct",
+    "jpeg_reapply",
+    "brighten_shift",
+    "brighten_gamma",
+    "dehaze_dcp",
+    "dehaze_global",
+    "sr_bicubic",
+    "sr_lanczos",
+]
 BY_SUBTASK = {s: sorted(t for t in TOOLS if get_tool(t).subtask == s) for s in {get_tool(t).subtask for t in TOOLS}}
 SETTINGS = expert.ExpertSettings(metrics=("psnr", "ssim"), tie_margin=0.0, perturb=False, beam_width=2)
 
 
 @pytest.fixture(scope="module")
 def samples():
-    return synthesize("builtin", "noise+jpeg,dark+noise,haze+dark+noise", per_image=1, seed=0, crop=64, progress=False).slice(0, 6)
+    return synthesize(
+        "builtin", "noise+jpeg,dark+noise,haze+dark+noise", per_image=1, seed=0, crop=64, progress=False
+    ).slice(0, 6)
 
 
 def row(samples, combo):
@@ -43,7 +56,11 @@ def row(samples, combo):
 def search(pool, sample, settings=SETTINGS):
     cost = expert.Cost()
     inputs = asyncio.run(expert.score(pool, sample["lq"], sample["hq"], settings.metrics, cost))
-    best, candidates, mode = asyncio.run(expert.search_expert(pool, sample["lq"], sample["hq"], sample["degradations"], BY_SUBTASK, settings, cost, inputs))
+    best, candidates, mode = asyncio.run(
+        expert.search_expert(
+            pool, sample["lq"], sample["hq"], sample["degradations"], BY_SUBTASK, settings, cost, inputs
+        )
+    )
     return best, mode, candidates, cost, inputs
 
 
@@ -62,8 +79,11 @@ def test_two_degradations_are_searched_exhaustively_and_the_best_schedule_wins(s
     assert (mode, len(candidates)) == ("exhaustive", 8)  # 2 orders x 2 denoisers x 2 deblockers
     assert cost.tool_calls == 4 + 8  # first steps, then every first step extended: prefixes are shared
     # brute force: every schedule executed and ranked with the same metrics
-    schedules = [order for first, second in (("denoising", "jpeg_artifact_removal"), ("jpeg_artifact_removal", "denoising"))
-                 for order in itertools.product(BY_SUBTASK[first], BY_SUBTASK[second])]  # fmt: skip
+    schedules = [
+        order
+        for first, second in (("denoising", "jpeg_artifact_removal"), ("jpeg_artifact_removal", "denoising"))
+        for order in itertools.product(BY_SUBTASK[first], BY_SUBTASK[second])
+    ]
     finals = [run_tools(sample["lq"], tools) for tools in schedules]
     scores = [asyncio.run(pool.score(["psnr", "ssim"], image, sample["hq"])) for image in finals]
     quality = expert.quality(scores, inputs, SETTINGS)
@@ -93,8 +113,11 @@ def test_near_ties_go_to_the_conventional_schedule():
     def schedule(tools, quality, psnr, niqe):
         return expert.Schedule(tuple(tools), (), np.zeros((1, 1, 3), np.uint8), {"psnr": psnr, "niqe": niqe}, quality)
 
-    ranked = [schedule(["denoise_dct", "jpeg_deblock_dct"], 1.0, 25.0, 5.0), schedule(["jpeg_deblock_dct", "denoise_tv"], 0.9, 24.8, 5.2),
-              schedule(["jpeg_reapply", "denoise_tv"], 0.2, 22.0, 5.0)]  # fmt: skip
+    ranked = [
+        schedule(["denoise_dct", "jpeg_deblock_dct"], 1.0, 25.0, 5.0),
+        schedule(["jpeg_deblock_dct", "denoise_tv"], 0.9, 24.8, 5.2),
+        schedule(["jpeg_reapply", "denoise_tv"], 0.2, 22.0, 5.0),
+    ]
     assert expert.pick_expert(ranked, BY_SUBTASK, margin=0.0).tools == ("denoise_dct", "jpeg_deblock_dct")
     # within one tolerance (0.3 dB, 0.3 NIQE): the order prior (undo jpeg first) and the usual tools win
     assert expert.pick_expert(ranked, BY_SUBTASK, margin=1.0).tools == ("jpeg_deblock_dct", "denoise_tv")
@@ -129,34 +152,74 @@ def candidate(tools, quality, psnr=20.0):
 
 
 def test_each_combination_gets_the_order_that_is_best_on_average():
-    narrow_jpeg_win = [candidate(["jpeg_deblock_dct", "denoise_tv"], 1.0), candidate(["denoise_tv", "jpeg_deblock_dct"], -1.0)]
-    big_noise_win = [candidate(["jpeg_deblock_dct", "denoise_tv"], -3.0), candidate(["denoise_tv", "jpeg_deblock_dct"], 3.0)]
+    narrow_jpeg_win = [
+        candidate(["jpeg_deblock_dct", "denoise_tv"], 1.0),
+        candidate(["denoise_tv", "jpeg_deblock_dct"], -1.0),
+    ]
+    big_noise_win = [
+        candidate(["jpeg_deblock_dct", "denoise_tv"], -3.0),
+        candidate(["denoise_tv", "jpeg_deblock_dct"], 3.0),
+    ]
     rows = [{"combo": "noise+jpeg", "search_candidates": c} for c in (narrow_jpeg_win, narrow_jpeg_win, big_noise_win)]
     # a sample's quality is standardised among its own candidates, but not clipped: 3 vs 1 wins here
     assert expert.combination_orders(rows, SUBTASK_OF) == {"noise+jpeg": NOISE_FIRST}
-    rows.append({"combo": "dark+noise", "search_candidates": [candidate(["denoise_tv", "brighten_shift"], 0.5), candidate(["brighten_shift", "denoise_tv"], 0.1)]})
-    assert expert.combination_orders(rows[:2] + rows[3:], SUBTASK_OF) == {"noise+jpeg": JPEG_FIRST, "dark+noise": ["denoising", "brightening"]}
+    rows.append(
+        {
+            "combo": "dark+noise",
+            "search_candidates": [
+                candidate(["denoise_tv", "brighten_shift"], 0.5),
+                candidate(["brighten_shift", "denoise_tv"], 0.1),
+            ],
+        }
+    )
+    assert expert.combination_orders(rows[:2] + rows[3:], SUBTASK_OF) == {
+        "noise+jpeg": JPEG_FIRST,
+        "dark+noise": ["denoising", "brightening"],
+    }
 
 
 def test_an_order_the_beam_pruned_counts_as_that_samples_worst_and_equal_means_go_to_the_prior():
-    pruned = [candidate(["jpeg_deblock_dct", "denoise_tv"], 1.0), candidate(["jpeg_reapply", "denoise_tv"], -1.0)]  # noise-first pruned
+    pruned = [
+        candidate(["jpeg_deblock_dct", "denoise_tv"], 1.0),
+        candidate(["jpeg_reapply", "denoise_tv"], -1.0),
+    ]  # noise-first pruned
     close = [candidate(["denoise_tv", "jpeg_deblock_dct"], 1.0), candidate(["jpeg_deblock_dct", "denoise_tv"], 0.8)]
     rows = [{"combo": "noise+jpeg", "search_candidates": c} for c in (pruned, close)]
     # counting only where searched, noise-first (1.0) would beat jpeg-first (0.9); as the worst it is (-1 + 1) / 2 = 0
     assert expert.combination_orders(rows, SUBTASK_OF) == {"noise+jpeg": JPEG_FIRST}
     mirrored = [candidate(["denoise_tv", "jpeg_deblock_dct"], 1.0), candidate(["jpeg_deblock_dct", "denoise_tv"], -1.0)]
-    rows = [{"combo": "noise+jpeg", "search_candidates": c} for c in (mirrored, [candidate(c["tools"], -c["quality"]) for c in mirrored])]
-    assert expert.combination_orders(rows, SUBTASK_OF) == {"noise+jpeg": JPEG_FIRST}  # the order prior: undo compression first
+    rows = [
+        {"combo": "noise+jpeg", "search_candidates": c}
+        for c in (mirrored, [candidate(c["tools"], -c["quality"]) for c in mirrored])
+    ]
+    assert expert.combination_orders(rows, SUBTASK_OF) == {
+        "noise+jpeg": JPEG_FIRST
+    }  # the order prior: undo compression first
 
 
 def test_the_expert_is_the_samples_best_schedule_in_its_combinations_order():
-    row = {"sample_expert_tools": ["denoise_dct", "jpeg_deblock_dct"], "search_candidates": [
-        candidate(["denoise_dct", "jpeg_deblock_dct"], 1.5), candidate(["jpeg_reapply", "denoise_dct"], 0.4, psnr=20.0),
-        candidate(["jpeg_deblock_dct", "denoise_dct"], 0.3, psnr=20.0), candidate(["jpeg_deblock_dct", "denoise_tv"], -1.0)]}  # fmt: skip
-    assert expert.choose_expert(row, JPEG_FIRST, BY_SUBTASK, margin=0.0) == (["jpeg_reapply", "denoise_dct"], "combination")
+    row = {
+        "sample_expert_tools": ["denoise_dct", "jpeg_deblock_dct"],
+        "search_candidates": [
+            candidate(["denoise_dct", "jpeg_deblock_dct"], 1.5),
+            candidate(["jpeg_reapply", "denoise_dct"], 0.4, psnr=20.0),
+            candidate(["jpeg_deblock_dct", "denoise_dct"], 0.3, psnr=20.0),
+            candidate(["jpeg_deblock_dct", "denoise_tv"], -1.0),
+        ],
+    }
+    assert expert.choose_expert(row, JPEG_FIRST, BY_SUBTASK, margin=0.0) == (
+        ["jpeg_reapply", "denoise_dct"],
+        "combination",
+    )
     # 0.1 dB apart is a tie at margin 1: the subtask's usual tool (jpeg_deblock_dct) wins it
-    assert expert.choose_expert(row, JPEG_FIRST, BY_SUBTASK, margin=1.0) == (["jpeg_deblock_dct", "denoise_dct"], "combination")
-    assert expert.choose_expert(row, ["denoising", "brightening"], BY_SUBTASK, margin=0.0) == (["denoise_dct", "jpeg_deblock_dct"], "sample")
+    assert expert.choose_expert(row, JPEG_FIRST, BY_SUBTASK, margin=1.0) == (
+        ["jpeg_deblock_dct", "denoise_dct"],
+        "combination",
+    )
+    assert expert.choose_expert(row, ["denoising", "brightening"], BY_SUBTASK, margin=0.0) == (
+        ["denoise_dct", "jpeg_deblock_dct"],
+        "sample",
+    )
     assert expert.choose_expert(row, None, BY_SUBTASK, margin=0.0) == (["denoise_dct", "jpeg_deblock_dct"], "sample")
 
 
@@ -170,11 +233,19 @@ def test_the_combination_rule_labels_every_sample_alike_with_true_images():
     for r in batch.rows():
         in_order = [c for c in r["search_candidates"] if [SUBTASK_OF[t] for t in c["tools"]] == order]
         quality = {tuple(c["tools"]): c["quality"] for c in in_order}
-        assert quality[tuple(r["expert_tools"])] == max(quality.values())  # (denoisers that both leave a clean crop as it is tie exactly)
+        assert quality[tuple(r["expert_tools"])] == max(
+            quality.values()
+        )  # (denoisers that both leave a clean crop as it is tie exactly)
         assert r["tools"] == r["expert_tools"] and np.array_equal(r["final_image"], run_tools(r["lq"], r["tools"]))
         assert r["perturb_tool_calls"] == (0 if r["expert_tools"] == r["sample_expert_tools"] else 2)
-    by_sample = asyncio.run(expert.expert_batch(LocalPool(TOOLS), samples, replace(settings, expert_rule="sample"), BY_SUBTASK))
-    assert by_sample.column("expert_tools") == by_sample.column("sample_expert_tools") == batch.column("sample_expert_tools")
+    by_sample = asyncio.run(
+        expert.expert_batch(LocalPool(TOOLS), samples, replace(settings, expert_rule="sample"), BY_SUBTASK)
+    )
+    assert (
+        by_sample.column("expert_tools")
+        == by_sample.column("sample_expert_tools")
+        == batch.column("sample_expert_tools")
+    )
     assert set(by_sample.column("expert_rule")) == {"sample"} and by_sample.meta["combination_orders"] == {}
 
 
@@ -196,10 +267,15 @@ def test_perturbation_reorders_and_swaps_within_subtasks():
 
 def test_perturbation_rates_follow_the_probabilities():
     tools = ["jpeg_deblock_dct", "denoise_tv"]
-    outcomes = [expert.perturb_tools(tools, BY_SUBTASK, np.random.default_rng(seed), 0.3, 0.5)[1] for seed in range(2000)]
+    outcomes = [
+        expert.perturb_tools(tools, BY_SUBTASK, np.random.default_rng(seed), 0.3, 0.5)[1] for seed in range(2000)
+    ]
     assert np.mean([o["reordered"] for o in outcomes]) == pytest.approx(0.3, abs=0.04)
     assert np.mean([bool(o["swapped"]) for o in outcomes]) == pytest.approx(0.5, abs=0.04)
-    single = [expert.perturb_tools(["dehaze_dcp"], {"dehazing": ["dehaze_dcp"]}, np.random.default_rng(s), 1.0, 1.0)[0] for s in range(5)]
+    single = [
+        expert.perturb_tools(["dehaze_dcp"], {"dehazing": ["dehaze_dcp"]}, np.random.default_rng(s), 1.0, 1.0)[0]
+        for s in range(5)
+    ]
     assert single == [["dehaze_dcp"]] * 5  # nothing to reorder, nothing to swap to
 
 
@@ -226,15 +302,32 @@ def test_the_serve_pool_finds_the_same_experts(serve_pool, samples):
 
 def expert_command(inp, out):
     overrides = ["pool.backend=local", f"pool.tools=[{','.join(TOOLS)}]", "reward.metrics=[psnr,ssim]"]
-    return [sys.executable, "-m", "tir.data.expert_run", "--in", str(inp), "--out", str(out), "--shard-size", "1",
-            "--concurrency", "1", "--no-progress", *overrides]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "tir.data.expert_run",
+        "--in",
+        str(inp),
+        "--out",
+        str(out),
+        "--shard-size",
+        "1",
+        "--concurrency",
+        "1",
+        "--no-progress",
+        *overrides,
+    ]
 
 
 def test_a_killed_run_resumes_without_redoing_finished_samples(tmp_path):
     inp, out = tmp_path / "train.parquet", tmp_path / "sft.parquet"
-    synthesize("builtin", "noise+jpeg,dark+noise", per_image=2, seed=0, crop=64, progress=False).slice(0, 8).to_parquet(inp)
+    synthesize("builtin", "noise+jpeg,dark+noise", per_image=2, seed=0, crop=64, progress=False).slice(0, 8).to_parquet(
+        inp
+    )
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    first = subprocess.Popen(expert_command(inp, out), cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    first = subprocess.Popen(
+        expert_command(inp, out), cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
     parts = expert_run.parts_dir(out)
     deadline = time.monotonic() + 300
     while len(list(parts.glob("part-*.parquet"))) < 2 and first.poll() is None and time.monotonic() < deadline:
@@ -252,4 +345,7 @@ def test_a_killed_run_resumes_without_redoing_finished_samples(tmp_path):
     source = Batch.from_parquet(inp)
     assert batch.column("seed") == source.column("seed") and batch.column("combo") == source.column("combo")
     assert Counter(batch.column("search_mode")) == {"exhaustive": 8}
-    assert all(np.array_equal(a, run_tools(lq, tools)) for a, lq, tools in zip(batch.column("final_image"), batch.column("lq"), batch.column("tools")))
+    assert all(
+        np.array_equal(a, run_tools(lq, tools))
+        for a, lq, tools in zip(batch.column("final_image"), batch.column("lq"), batch.column("tools"))
+    )

@@ -1,4 +1,5 @@
 """The tiny policy checkpoint: built offline, loaded like a real model, consistent with its processor."""
+
 import json
 
 import numpy as np
@@ -8,15 +9,34 @@ import tir  # noqa: F401  - shims before transformers
 from tir.agent import models, prompts
 
 torch = pytest.importorskip("torch")
-from PIL import Image
+from PIL import Image  # noqa: E402
 
 SCHEMAS = [
-    {"name": "denoise_tv", "description": "Remove noise by total-variation smoothing.",
-     "parameters": {"type": "object", "properties": {"strength": {"type": "number", "minimum": 0, "maximum": 3, "default": 1.0}}, "additionalProperties": False}},
-    {"name": "brighten_gamma", "description": "Brighten a dark photo with a gamma curve.",
-     "parameters": {"type": "object", "properties": {"gamma": {"type": "number", "minimum": 0.3, "maximum": 3.0}}, "required": ["gamma"], "additionalProperties": False}},
-    {"name": "upscale_bicubic", "description": "Upscale x4 with bicubic interpolation.", "parameters": {"type": "object", "properties": {}, "additionalProperties": False}},
-]  # fmt: skip
+    {
+        "name": "denoise_tv",
+        "description": "Remove noise by total-variation smoothing.",
+        "parameters": {
+            "type": "object",
+            "properties": {"strength": {"type": "number", "minimum": 0, "maximum": 3, "default": 1.0}},
+            "additionalProperties": False,
+        },
+    },
+    {
+        "name": "brighten_gamma",
+        "description": "Brighten a dark photo with a gamma curve.",
+        "parameters": {
+            "type": "object",
+            "properties": {"gamma": {"type": "number", "minimum": 0.3, "maximum": 3.0}},
+            "required": ["gamma"],
+            "additionalProperties": False,
+        },
+    },
+    {
+        "name": "upscale_bicubic",
+        "description": "Upscale x4 with bicubic interpolation.",
+        "parameters": {"type": "object", "properties": {}, "additionalProperties": False},
+    },
+]
 
 
 @pytest.fixture(scope="module")
@@ -64,11 +84,14 @@ def test_special_tokens_and_tags_are_single_tokens(tiny):
     assert tiny[1].config.image_token_id == tokenizer.convert_tokens_to_ids("<|image_pad|>")
 
 
-@pytest.mark.parametrize("text", [
-    prompts.format_call(prompts.ToolCall("denoise_tv", {"strength": 1.25})),
-    prompts.format_call(prompts.ToolCall("upscale_bicubic", {})) + " <answer>done</answer>",
-    'Ünïcödé 写真 🙂 <tool_call>{"name": "x\\u003c/tool_call\\u003e", "arguments": {"a": -1e-07}}</tool_call>\n\n  trailing  ',
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "text",
+    [
+        prompts.format_call(prompts.ToolCall("denoise_tv", {"strength": 1.25})),
+        prompts.format_call(prompts.ToolCall("upscale_bicubic", {})) + " <answer>done</answer>",
+        'Ünïcödé 写真 🙂 <tool_call>{"name": "x\\u003c/tool_call\\u003e", "arguments": {"a": -1e-07}}</tool_call>\n\n  trailing  ',
+    ],
+)
 def test_tokenizer_round_trips_text_exactly(tiny, text):
     tokenizer = tiny[2].tokenizer
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -87,12 +110,22 @@ def test_chat_template_renders_system_images_calls_and_tool_turns(tiny):
     text = prompts.render(processor, two_turn_chat())
     assert text.startswith("<|im_start|>system\nYou are an image restoration agent.")
     assert text.count("<|vision_start|><|image_pad|><|vision_end|>") == 2
-    assert '<|im_start|>assistant\n<tool_call>{"name": "denoise_tv", "arguments": {"strength": 1.5}}</tool_call><|im_end|>\n' in text
-    assert "<|im_start|>user\n<tool_response>\n<|vision_start|><|image_pad|><|vision_end|>denoise_tv returned a 256x192 image." in text
+    assert (
+        '<|im_start|>assistant\n<tool_call>{"name": "denoise_tv", "arguments": {"strength": 1.5}}</tool_call><|im_end|>\n'
+        in text
+    )
+    assert (
+        "<|im_start|>user\n<tool_response>\n<|vision_start|><|image_pad|><|vision_end|>denoise_tv returned a 256x192 image."
+        in text
+    )
     assert text.endswith("</tool_response><|im_end|>\n<|im_start|>assistant\n")
     # HF-style structured tool calls render to the same text as the policy writes.
     structured = two_turn_chat()
-    structured[2] = {"role": "assistant", "content": [], "tool_calls": [{"type": "function", "function": {"name": "denoise_tv", "arguments": {"strength": 1.5}}}]}
+    structured[2] = {
+        "role": "assistant",
+        "content": [],
+        "tool_calls": [{"type": "function", "function": {"name": "denoise_tv", "arguments": {"strength": 1.5}}}],
+    }
     assert prompts.render(processor, structured) == text
 
 
@@ -101,7 +134,7 @@ def test_two_images_give_matching_image_tokens_and_features(tiny):
     text = prompts.render(processor, two_turn_chat())
     images = [photo(256, 256, 1), photo(192, 256, 2)]  # (height, width)
     inputs = processor(text=[text], images=images, return_tensors="pt")
-    merge = processor.image_processor.merge_size ** 2
+    merge = processor.image_processor.merge_size**2
     expected = [int(grid.prod()) // merge for grid in inputs["image_grid_thw"]]
     assert expected[0] == 16  # 112x112 pixel budget
     ids = inputs["input_ids"][0]
@@ -122,7 +155,7 @@ def test_generate_never_samples_forbidden_tokens(tiny):
     assert processor.tokenizer.convert_tokens_to_ids("<|image_pad|>") in forbidden
     torch.manual_seed(0)
     out = model.generate(**inputs, max_new_tokens=24, do_sample=True, suppress_tokens=forbidden)
-    new = out[0, inputs["input_ids"].shape[1]:].tolist()
+    new = out[0, inputs["input_ids"].shape[1] :].tolist()
     assert 0 < len(new) <= 24
     assert not set(new) & set(forbidden)
     allowed = models.allowed_token_ids(processor)

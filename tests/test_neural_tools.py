@@ -1,5 +1,6 @@
 """Neural tools from a manifest: real basicsr architectures (tiny configs, random weights saved
 to tmp_path in the layouts that releases use) loaded through the same code as real checkpoints."""
+
 import uuid
 from pathlib import Path
 
@@ -13,9 +14,29 @@ from tool_pool.neural import ManifestError, NeuralTool, build_network, load_mani
 from tool_pool.tools import TOOLS, ToolUnavailableError, available_tools, get_tool, tool_schemas, unavailable_tools
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "tool_pool" / "manifests" / "example.yaml"
-TINY_SR = {"type": "SRVGGNetCompact", "num_in_ch": 3, "num_out_ch": 3, "num_feat": 8, "num_conv": 2, "upscale": 4, "act_type": "prelu"}
-TINY_SWINIR = {"type": "SwinIR", "upscale": 1, "in_chans": 3, "img_size": 16, "window_size": 4, "img_range": 1.0, "depths": [1],
-               "embed_dim": 12, "num_heads": [2], "mlp_ratio": 2, "upsampler": "", "resi_connection": "1conv"}  # fmt: skip
+TINY_SR = {
+    "type": "SRVGGNetCompact",
+    "num_in_ch": 3,
+    "num_out_ch": 3,
+    "num_feat": 8,
+    "num_conv": 2,
+    "upscale": 4,
+    "act_type": "prelu",
+}
+TINY_SWINIR = {
+    "type": "SwinIR",
+    "upscale": 1,
+    "in_chans": 3,
+    "img_size": 16,
+    "window_size": 4,
+    "img_range": 1.0,
+    "depths": [1],
+    "embed_dim": 12,
+    "num_heads": [2],
+    "mlp_ratio": 2,
+    "upsampler": "",
+    "resi_connection": "1conv",
+}
 
 
 @pytest.fixture(autouse=True)
@@ -52,13 +73,24 @@ def write_manifest(path: Path, entries: list[dict]) -> Path:
 
 
 def entry(name: str, checkpoint, arch=TINY_SR, **extra) -> dict:
-    return {"name": name, "subtask": "super_resolution", "description": "Upscales x4 (test network).", "arch": arch,
-            "checkpoint": str(checkpoint), "scale": arch.get("upscale", 1), "device": "cpu", **extra}  # fmt: skip
+    return {
+        "name": name,
+        "subtask": "super_resolution",
+        "description": "Upscales x4 (test network).",
+        "arch": arch,
+        "checkpoint": str(checkpoint),
+        "scale": arch.get("upscale", 1),
+        "device": "cpu",
+        **extra,
+    }
 
 
 def images(seed: int = 0, size: int = 20) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
-    return [rng.integers(0, 256, (size, size, 3), dtype=np.uint8), rng.integers(0, 256, (size - 4, size + 4, 3), dtype=np.uint8)]
+    return [
+        rng.integers(0, 256, (size, size, 3), dtype=np.uint8),
+        rng.integers(0, 256, (size - 4, size + 4, 3), dtype=np.uint8),
+    ]
 
 
 def reference_output(network, image: np.ndarray) -> np.ndarray:
@@ -71,7 +103,9 @@ def reference_output(network, image: np.ndarray) -> np.ndarray:
 def test_checkpoint_layouts_load_and_run(tmp_path, layout):
     network = save_checkpoint(tmp_path / "net.pth", TINY_SR, layout)
     name = unique("sr_tiny")
-    assert register_manifest(write_manifest(tmp_path / "m.yaml", [entry(name, "net.pth")])) == {}  # path relative to the manifest
+    assert (
+        register_manifest(write_manifest(tmp_path / "m.yaml", [entry(name, "net.pth")])) == {}
+    )  # path relative to the manifest
     tool = get_tool(name)
     assert isinstance(tool, NeuralTool) and tool.available and name in available_tools()
     batch = images()
@@ -95,7 +129,12 @@ def test_tiles_give_the_same_result_as_one_pass(tmp_path):
     # two 3x3 convolutions and a pixel shuffle see +-2 px: 4 px of context make tiles exact
     save_checkpoint(tmp_path / "net.pth", TINY_SR, "bare")
     whole, tiled = unique("sr_whole"), unique("sr_tiled")
-    register_manifest(write_manifest(tmp_path / "m.yaml", [entry(whole, tmp_path / "net.pth"), entry(tiled, tmp_path / "net.pth", tile=8, tile_pad=4)]))
+    register_manifest(
+        write_manifest(
+            tmp_path / "m.yaml",
+            [entry(whole, tmp_path / "net.pth"), entry(tiled, tmp_path / "net.pth", tile=8, tile_pad=4)],
+        )
+    )
     image = images(3, size=21)[0]
     np.testing.assert_array_equal(get_tool(tiled)([image])[0], get_tool(whole)([image])[0])
 
@@ -115,7 +154,9 @@ def test_window_padding_for_swinir(tmp_path):
 def test_missing_checkpoint_is_reported_not_fatal(tmp_path):
     save_checkpoint(tmp_path / "net.pth", TINY_SR, "bare")
     present, missing = unique("sr_present"), unique("sr_missing")
-    manifest = write_manifest(tmp_path / "m.yaml", [entry(present, tmp_path / "net.pth"), entry(missing, tmp_path / "nowhere" / "x4.pth")])
+    manifest = write_manifest(
+        tmp_path / "m.yaml", [entry(present, tmp_path / "net.pth"), entry(missing, tmp_path / "nowhere" / "x4.pth")]
+    )
     unavailable = register_manifest(manifest)
     assert list(unavailable) == [missing]
     assert missing in unavailable[missing] and str(tmp_path / "nowhere" / "x4.pth") in unavailable[missing]
@@ -131,10 +172,20 @@ def test_mismatched_checkpoint_gives_a_clear_error(tmp_path):
     save_checkpoint(tmp_path / "net.pth", TINY_SR, "params")
     wider, deeper = dict(TINY_SR, num_feat=16), dict(TINY_SR, num_conv=3)
     wide_name, deep_name = unique("sr_wide"), unique("sr_deep")
-    register_manifest(write_manifest(tmp_path / "m.yaml", [entry(wide_name, tmp_path / "net.pth", arch=wider), entry(deep_name, tmp_path / "net.pth", arch=deeper)]))
-    with pytest.raises(ToolUnavailableError, match=f"{wide_name}.*cannot load .*net.pth.*does not match architecture SRVGGNetCompact.*size mismatches"):
+    register_manifest(
+        write_manifest(
+            tmp_path / "m.yaml",
+            [entry(wide_name, tmp_path / "net.pth", arch=wider), entry(deep_name, tmp_path / "net.pth", arch=deeper)],
+        )
+    )
+    with pytest.raises(
+        ToolUnavailableError,
+        match=f"{wide_name}.*cannot load .*net.pth.*does not match architecture SRVGGNetCompact.*size mismatches",
+    ):
         get_tool(wide_name)(images())
-    with pytest.raises(ToolUnavailableError, match=f"{deep_name}.*does not match architecture SRVGGNetCompact.*missing keys"):
+    with pytest.raises(
+        ToolUnavailableError, match=f"{deep_name}.*does not match architecture SRVGGNetCompact.*missing keys"
+    ):
         get_tool(deep_name)(images())
     assert deep_name in unavailable_tools()  # and it stays reported
 
@@ -142,7 +193,9 @@ def test_mismatched_checkpoint_gives_a_clear_error(tmp_path):
 def test_unknown_architecture_is_reported(tmp_path):
     (tmp_path / "net.pth").write_bytes(b"")
     name = unique("sr_unknown")
-    register_manifest(write_manifest(tmp_path / "m.yaml", [entry(name, tmp_path / "net.pth", arch={"type": "SwinIRR"})]))
+    register_manifest(
+        write_manifest(tmp_path / "m.yaml", [entry(name, tmp_path / "net.pth", arch={"type": "SwinIRR"})])
+    )
     with pytest.raises(ToolUnavailableError, match="unknown basicsr architecture 'SwinIRR'; did you mean 'SwinIR'"):
         get_tool(name)(images())
 
@@ -184,4 +237,7 @@ def test_the_example_manifest_parses(monkeypatch):
     swinir = next(s for s in specs if s.name == "sr_swinir")
     assert swinir.checkpoint == Path("/weights/001_classicalSR_DF2K_s64w8_SwinIR-M_x4.pth")
     assert swinir.scale == 4 and swinir.pad_multiple == 8 and swinir.arch["type"] == "SwinIR"
-    assert next(s for s in specs if s.name == "denoise_srvgg").checkpoint == EXAMPLE.parent / "weights" / "denoise_srvgg_x1.pth"
+    assert (
+        next(s for s in specs if s.name == "denoise_srvgg").checkpoint
+        == EXAMPLE.parent / "weights" / "denoise_srvgg_x1.pth"
+    )

@@ -6,15 +6,16 @@ them. Separation is judged without pairing (the policy never sees the clean imag
 chance that a degraded crop's value lies beyond a clean crop's, and the balanced accuracy of the
 best single threshold. ``python -m pytest -s`` prints the whole cue x degradation AUC table.
 """
+
 import cv2
 import numpy as np
 import pytest
 
 import tir  # noqa: F401  - environment shims first
-from tir.data.synth import crop_box, list_sources, load_source
+from tir.agent.prompts import user_message
 from tir.data.degradations import NAMES, degrade
 from tir.data.perception import CUES, DECIMALS, DEFAULT_CUES, check_image, measure_cues, render_cues
-from tir.agent.prompts import user_message
+from tir.data.synth import crop_box, list_sources, load_source
 
 CROP = 128
 CROPS_PER_PHOTO = 4
@@ -85,14 +86,18 @@ def threshold_accuracy(positive, negative) -> float:
     return max(((positive > t).mean() + (negative <= t).mean()) / 2 for t in cuts)
 
 
-@pytest.mark.parametrize("cue, degradation, sign, least_auc, least_accuracy", SEPARATES, ids=[f"{c}-{d}" for c, d, *_ in SEPARATES])
+@pytest.mark.parametrize(
+    "cue, degradation, sign, least_auc, least_accuracy", SEPARATES, ids=[f"{c}-{d}" for c, d, *_ in SEPARATES]
+)
 def test_cue_separates_its_degradation_from_clean(values, cue, degradation, sign, least_auc, least_accuracy):
     degraded, clean = sign * values[degradation][cue], sign * values["clean"][cue]
     assert auc(degraded, clean) >= least_auc
     assert threshold_accuracy(degraded, clean) >= least_accuracy
 
 
-@pytest.mark.parametrize("cue, degradation, sign", [s[:3] for s in SEPARATES], ids=[f"{c}-{d}" for c, d, *_ in SEPARATES])
+@pytest.mark.parametrize(
+    "cue, degradation, sign", [s[:3] for s in SEPARATES], ids=[f"{c}-{d}" for c, d, *_ in SEPARATES]
+)
 def test_degrading_a_crop_moves_its_cue_the_documented_way(values, cue, degradation, sign):
     moved = sign * (values[degradation][cue] - values["clean"][cue]) > 0
     assert moved.mean() >= 0.9
@@ -140,9 +145,11 @@ def test_sharpness_drops_with_blur_and_motion_sees_its_direction():
     sharp = texture()
     line = np.full((1, 15), 1 / 15, np.float32)
     blurred = {
-        "sideways": cv2.filter2D(sharp, -1, line), "upright": cv2.filter2D(sharp, -1, line.T),
-        "diagonal": cv2.filter2D(sharp, -1, np.eye(11, dtype=np.float32) / 11), "round": cv2.GaussianBlur(sharp, (0, 0), 3),
-    }  # fmt: skip
+        "sideways": cv2.filter2D(sharp, -1, line),
+        "upright": cv2.filter2D(sharp, -1, line.T),
+        "diagonal": cv2.filter2D(sharp, -1, np.eye(11, dtype=np.float32) / 11),
+        "round": cv2.GaussianBlur(sharp, (0, 0), 3),
+    }
     sharpness, motion = CUES.get("sharpness"), CUES.get("motion")
     for name, image in blurred.items():
         assert sharpness(image) < 0.8 * sharpness(sharp), name
@@ -181,9 +188,16 @@ def test_rain_sees_thin_near_vertical_bright_streaks_only():
 def test_flat_image_gives_neutral_values():
     cues = measure_cues(np.full((16, 24, 3), 90, np.uint8))
     assert cues == {
-        "noise_sigma": 0.0, "sharpness": 1.0, "motion": 1.0, "brightness": pytest.approx(90 / 255), "haze": pytest.approx(90 / 255),
-        "blockiness": 1.0, "rain": 0.0, "width": 24.0, "height": 16.0,
-    }  # fmt: skip
+        "noise_sigma": 0.0,
+        "sharpness": 1.0,
+        "motion": 1.0,
+        "brightness": pytest.approx(90 / 255),
+        "haze": pytest.approx(90 / 255),
+        "blockiness": 1.0,
+        "rain": 0.0,
+        "width": 24.0,
+        "height": 16.0,
+    }
 
 
 # ------------------------------------------------------------------------------ measure_cues, render_cues
@@ -201,9 +215,11 @@ def test_measure_cues_rejects_unknown_names_and_bad_images():
     with pytest.raises(TypeError, match="names"):
         measure_cues(texture(32), "rain")
     bad = {
-        "float": np.zeros((32, 32, 3), np.float32), "gray": np.zeros((32, 32), np.uint8),
-        "rgba": np.zeros((32, 32, 4), np.uint8), "list": [[[0, 0, 0]]],
-    }  # fmt: skip
+        "float": np.zeros((32, 32, 3), np.float32),
+        "gray": np.zeros((32, 32), np.uint8),
+        "rgba": np.zeros((32, 32, 4), np.uint8),
+        "list": [[[0, 0, 0]]],
+    }
     for image in bad.values():
         with pytest.raises(ValueError, match="expected an RGB uint8 HxWx3"):
             measure_cues(image)
@@ -214,7 +230,15 @@ def test_measure_cues_rejects_unknown_names_and_bad_images():
 
 
 def test_render_cues_is_a_fixed_short_rounded_line():
-    cues = {"height": 96.0, "rain": 0.04, "noise_sigma": 23.41, "extra": 1 / 3, "width": 128.0, "brightness": 0.4149, "blockiness": 1.94}
+    cues = {
+        "height": 96.0,
+        "rain": 0.04,
+        "noise_sigma": 23.41,
+        "extra": 1 / 3,
+        "width": 128.0,
+        "brightness": 0.4149,
+        "blockiness": 1.94,
+    }
     shuffled = dict(reversed(list(cues.items())))
     assert render_cues(cues) == "noise_sigma=23 brightness=0.41 blockiness=1.9 rain=0.0 size=128x96 extra=0.33"
     assert render_cues(shuffled) == render_cues(cues)
@@ -242,13 +266,24 @@ def test_rendered_cues_sit_in_the_policy_prompt(crops):
 # ------------------------------------------------------------------------------ likely_degradations, observe
 # How often the guess names a crop's single degradation (bars a little under the measured rates;
 # dark is the weak one, for the reason given at SEPARATES).
-GUESS_RECALL = {"noise": 0.9, "motion_blur": 0.45, "defocus_blur": 0.7, "jpeg": 0.9, "haze": 0.8, "rain": 0.9, "dark": 0.4, "lowres": 1.0}
+GUESS_RECALL = {
+    "noise": 0.9,
+    "motion_blur": 0.45,
+    "defocus_blur": 0.7,
+    "jpeg": 0.9,
+    "haze": 0.8,
+    "rain": 0.9,
+    "dark": 0.4,
+    "lowres": 1.0,
+}
 
 
 def test_the_guess_names_each_degradation_and_mostly_nothing_on_clean_crops(crops):
     from tir.data.perception import likely_degradations
 
-    recall = {name: np.mean([name in likely_degradations(measure_cues(image)) for image in crops[name]]) for name in NAMES}
+    recall = {
+        name: np.mean([name in likely_degradations(measure_cues(image)) for image in crops[name]]) for name in NAMES
+    }
     print("guess recall:", {name: round(float(r), 2) for name, r in recall.items()})
     assert all(recall[name] >= GUESS_RECALL[name] for name in NAMES), recall
     clean_guesses = [likely_degradations(measure_cues(image)) for image in crops["clean"]]
@@ -258,7 +293,11 @@ def test_the_guess_names_each_degradation_and_mostly_nothing_on_clean_crops(crop
 def test_observe_writes_the_cues_then_the_guess():
     from tir.data.perception import likely_degradations, observe
 
-    assert likely_degradations({"noise_sigma": 30.0, "rain": 5.0, "width": 32, "height": 32, "sharpness": 0.2}) == ["noise", "rain", "lowres"]
+    assert likely_degradations({"noise_sigma": 30.0, "rain": 5.0, "width": 32, "height": 32, "sharpness": 0.2}) == [
+        "noise",
+        "rain",
+        "lowres",
+    ]
     assert likely_degradations({"sharpness": 0.3, "motion": 1.5}) == ["motion_blur"]
     assert likely_degradations({}) == []
     image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)

@@ -1,4 +1,5 @@
 """The model-call pool on real Ray Serve (CPU), and its in-process twin."""
+
 import asyncio
 
 import numpy as np
@@ -96,7 +97,11 @@ def test_no_call_is_lost_when_a_replica_is_killed_mid_burst(serve_pool, image, r
     ray = ray_cluster
     noisy = np.ascontiguousarray(np.tile(image[0], (2, 2, 1)))  # 256 px: slow enough to be in flight
     named = ray.util.list_named_actors(all_namespaces=True)
-    replicas = [a["name"] for a in named if a["namespace"] == "serve" and a["name"].startswith(f"SERVE_REPLICA::{serve_pool.name}#")]
+    replicas = [
+        a["name"]
+        for a in named
+        if a["namespace"] == "serve" and a["name"].startswith(f"SERVE_REPLICA::{serve_pool.name}#")
+    ]
     assert len(replicas) == 2, named
 
     async def burst():

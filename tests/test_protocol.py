@@ -109,7 +109,10 @@ def test_select_with_column_and_meta():
 def test_ray_object_store_round_trip(ray_cluster):
     ray = ray_cluster
     rng = np.random.default_rng(0)
-    batch = Batch.from_pydict({"lq": [rng.integers(0, 256, (32, 48, 3), dtype=np.uint8) for _ in range(8)], "i": list(range(8))}, meta={"step": 1})
+    batch = Batch.from_pydict(
+        {"lq": [rng.integers(0, 256, (32, 48, 3), dtype=np.uint8) for _ in range(8)], "i": list(range(8))},
+        meta={"step": 1},
+    )
     back = ray.get(ray.put(batch))
     assert back.equals(batch)
     piece = batch.chunk(4)[2]

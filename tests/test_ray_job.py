@@ -10,6 +10,7 @@ the rollout replica on the worker and the pool on the head, checks the outputs a
 processes this test started are stopped (their process groups, and anything naming its temp
 dir or output dir): never ``ray stop``, which would stop every Ray on the machine.
 """
+
 import json
 import os
 import shlex
@@ -36,8 +37,15 @@ TOOLS = ["brighten_shift", "dehaze_dcp", "denoise_tv", "derain_median", "sharpen
 
 
 def placed(*overrides):
-    return load_recipe("tiny_cpu", ["actor.resources={worker_node: 1}", "rollout.resources={worker_node: 0.5}",
-                                    "pool.resources={head_node: 1}", *overrides])  # fmt: skip
+    return load_recipe(
+        "tiny_cpu",
+        [
+            "actor.resources={worker_node: 1}",
+            "rollout.resources={worker_node: 0.5}",
+            "pool.resources={head_node: 1}",
+            *overrides,
+        ],
+    )
 
 
 def test_recipe_resources_reach_every_bundle_and_replica():
@@ -103,20 +111,62 @@ class TwoNodes:
         self.starters: list[int] = []  # pids of the `ray start` commands = their daemons' process groups
 
     def start(self, cpus: int = 4) -> None:
-        common = ["--num-cpus", str(cpus), "--node-ip-address", "127.0.0.1", "--object-store-memory", str(200 * 2**20),
-                  "--dashboard-agent-listen-port", None, "--disable-usage-stats"]  # fmt: skip
-        self._start(["--head", "--port", str(self.gcs_port), "--resources", json.dumps({"head_node": 100}), "--temp-dir", str(self.temp_dir / "h"),
-                     "--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard_port),
-                     "--ray-client-server-port", str(free_port()), *common])  # fmt: skip
+        common = [
+            "--num-cpus",
+            str(cpus),
+            "--node-ip-address",
+            "127.0.0.1",
+            "--object-store-memory",
+            str(200 * 2**20),
+            "--dashboard-agent-listen-port",
+            None,
+            "--disable-usage-stats",
+        ]
+        self._start(
+            [
+                "--head",
+                "--port",
+                str(self.gcs_port),
+                "--resources",
+                json.dumps({"head_node": 100}),
+                "--temp-dir",
+                str(self.temp_dir / "h"),
+                "--include-dashboard",
+                "true",
+                "--dashboard-host",
+                "127.0.0.1",
+                "--dashboard-port",
+                str(self.dashboard_port),
+                "--ray-client-server-port",
+                str(free_port()),
+                *common,
+            ]
+        )
         # A temp dir of the worker's own (Ray 2.60 takes one per node; without it the worker uses
         # the head's): each node unpacks the job's working_dir under its temp dir and cleans it
         # up on its own, which in one shared folder pulls the files from under the other node.
-        self._start(["--address", self.address, "--resources", json.dumps({"worker_node": 100}), "--temp-dir", str(self.temp_dir / "w"), *common])
+        self._start(
+            [
+                "--address",
+                self.address,
+                "--resources",
+                json.dumps({"worker_node": 100}),
+                "--temp-dir",
+                str(self.temp_dir / "w"),
+                *common,
+            ]
+        )
 
     def _start(self, args: list) -> None:
         args = [str(free_port()) if a is None else a for a in args]  # each node its own agent port
-        proc = subprocess.Popen([str(RAY), "start", *args], env=clean_env(), start_new_session=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        proc = subprocess.Popen(
+            [str(RAY), "start", *args],
+            env=clean_env(),
+            start_new_session=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         self.starters.append(proc.pid)
         out, _ = proc.communicate(timeout=120)
         if proc.returncode:
@@ -129,7 +179,13 @@ class TwoNodes:
         found = {}
         for node in list_nodes(address=self.dashboard, detail=True, timeout=30):
             if node.state == "ALIVE":
-                kind = "head" if "head_node" in node.resources_total else "worker" if "worker_node" in node.resources_total else "?"
+                kind = (
+                    "head"
+                    if "head_node" in node.resources_total
+                    else "worker"
+                    if "worker_node" in node.resources_total
+                    else "?"
+                )
                 found[kind] = node.node_id
         return found
 
@@ -190,18 +246,27 @@ def submit(client, entrypoint_args: list[str], timeout_s: float = 360) -> tuple[
     from ray.job_submission import JobStatus
 
     example = yaml.safe_load((REPO / "examples" / "runtime_env.yaml").read_text())
-    runtime_env = {"working_dir": str(REPO), "excludes": example["excludes"], "env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
+    runtime_env = {
+        "working_dir": str(REPO),
+        "excludes": example["excludes"],
+        "env_vars": {"TOKENIZERS_PARALLELISM": "false"},
+    }
     entrypoint = shlex.join([sys.executable, "-m", "tir.cli", "train", "rl", *entrypoint_args])
     job = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, entrypoint_num_cpus=0)
     deadline = time.monotonic() + timeout_s
     while (status := client.get_job_status(job)) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
         if time.monotonic() > deadline:
             client.stop_job(job)
-            pytest.fail(f"job {job} still {status} after {timeout_s}s; its log ends:\n{client.get_job_logs(job)[-4000:]}")
+            pytest.fail(
+                f"job {job} still {status} after {timeout_s}s; its log ends:\n{client.get_job_logs(job)[-4000:]}"
+            )
         time.sleep(2)
     logs = client.get_job_logs(job)
     assert status == JobStatus.SUCCEEDED, f"job {job} {status}; its log ends:\n{logs[-4000:]}"
-    print(f"job {job}: {status} in {timeout_s - (deadline - time.monotonic()):.0f}s\n" + "\n".join(l for l in logs.splitlines() if l.startswith("[rl]")))
+    print(
+        f"job {job}: {status} in {timeout_s - (deadline - time.monotonic()):.0f}s\n"
+        + "\n".join(line for line in logs.splitlines() if line.startswith("[rl]"))
+    )
     return job, logs
 
 
@@ -219,16 +284,31 @@ def test_a_job_on_two_nodes_runs_where_the_recipe_places_it_and_resumes(two_node
     # a random tiny policy and two photos x two degradations: the job has to run, not learn
     models.build_tiny_policy(tmp_path / "tiny", tool_schemas(TOOLS), seed=0)
     samples = synthesize("builtin", "dark,noise", per_image=1, seed=0, crop=96, progress=False)
-    samples.take([i for i, name in enumerate(samples.column("image_id")) if name in ("astronaut", "coffee")]).to_parquet(tmp_path / "train.parquet")
+    samples.take(
+        [i for i, name in enumerate(samples.column("image_id")) if name in ("astronaut", "coffee")]
+    ).to_parquet(tmp_path / "train.parquet")
     out = tmp_path / "job"
     args = [
-        "recipe=tiny_cpu", f"run.output_dir={out}", f"model.path={tmp_path / 'tiny'}", f"data.train_path={tmp_path / 'train.parquet'}",
-        "actor.resources={worker_node: 1}", "rollout.resources={worker_node: 1}", "pool.resources={head_node: 1}",
-        "pool.name=job_pool", "pool.num_replicas=1", f"pool.tools=[{','.join(TOOLS)}]",
-        "rollout.engine=hf", "rollout.n=2", "rollout.max_turns=2", "rollout.max_new_tokens=16",
-        "actor.num_workers=1", "actor.micro_batch_size=4", "algo.kl_coef=0",
-        "trainer.batch_size=2", "trainer.save_every=1",
-    ]  # fmt: skip
+        "recipe=tiny_cpu",
+        f"run.output_dir={out}",
+        f"model.path={tmp_path / 'tiny'}",
+        f"data.train_path={tmp_path / 'train.parquet'}",
+        "actor.resources={worker_node: 1}",
+        "rollout.resources={worker_node: 1}",
+        "pool.resources={head_node: 1}",
+        "pool.name=job_pool",
+        "pool.num_replicas=1",
+        f"pool.tools=[{','.join(TOOLS)}]",
+        "rollout.engine=hf",
+        "rollout.n=2",
+        "rollout.max_turns=2",
+        "rollout.max_new_tokens=16",
+        "actor.num_workers=1",
+        "actor.micro_batch_size=4",
+        "algo.kl_coef=0",
+        "trainer.batch_size=2",
+        "trainer.save_every=1",
+    ]
 
     deadline = time.monotonic() + 60
     while set(nodes := two_nodes.nodes()) != {"head", "worker"} and time.monotonic() < deadline:
@@ -260,7 +340,9 @@ def test_a_job_on_two_nodes_runs_where_the_recipe_places_it_and_resumes(two_node
     assert placement["pool"] == [nodes["head"]] and placement["driver"] == nodes["head"]
     assert "reference" not in placement  # algo.kl_coef=0: no reference group
     assert set(placement["nodes"]) == set(nodes.values())
-    assert placement["nodes"][nodes["head"]]["head"] and placement["nodes"][nodes["head"]]["resources"] == {"head_node": 100.0}
+    assert placement["nodes"][nodes["head"]]["head"] and placement["nodes"][nodes["head"]]["resources"] == {
+        "head_node": 100.0
+    }
     assert placement["nodes"][nodes["worker"]]["resources"] == {"worker_node": 100.0}
 
     # a second job continues the run: step 3 only (steps 1 and 2 are not rerun: their records stay)

@@ -1,5 +1,6 @@
 """``tir restore``: a photo degraded by the synthesis, restored by each baseline and by the tiny
 policy; bad input gets one line and exit code 2."""
+
 import argparse
 import json
 import shutil
@@ -12,8 +13,8 @@ import pytest
 
 import tir  # noqa: F401  - shims first
 from tir.agent import models
-from tir.data.synth import synthesize
 from tir.agent.restore import add_restore_arguments, restore_main
+from tir.data.synth import synthesize
 from tool_pool.tools import tool_schemas
 
 
@@ -50,7 +51,12 @@ def test_fixed_order_restores_prints_and_traces(photo, tmp_path, capsys):
     assert printed[-1].startswith(f"saved {out} (96x96)") and "2 tool call(s), 3 turn(s), stop: answer" in printed[-1]
     restored = read(out)
     assert restored.shape == lq.shape and not np.array_equal(restored, lq)
-    assert sorted(p.name for p in trace.iterdir()) == ["00_input.png", "01_jpeg_deblock_dct.png", "02_denoise_tv.png", "trace.json"]
+    assert sorted(p.name for p in trace.iterdir()) == [
+        "00_input.png",
+        "01_jpeg_deblock_dct.png",
+        "02_denoise_tv.png",
+        "trace.json",
+    ]
     assert np.array_equal(read(trace / "02_denoise_tv.png"), restored)
     record = json.loads((trace / "trace.json").read_text())
     assert [t["kind"] for t in record["turns"]] == ["tool", "tool", "answer"] and record["stop_reason"] == "answer"
@@ -67,7 +73,10 @@ def test_every_baseline_restores(photo, tmp_path, capsys, agent):
 
 def test_the_tiny_policy_restores_through_the_same_door(photo, checkpoint, tmp_path, capsys):
     out = tmp_path / "out.png"
-    assert restore(photo[0], "--agent", checkpoint, "--out", out, "--max-turns", "2", "--max-new-tokens", "16", "--cues") == 0
+    assert (
+        restore(photo[0], "--agent", checkpoint, "--out", out, "--max-turns", "2", "--max-new-tokens", "16", "--cues")
+        == 0
+    )
     printed = capsys.readouterr().out.splitlines()
     assert printed[0].startswith("input  ") and printed[-1].startswith(f"saved {out}")
     assert [line.split()[1] for line in printed[1:-1] if line.startswith("turn")] == ["1", "2"]
@@ -101,12 +110,41 @@ def test_bad_input_gets_one_line_and_exit_code_2(photo, checkpoint, tmp_path, ca
 
 
 def test_runs_as_a_program_with_exit_code_2_on_bad_input(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "tir.agent.restore", str(tmp_path / "none.png"), "--agent", "random", "--out", str(tmp_path / "o.png")],
-                          capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tir.agent.restore",
+            str(tmp_path / "none.png"),
+            "--agent",
+            "random",
+            "--out",
+            str(tmp_path / "o.png"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert done.returncode == 2 and done.stderr.strip().endswith("does not exist")
 
 
 def test_restore_through_the_serve_pool(photo, tmp_path, serve_pool, capsys):
     out = tmp_path / "out.png"
-    assert restore(photo[0], "--agent", "fixed_order", "--degradations", "noise", "--out", out, "--pool", "serve", "--pool-name", serve_pool.name) == 0
+    assert (
+        restore(
+            photo[0],
+            "--agent",
+            "fixed_order",
+            "--degradations",
+            "noise",
+            "--out",
+            out,
+            "--pool",
+            "serve",
+            "--pool-name",
+            serve_pool.name,
+        )
+        == 0
+    )
     assert "turn 1  denoise_tv" in capsys.readouterr().out and out.is_file()

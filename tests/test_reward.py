@@ -1,5 +1,6 @@
 """Tests for tir.rl.reward: hand-computed steps, the weight update rule, checkpoint state, and a
 reward-hacking case on real photos scored with the real IQA metrics."""
+
 import json
 import math
 from itertools import pairwise
@@ -9,16 +10,23 @@ import pytest
 import torch
 
 import tir  # noqa: F401  (environment shims first)
-from tir.rl.algos import group_advantages
 from tir.config import load_recipe
-from tir.rl.reward import (AdaptiveWeights, MultiMetricReward, consensus_agreement, improvement_rate, metric_gains,
-                        normalize_gains)
+from tir.rl.algos import group_advantages
+from tir.rl.reward import (
+    AdaptiveWeights,
+    MultiMetricReward,
+    consensus_agreement,
+    improvement_rate,
+    metric_gains,
+    normalize_gains,
+)
 
 
 # ------------------------------------------------------------------------------ pure steps
 def test_metric_gains_flip_lower_better_metrics():
-    gains = metric_gains([{"psnr": 25.0, "niqe": 4.0}], [{"psnr": 20.0, "niqe": 6.0}], ["psnr", "niqe"],
-                         {"psnr": False, "niqe": True})
+    gains = metric_gains(
+        [{"psnr": 25.0, "niqe": 4.0}], [{"psnr": 20.0, "niqe": 6.0}], ["psnr", "niqe"], {"psnr": False, "niqe": True}
+    )
     np.testing.assert_allclose(gains, [[5.0, 2.0]])  # +5 dB; NIQE fell by 2: also better
 
 
@@ -40,10 +48,14 @@ def test_normalize_gains_flat_metric_is_zero_and_groups_must_divide():
 
 
 def test_consensus_agreement_hand_computed():
-    z = np.array([[1.0, 1.0, -1.0],    # metric 2 falls while 0 and 1 rise
-                  [-1.0, -1.0, 1.0],   # metric 2 rises while 0 and 1 fall: the hacking signature
-                  [1.0, 1.0, 1.0],
-                  [-1.0, -1.0, -1.0]])
+    z = np.array(
+        [
+            [1.0, 1.0, -1.0],  # metric 2 falls while 0 and 1 rise
+            [-1.0, -1.0, 1.0],  # metric 2 rises while 0 and 1 fall: the hacking signature
+            [1.0, 1.0, 1.0],
+            [-1.0, -1.0, -1.0],
+        ]
+    )
     # metric 0: up = [1, 0, 1, 0], others = mean(z1, z2) = [0, 0, 1, -1] -> 1 / sqrt(2 * 2) = 0.5 (same for 1)
     # metric 2: up = [0, 1, 1, 0], others = [1, -1, 1, -1] -> (-1 + 1) / sqrt(2 * 4) = 0
     np.testing.assert_allclose(consensus_agreement(z), [0.5, 0.5, 0.0])
@@ -134,11 +146,18 @@ def test_adaptive_weights_bad_arguments():
 
 # ------------------------------------------------------------------------------ the reward
 def test_fixed_reward_hand_computed_with_format_and_tool_terms():
-    reward = MultiMetricReward(["psnr", "ssim", "niqe"], mode="fixed", weights={"psnr": 2, "ssim": 1, "niqe": 1},
-                               format_penalty=0.5, tool_cost=0.05)
+    reward = MultiMetricReward(
+        ["psnr", "ssim", "niqe"],
+        mode="fixed",
+        weights={"psnr": 2, "ssim": 1, "niqe": 1},
+        format_penalty=0.5,
+        tool_cost=0.05,
+    )
     start = {"psnr": 20.0, "ssim": 0.5, "niqe": 8.0}
-    finals = [{"psnr": 26.0, "ssim": 0.6, "niqe": 5.0},   # better psnr and niqe, worse ssim
-              {"psnr": 22.0, "ssim": 0.7, "niqe": 7.0}]
+    finals = [
+        {"psnr": 26.0, "ssim": 0.6, "niqe": 5.0},  # better psnr and niqe, worse ssim
+        {"psnr": 22.0, "ssim": 0.7, "niqe": 7.0},
+    ]
     out = reward(finals, [start, start], tool_calls=[2, 1], format_errors=[0, 1], group_size=2)
     # a group of two: each normalised gain is +-1; weights 0.5 0.25 0.25
     np.testing.assert_allclose(out.quality, [0.5 - 0.25 + 0.25, -0.5])
@@ -196,7 +215,9 @@ def test_reward_bad_input_is_named():
 def test_from_config_reads_the_recipe():
     reward = MultiMetricReward.from_config(load_recipe("tiny_cpu").reward)
     assert reward.mode == "adaptive" and reward.metrics == ["psnr", "ssim", "niqe"]
-    fixed = MultiMetricReward.from_config(load_recipe("tiny_cpu", ["reward.adaptive=false", "reward.tool_cost=0.1"]).reward)
+    fixed = MultiMetricReward.from_config(
+        load_recipe("tiny_cpu", ["reward.adaptive=false", "reward.tool_cost=0.1"]).reward
+    )
     assert fixed.mode == "fixed" and fixed.tool_cost == 0.1
 
 

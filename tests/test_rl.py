@@ -6,12 +6,12 @@ Tiny sizes: 2 photos x n=2 trajectories, at most 2 turns, replies constrained to
 calls or the answer (``rollout.choices``), so that episodes call tools while the policy still
 picks among them with its own probabilities.
 """
+
 import json
 import shutil
 
 import numpy as np
 import pytest
-import torch
 from omegaconf import OmegaConf
 
 import tir  # noqa: F401  - shims before transformers
@@ -45,7 +45,10 @@ def test_missing_scores_count_as_the_worst_of_the_group():
 
 
 def test_busy_seconds_is_the_union_of_overlapping_spans():
-    timings = [{"spans": [["generate", 0.0, 1.0], ["env", 1.0, 3.0]]}, {"spans": [["generate", 0.5, 1.5], ["generate", 4.0, 4.5]]}]
+    timings = [
+        {"spans": [["generate", 0.0, 1.0], ["env", 1.0, 3.0]]},
+        {"spans": [["generate", 0.5, 1.5], ["generate", 4.0, 4.5]]},
+    ]
     assert busy_seconds(timings, "generate") == pytest.approx(2.0)
     assert busy_seconds(timings, "env") == pytest.approx(2.0)
 
@@ -62,7 +65,9 @@ def test_a_metric_the_pool_cannot_score_stops_the_run_at_start_up():
     samples = synthesize("builtin", "noise", per_image=1, seed=0, crop=64, progress=False)
     rl.check_metrics(LocalPool(), samples, ["psnr", "ssim"])
     with pytest.raises(rl.SetupError, match=r"musiq \(\[unavailable\].*nosuch \(\[unknown_metric\]"):
-        rl.check_metrics(LocalPool(), samples, ["psnr", "musiq", "nosuch"])  # musiq: its weights are not on this machine
+        rl.check_metrics(
+            LocalPool(), samples, ["psnr", "musiq", "nosuch"]
+        )  # musiq: its weights are not on this machine
 
 
 def test_policy_path_takes_an_sft_run_folders_hf_checkpoint(tmp_path):
@@ -76,8 +81,12 @@ def test_policy_path_takes_an_sft_run_folders_hf_checkpoint(tmp_path):
 
 def test_the_closing_line_reports_the_reward_and_each_metrics_raw_gain():
     # the reward's quality term is centred within each group: only the gains show restorations improving
-    summary = {"steps": 12, "window": 3, "start": {"reward/mean": -0.5, "reward/gain/psnr": -2.0, "reward/gain/niqe": 0.1, "episode/tool_calls": 1.4},
-               "end": {"reward/mean": -0.25, "reward/gain/psnr": -1.0, "reward/gain/niqe": 0.5, "episode/tool_calls": 1.5}}  # fmt: skip
+    summary = {
+        "steps": 12,
+        "window": 3,
+        "start": {"reward/mean": -0.5, "reward/gain/psnr": -2.0, "reward/gain/niqe": 0.1, "episode/tool_calls": 1.4},
+        "end": {"reward/mean": -0.25, "reward/gain/psnr": -1.0, "reward/gain/niqe": 0.5, "episode/tool_calls": 1.5},
+    }
     line = rl.progress_line(summary)
     assert line.startswith("over 12 steps (means of the first and last 3): reward -0.500 -> -0.250")
     assert "niqe gain +0.100 -> +0.500, psnr gain -2.000 -> -1.000, tool calls 1.40 -> 1.50" in line
@@ -116,17 +125,36 @@ def root(tmp_path_factory):
     models.build_tiny_policy(root / "tiny", tool_schemas(TOOLS), seed=0)
     # 2 photos x 2 degradations (chelsea and stereo_motorcycle are held out for evaluation)
     samples = synthesize("builtin", "dark,noise", per_image=1, seed=0, crop=96, progress=False)
-    samples.take([i for i, name in enumerate(samples.column("image_id")) if name in ("astronaut", "coffee")]).to_parquet(root / "train.parquet")
+    samples.take(
+        [i for i, name in enumerate(samples.column("image_id")) if name in ("astronaut", "coffee")]
+    ).to_parquet(root / "train.parquet")
     return root
 
 
 def recipe(root, out, *overrides):
-    cfg = load_recipe("tiny_cpu", [
-        f"run.output_dir={out}", f"model.path={root / 'tiny'}", f"data.train_path={root / 'train.parquet'}",
-        "pool.backend=local", f"pool.tools=[{','.join(TOOLS)}]", "rollout.engine=hf", "rollout.n=2", "rollout.max_turns=2",
-        "actor.engine=fsdp2", "actor.num_workers=2", "actor.micro_batch_size=2", "actor.lr=3e-4", "algo.kl_coef=0.05",
-        f"trainer.total_steps={STEPS}", "trainer.batch_size=2", "trainer.save_every=1", "trainer.log_every=1", *overrides,
-    ])  # fmt: skip
+    cfg = load_recipe(
+        "tiny_cpu",
+        [
+            f"run.output_dir={out}",
+            f"model.path={root / 'tiny'}",
+            f"data.train_path={root / 'train.parquet'}",
+            "pool.backend=local",
+            f"pool.tools=[{','.join(TOOLS)}]",
+            "rollout.engine=hf",
+            "rollout.n=2",
+            "rollout.max_turns=2",
+            "actor.engine=fsdp2",
+            "actor.num_workers=2",
+            "actor.micro_batch_size=2",
+            "actor.lr=3e-4",
+            "algo.kl_coef=0.05",
+            f"trainer.total_steps={STEPS}",
+            "trainer.batch_size=2",
+            "trainer.save_every=1",
+            "trainer.log_every=1",
+            *overrides,
+        ],
+    )
     # rollout.choices is not in the recipe schema (yet): merge it into a schema-free copy
     return OmegaConf.merge(OmegaConf.create(OmegaConf.to_container(cfg)), {"rollout": {"choices": REPLIES}})
 
@@ -143,9 +171,24 @@ def test_a_run_logs_dumps_and_checkpoints_every_step(uninterrupted, root):
     records = read_records(out / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2, 3] and summary["steps"] == 3
     for record in records:
-        for key in ("reward/mean", "reward/weight/psnr", "reward/weight/niqe", "reward/gain/psnr", "episode/tool_calls",
-                    "episode/format_errors", "actor/kl", "actor/entropy", "actor/grad_norm", "time/generate", "time/tools",
-                    "time/score", "time/reference", "time/update", "time/weight_sync", "time/checkpoint"):  # fmt: skip
+        for key in (
+            "reward/mean",
+            "reward/weight/psnr",
+            "reward/weight/niqe",
+            "reward/gain/psnr",
+            "episode/tool_calls",
+            "episode/format_errors",
+            "actor/kl",
+            "actor/entropy",
+            "actor/grad_norm",
+            "time/generate",
+            "time/tools",
+            "time/score",
+            "time/reference",
+            "time/update",
+            "time/weight_sync",
+            "time/checkpoint",
+        ):
             assert key in record, key
         assert sum(record[f"reward/weight/{m}"] for m in ("psnr", "ssim", "niqe")) == pytest.approx(1.0)
         # the rollout engine's log-probs are the actor's: its weights were pushed after every update
@@ -197,8 +240,17 @@ def test_a_run_killed_mid_step_resumes_where_it_stopped_and_repeats_the_same_num
     rl.train_rl(recipe(root, root / "killed", "trainer.resume=auto"))
     before, after = read_records(done / "metrics.jsonl"), read_records(killed / "metrics.jsonl")
     assert [r["step"] for r in after] == [1, 2, 3]  # step 3 ran again and was logged once
-    for key in ("reward/mean", "reward/weight/psnr", "reward/gain/psnr", "episode/tool_calls", "actor/loss",
-                "actor/pg_loss", "actor/kl", "actor/grad_norm", "actor/entropy"):  # fmt: skip
+    for key in (
+        "reward/mean",
+        "reward/weight/psnr",
+        "reward/gain/psnr",
+        "episode/tool_calls",
+        "actor/loss",
+        "actor/pg_loss",
+        "actor/kl",
+        "actor/grad_norm",
+        "actor/entropy",
+    ):
         assert after[2][key] == before[2][key], key
     assert read_dump(killed / "dumps", 3).column("input_ids") == read_dump(done / "dumps", 3).column("input_ids")
     assert latest_checkpoint(killed).name == "step_000003" and not (killed / "checkpoints" / "step_000003.tmp").exists()

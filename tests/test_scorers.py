@@ -1,19 +1,19 @@
 """Tests for tool_pool.scorers: real pyiqa metrics, real basicsr, real photos."""
+
 import socket
 from pathlib import Path
 
 import numpy as np
-import pytest
-
-import tir  # noqa: F401  (environment shims first)
-from tool_pool import scorers
-from tool_pool.scorers import METRICS, MetricUnavailable, get_scorer, match_reference_size, score_all
-
 import pyiqa  # after tir
+import pytest
 import torch
 from basicsr.utils.matlab_functions import imresize
 from PIL import Image
 from skimage import data
+
+import tir  # noqa: F401  (environment shims first)
+from tool_pool import scorers
+from tool_pool.scorers import METRICS, MetricUnavailable, get_scorer, match_reference_size, score_all
 
 # ---------------------------------------------------------------- published calibration values
 # pyiqa's authors score 5 distorted/reference pairs (installed with pyiqa as ResultsCalibra/) and
@@ -34,8 +34,7 @@ OFFICIAL = {
     "niqe": [15.7536293917814, 3.65492152353770, 3.23547743716998, 3.18403333858339, 8.63519663862637],
     "piqe": [100.00, 21.62, 35.86, 41.15, 76.95],
     "fsim": [0.689, 0.9702, 0.9927, 0.9575, 0.822],
-    "gmsd": [0.220347639470143, 0.0005220585050504579, 0.0004482814810014102, 0.134631933046914,
-             0.204996493556054],
+    "gmsd": [0.220347639470143, 0.0005220585050504579, 0.0004482814810014102, 0.134631933046914, 0.204996493556054],
     "vif": [0.0172, 0.9891, 0.9924, 0.9103, 0.1745],
     "entropy": [6.9511, 6.9661, 7.5309, 7.5566, 5.7629],
 }

@@ -2,6 +2,7 @@
 Ray workers, held-out evaluation, checkpoints resumed mid-epoch, and an HF checkpoint that
 `tir restore` runs. Tiny data: 3 photos x 2 combinations of 64 px crops, a 10-tool prompt.
 """
+
 import asyncio
 import json
 
@@ -10,22 +11,32 @@ import numpy as np
 import pytest
 
 import tir  # noqa: F401  - shims before transformers
-from tir.data import expert
 from tir.agent import models, prompts
-from tir.agent.loop import LoopSettings, tokenize
-from tir.data.synth import synthesize
 from tir.agent.env import perception_cues
+from tir.agent.loop import LoopSettings, tokenize
 from tir.agent.multimodal import assistant_mask
-from tir.protocol import Batch
+from tir.data import expert
 from tir.data.sft_rows import TRAIN_COLUMNS, sft_rows, split_by_image
+from tir.data.synth import synthesize
 from tir.eval.tool_choice import tool_choice
+from tir.protocol import Batch
 from tir.rl.algos import sft_loss
 from tir.trainer.sft import epoch_batches, sft_main
 from tool_pool.client import LocalPool
 from tool_pool.tools import tool_schemas
 
-TOOLS = ["denoise_tv", "denoise_dct", "jpeg_deblock_dct", "jpeg_reapply", "brighten_shift", "brighten_gamma",
-         "dehaze_dcp", "dehaze_global", "sr_bicubic", "sr_lanczos"]  # fmt: skip
+TOOLS = [
+    "denoise_tv",
+    "denoise_dct",
+    "jpeg_deblock_dct",
+    "jpeg_reapply",
+    "brighten_shift",
+    "brighten_gamma",
+    "dehaze_dcp",
+    "dehaze_global",
+    "sr_bicubic",
+    "sr_lanczos",
+]
 SCHEMAS = tool_schemas(TOOLS)
 PHOTOS = ("astronaut", "coffee", "chelsea")  # chelsea: held out
 
@@ -65,7 +76,9 @@ def test_rows_are_the_whole_chat_with_loss_on_the_experts_replies_only(processor
     eos = processor.tokenizer.eos_token
     for row, source in zip(rows.rows(), expert_rows.rows()):
         # what the policy writes: one call per step of the trajectory (perturbed or not), then the answer
-        replies = [prompts.format_call(prompts.ToolCall(name, {})) + eos for name in source["tools"]] + [prompts.format_stop() + eos]
+        replies = [prompts.format_call(prompts.ToolCall(name, {})) + eos for name in source["tools"]] + [
+            prompts.format_stop() + eos
+        ]
         trained = processor.tokenizer.decode([i for i, m in zip(row["input_ids"], row["loss_mask"]) if m])
         assert trained == "".join(replies)
         assert row["loss_mask"] == assistant_mask(processor, row["input_ids"])
@@ -92,9 +105,14 @@ def whole_chat(processor, source):
 
 def test_cues_appear_only_when_the_recipe_shows_them(processor, expert_rows):
     one = expert_rows.slice(0, 1)
-    with_cues = processor.tokenizer.decode(sft_rows(processor, one, SCHEMAS, settings(), perception_cues()).column("input_ids")[0])
+    with_cues = processor.tokenizer.decode(
+        sft_rows(processor, one, SCHEMAS, settings(), perception_cues()).column("input_ids")[0]
+    )
     without = processor.tokenizer.decode(sft_rows(processor, one, SCHEMAS, settings(), None).column("input_ids")[0])
-    assert with_cues.count("Measured cues: noise_sigma=") == 1 + len(one.column("tools")[0]) and "Measured cues" not in without
+    assert (
+        with_cues.count("Measured cues: noise_sigma=") == 1 + len(one.column("tools")[0])
+        and "Measured cues" not in without
+    )
 
 
 def test_held_out_photos_are_split_off(expert_rows):
@@ -124,21 +142,47 @@ def test_tool_choice_scores_first_call_subtask_tie_and_sequence():
         messages = [{"role": "assistant", "text": reply} for reply in replies]
         calls = [{"name": name, "committed": True} for name in called]
         # what the search scored: the expert's schedule, a near tie, and a clearly worse one
-        candidates = [{"tools": expert_tools, "quality": 1.0, "scores": {"psnr": 25.0}},
-                      {"tools": ["denoise_dct", "jpeg_reapply"], "quality": 0.8, "scores": {"psnr": 24.8}},
-                      {"tools": ["dehaze_dcp"], "quality": 0.1, "scores": {"psnr": 24.0}}]  # fmt: skip
-        return {"expert_tools": expert_tools, "messages": messages, "tool_calls": calls, "format_errors": format_errors,
-                "search_candidates": candidates}  # fmt: skip
+        candidates = [
+            {"tools": expert_tools, "quality": 1.0, "scores": {"psnr": 25.0}},
+            {"tools": ["denoise_dct", "jpeg_reapply"], "quality": 0.8, "scores": {"psnr": 24.8}},
+            {"tools": ["dehaze_dcp"], "quality": 0.1, "scores": {"psnr": 24.0}},
+        ]
+        return {
+            "expert_tools": expert_tools,
+            "messages": messages,
+            "tool_calls": calls,
+            "format_errors": format_errors,
+            "search_candidates": candidates,
+        }
 
     call = lambda name: prompts.format_call(prompts.ToolCall(name, {}))  # noqa: E731
-    episodes = Batch.from_rows([
-        episode(["denoise_tv", "jpeg_reapply"], [call("denoise_tv"), call("jpeg_reapply"), "<answer>done</answer>"], ["denoise_tv", "jpeg_reapply"]),
-        episode(["denoise_tv", "jpeg_reapply"], [call("denoise_dct"), "<answer>done</answer>"], ["denoise_dct"]),
-        episode(["jpeg_reapply", "denoise_tv"], ["nonsense", call("jpeg_reapply"), call("denoise_tv")], ["jpeg_reapply", "denoise_tv"], 1),
-        episode(["jpeg_reapply", "denoise_tv"], [call("dehaze_dcp")], ["dehaze_dcp"]),
-    ], kinds={"messages": "json", "tool_calls": "json", "search_candidates": "json"})  # fmt: skip
+    episodes = Batch.from_rows(
+        [
+            episode(
+                ["denoise_tv", "jpeg_reapply"],
+                [call("denoise_tv"), call("jpeg_reapply"), "<answer>done</answer>"],
+                ["denoise_tv", "jpeg_reapply"],
+            ),
+            episode(["denoise_tv", "jpeg_reapply"], [call("denoise_dct"), "<answer>done</answer>"], ["denoise_dct"]),
+            episode(
+                ["jpeg_reapply", "denoise_tv"],
+                ["nonsense", call("jpeg_reapply"), call("denoise_tv")],
+                ["jpeg_reapply", "denoise_tv"],
+                1,
+            ),
+            episode(["jpeg_reapply", "denoise_tv"], [call("dehaze_dcp")], ["dehaze_dcp"]),
+        ],
+        kinds={"messages": "json", "tool_calls": "json", "search_candidates": "json"},
+    )
     scores = tool_choice(episodes, SCHEMAS, tie_margin=1.0)  # within 0.3 dB
-    assert scores == {"first_call": 0.25, "first_subtask": 0.5, "first_call_tie": 0.5, "sequence": 0.25, "format_ok": 0.75, "samples": 4}
+    assert scores == {
+        "first_call": 0.25,
+        "first_subtask": 0.5,
+        "first_call_tie": 0.5,
+        "sequence": 0.25,
+        "format_ok": 0.75,
+        "samples": 4,
+    }
     assert tool_choice(episodes, SCHEMAS, tie_margin=4.0)["first_call_tie"] == 0.75  # within 1.2 dB dehaze_dcp ties too
     assert "first_call_tie" not in tool_choice(episodes.drop(["search_candidates"]), SCHEMAS)
 
@@ -147,11 +191,23 @@ def test_tool_choice_scores_first_call_subtask_tie_and_sequence():
 
 
 def run_sft(root, *overrides):
-    return sft_main([
-        "recipe=sft_tiny_cpu", f"run.output_dir={root}", f"model.path={root / 'tiny_policy'}", "pool.backend=local",
-        f"pool.tools=[{','.join(TOOLS)}]", "actor.num_workers=2", "actor.engine=fsdp2", "actor.lr_schedule=constant",
-        "actor.warmup_steps=0", "trainer.batch_size=2", "trainer.save_every=1", "sft.epochs=1", *overrides,
-    ])  # fmt: skip
+    return sft_main(
+        [
+            "recipe=sft_tiny_cpu",
+            f"run.output_dir={root}",
+            f"model.path={root / 'tiny_policy'}",
+            "pool.backend=local",
+            f"pool.tools=[{','.join(TOOLS)}]",
+            "actor.num_workers=2",
+            "actor.engine=fsdp2",
+            "actor.lr_schedule=constant",
+            "actor.warmup_steps=0",
+            "trainer.batch_size=2",
+            "trainer.save_every=1",
+            "sft.epochs=1",
+            *overrides,
+        ]
+    )
 
 
 def records(root, kind):
@@ -187,6 +243,23 @@ def test_sft_trains_evaluates_resumes_and_writes_a_restorable_checkpoint(ray_clu
 
     photo = Batch.from_parquet(root / "data" / "sft.parquet").column("lq")[0]
     cv2.imwrite(str(tmp_path / "in.png"), cv2.cvtColor(photo, cv2.COLOR_RGB2BGR))
-    assert restore([str(tmp_path / "in.png"), "--agent", str(out / "hf"), "--out", str(tmp_path / "out.png"), "--cues", "--cue-style", "guess",
-                    "--tool-prompt", "names", "--max-turns", "2"]) == 0  # as the recipe trained it
+    assert (
+        restore(
+            [
+                str(tmp_path / "in.png"),
+                "--agent",
+                str(out / "hf"),
+                "--out",
+                str(tmp_path / "out.png"),
+                "--cues",
+                "--cue-style",
+                "guess",
+                "--tool-prompt",
+                "names",
+                "--max-turns",
+                "2",
+            ]
+        )
+        == 0
+    )  # as the recipe trained it
     assert (tmp_path / "out.png").is_file()

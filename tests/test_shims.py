@@ -1,13 +1,16 @@
 """The torchvision / basicsr shims: needed here (CPU torch beside PyPI's torchvision), inert where
 torchvision's C++ ops load (GPU machines; reproduced by declaring the ops the way torchvision's
 own library does before the shim runs), and present in every Python process of the venv."""
+
 import os
 import subprocess
 import sys
 
 
 def run(code: str, **env) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env={**os.environ, **env})
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env={**os.environ, **env}
+    )
 
 
 def ok(code: str, **env) -> str:

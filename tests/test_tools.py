@@ -1,5 +1,6 @@
 """The weight-free restoration tools: registry, argument and image checks, and that each tool
 really improves the degradation of its subtask (real tir.data.degradations on real photo crops)."""
+
 import json
 
 import numpy as np
@@ -42,8 +43,10 @@ DEGRADATION_FOR_SUBTASK = {
 
 def crops(size: int) -> list[np.ndarray]:
     """Two textured photo crops: a face and a cat."""
-    return [np.ascontiguousarray(data.astronaut()[40 : 40 + size, 160 : 160 + size]),
-            np.ascontiguousarray(data.chelsea()[60 : 60 + size, 120 : 120 + size])]  # fmt: skip
+    return [
+        np.ascontiguousarray(data.astronaut()[40 : 40 + size, 160 : 160 + size]),
+        np.ascontiguousarray(data.chelsea()[60 : 60 + size, 120 : 120 + size]),
+    ]
 
 
 def degrade(image: np.ndarray, subtask: str) -> np.ndarray:
@@ -66,7 +69,7 @@ def test_tool_improves_its_degradation(name):
     hqs = crops(128)
     lqs = [degrade(hq, tool.subtask) for hq in hqs]
     outs = tool(lqs)
-    for lq, out, hq in zip(lqs, outs, hqs):
+    for lq, out in zip(lqs, outs):
         assert out.dtype == np.uint8
         assert out.shape == (lq.shape[0] * tool.scale, lq.shape[1] * tool.scale, 3)
     gain = np.mean([psnr(o, hq) - psnr(lq, hq) for o, lq, hq in zip(outs, lqs, hqs)])
@@ -100,7 +103,17 @@ def test_tools_do_not_modify_their_input():
         np.testing.assert_array_equal(image, before, err_msg=name)
 
 
-@pytest.mark.parametrize("name", ["deblur_defocus_wiener", "deblur_motion_wiener", "dehaze_global", "jpeg_deblock_dct", "sharpen_unsharp", "denoise_tv"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "deblur_defocus_wiener",
+        "deblur_motion_wiener",
+        "dehaze_global",
+        "jpeg_deblock_dct",
+        "sharpen_unsharp",
+        "denoise_tv",
+    ],
+)
 def test_zero_strength_leaves_the_image_unchanged(name):
     image = crops(64)[1]
     np.testing.assert_array_equal(get_tool(name)([image], strength=0.0)[0], image)
@@ -173,7 +186,9 @@ def test_tool_schemas_are_function_descriptions():
 
 
 def test_registering_a_name_twice_is_an_error():
-    clash = FunctionTool("denoise_dct", "denoising", "another", lambda image: image, {"type": "object", "properties": {}})
+    clash = FunctionTool(
+        "denoise_dct", "denoising", "another", lambda image: image, {"type": "object", "properties": {}}
+    )
     with pytest.raises(ValueError, match="registered twice"):
         register_tool(clash)
 
@@ -225,7 +240,10 @@ def test_tools_without_arguments_reject_any():
         (np.zeros((32, 32, 3), np.uint8), "expects a list of images.*wrap a single image"),
         ([np.zeros((32, 32, 3), np.float32)], "image 0: expected dtype uint8, got float32"),
         ([np.full((32, 32, 3), np.nan, np.float32)], "float32 containing NaN"),
-        ([np.zeros((32, 32, 3), np.uint8), np.zeros((32, 32), np.uint8)], r"image 1: expected shape HxWx3 \(RGB\), got \(32, 32\)"),
+        (
+            [np.zeros((32, 32, 3), np.uint8), np.zeros((32, 32), np.uint8)],
+            r"image 1: expected shape HxWx3 \(RGB\), got \(32, 32\)",
+        ),
         ([np.zeros((32, 32, 4), np.uint8)], r"HxWx3.*\(32, 32, 4\)"),
         ([np.zeros((4, 32, 3), np.uint8)], "smaller than 8 px"),
         (["not an image"], "expected a numpy array, got str"),

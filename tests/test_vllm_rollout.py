@@ -4,6 +4,7 @@ tiny policy; transformers is the reference.
 One vLLM engine serves the whole module (a one-replica rollout group: vLLM start-up is the slow
 part). Tests that change its weights put the original ones back.
 """
+
 import asyncio
 import copy
 
@@ -53,8 +54,14 @@ def updated(policy, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def vllm_group(ray_cluster, policy):
-    group = RolloutGroup("vllm", policy[0], num_replicas=1, resources={"CPU": 1}, bucket_mb=1,
-                         options={"max_images": 8, "max_model_len": 4096, "bucket_mb": 1})  # several buckets per update
+    group = RolloutGroup(
+        "vllm",
+        policy[0],
+        num_replicas=1,
+        resources={"CPU": 1},
+        bucket_mb=1,
+        options={"max_images": 8, "max_model_len": 4096, "bucket_mb": 1},
+    )  # several buckets per update
     yield group
     group.close()
 
@@ -77,8 +84,16 @@ def replay_logprobs(model, processor, ids, images, temperature=1.0):
     ids = torch.tensor([ids])
     vision = processor.image_processor(images=list(images), return_tensors="pt")
     with torch.no_grad():
-        logits = model(input_ids=ids, pixel_values=vision["pixel_values"], image_grid_thw=vision["image_grid_thw"],
-                       mm_token_type_ids=models.mm_token_type_ids(processor, ids)).logits[0].float()  # fmt: skip
+        logits = (
+            model(
+                input_ids=ids,
+                pixel_values=vision["pixel_values"],
+                image_grid_thw=vision["image_grid_thw"],
+                mm_token_type_ids=models.mm_token_type_ids(processor, ids),
+            )
+            .logits[0]
+            .float()
+        )
     logprobs = torch.log_softmax(logits[:-1] / temperature, dim=-1).gather(-1, ids[0, 1:, None])[:, 0]
     return torch.cat([torch.zeros(1), logprobs])
 
@@ -89,7 +104,7 @@ def generate(engine, *requests):
 
 def reply_logprobs(model, processor, prompt_ids, result, images, temperature):
     expected = replay_logprobs(model, processor, prompt_ids + result["token_ids"], images, temperature or 1.0)
-    return torch.tensor(result["logprobs"]), expected[len(prompt_ids):]
+    return torch.tensor(result["logprobs"]), expected[len(prompt_ids) :]
 
 
 # ---------------------------------------------------------------- the engine
@@ -118,8 +133,10 @@ def test_greedy_continuation_matches_transformers(vllm_group, policy):
     _, model, processor = policy
     messages, ids, images = two_image_chat(processor)
     hf = HFEngine(model=model, processor=processor)
-    requests = [{"messages": messages[:2], "images": images[:1], "sampling": {"temperature": 0, "max_tokens": 24}},
-                {"prompt_token_ids": ids, "images": images, "sampling": {"temperature": 0, "max_tokens": 24}}]  # fmt: skip
+    requests = [
+        {"messages": messages[:2], "images": images[:1], "sampling": {"temperature": 0, "max_tokens": 24}},
+        {"prompt_token_ids": ids, "images": images, "sampling": {"temperature": 0, "max_tokens": 24}},
+    ]
     ours, theirs = generate(vllm_group, *requests), generate(hf, *requests)
     for a, b in zip(ours, theirs):
         assert a["token_ids"] == b["token_ids"] and a["text"] == b["text"] and a["finish_reason"] == b["finish_reason"]
@@ -130,8 +147,14 @@ def test_greedy_continuation_matches_transformers(vllm_group, policy):
 def test_choices_constrain_replies_but_not_logprobs(vllm_group, policy):
     _, model, processor = policy
     _, ids, images = two_image_chat(processor)
-    requests = [{"prompt_token_ids": ids, "images": images, "sampling": {"temperature": 1.0, "max_tokens": 40, "choices": list(CALLS), "seed": s}}
-                for s in range(4)]  # fmt: skip
+    requests = [
+        {
+            "prompt_token_ids": ids,
+            "images": images,
+            "sampling": {"temperature": 1.0, "max_tokens": 40, "choices": list(CALLS), "seed": s},
+        }
+        for s in range(4)
+    ]
     results = generate(vllm_group, *requests)
     assert all(r["text"] in CALLS and r["finish_reason"] == "stop" for r in results)
     got, expected = reply_logprobs(model, processor, ids, results[0], images, 1.0)
@@ -144,10 +167,22 @@ def test_seeds_reproduce_and_bad_requests_fail_alone(vllm_group, policy):
     _, ids, images = two_image_chat(processor)
 
     def request(seed, **changes):
-        return {"prompt_token_ids": ids, "images": images, "sampling": {"temperature": 1.0, "max_tokens": 16, "seed": seed}, **changes}
+        return {
+            "prompt_token_ids": ids,
+            "images": images,
+            "sampling": {"temperature": 1.0, "max_tokens": 16, "seed": seed},
+            **changes,
+        }
 
     async def send():
-        requests = [request(1), request(1), request(2), request(3), request(1, images=images[:1]), request(1, sampling={"temprature": 1})]
+        requests = [
+            request(1),
+            request(1),
+            request(2),
+            request(3),
+            request(1, images=images[:1]),
+            request(1, sampling={"temprature": 1}),
+        ]
         return await asyncio.gather(*(vllm_group.generate([r]) for r in requests), return_exceptions=True)
 
     *good, wrong_images, misspelled = asyncio.run(send())
@@ -161,7 +196,9 @@ def test_a_long_seeded_prompt_is_served(vllm_group, policy):
     """A prompt longer than vLLM's default step budget (2048 tokens) with a seed: on CPU, vLLM
     0.32 dies when such a prefill is split over steps; the engine prefills it whole."""
     ids = policy[2].tokenizer("restore the photo " * 2000, add_special_tokens=False)["input_ids"][:3000]
-    [result] = generate(vllm_group, {"prompt_token_ids": ids, "sampling": {"temperature": 1.0, "max_tokens": 4, "seed": 1}})
+    [result] = generate(
+        vllm_group, {"prompt_token_ids": ids, "sampling": {"temperature": 1.0, "max_tokens": 4, "seed": 1}}
+    )
     assert len(result["token_ids"]) == 4 and result["finish_reason"] == "length"
 
 
@@ -185,9 +222,13 @@ def test_update_weights_then_logprobs_match_the_updated_model(vllm_group, policy
     finally:
         vllm_group.update_weights(model.state_dict())
     [restored] = generate(vllm_group, request)
-    assert restored["token_ids"] == before["token_ids"] and np.allclose(restored["logprobs"], before["logprobs"], atol=ATOL)
+    assert restored["token_ids"] == before["token_ids"] and np.allclose(
+        restored["logprobs"], before["logprobs"], atol=ATOL
+    )
     stats = vllm_group.stats()[0]
-    assert stats["weight_updates"] >= 2 and stats["weight_bytes"] >= 2 * sum(t.numel() * 4 for t in model.state_dict().values())
+    assert stats["weight_updates"] >= 2 and stats["weight_bytes"] >= 2 * sum(
+        t.numel() * 4 for t in model.state_dict().values()
+    )
 
 
 def test_bad_updates_load_nothing(vllm_group, policy):
@@ -225,7 +266,9 @@ def test_sync_from_the_actor_group(vllm_group, actors, policy, updated, transpor
     _, ids, images = two_image_chat(processor)
     try:
         vllm_group.sync_from(actors, transport=transport)
-        [result] = generate(vllm_group, {"prompt_token_ids": ids, "images": images, "sampling": {"temperature": 0.8, "max_tokens": 12}})
+        [result] = generate(
+            vllm_group, {"prompt_token_ids": ids, "images": images, "sampling": {"temperature": 0.8, "max_tokens": 12}}
+        )
         got, expected = reply_logprobs(updated[1], processor, ids, result, images, 0.8)
         assert torch.allclose(got, expected, atol=ATOL), (got - expected).abs().max()
     finally:

@@ -76,7 +76,7 @@ def test_exception_in_a_live_worker_names_group_rank_and_method(group):
 
 def test_unknown_method_fails_before_dispatch(group):
     with pytest.raises(AttributeError, match="no method 'forward_logprob'"):
-        group.forward_logprob
+        _ = group.forward_logprob
 
 
 def test_killed_worker_raises_a_clear_error_not_a_hang(ray_cluster):

@@ -13,6 +13,7 @@ Both are applied lazily by an import hook, at the first import of torchvision (s
 never imports it pays nothing), and both do nothing where torchvision already works (GPU
 machines with matching wheels). ``TIR_NO_SHIMS=1`` turns them off, to see the bare environment.
 """
+
 from __future__ import annotations
 
 import glob

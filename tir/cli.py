@@ -14,6 +14,7 @@
 
 Subcommands import their modules lazily so that ``tir --help`` stays fast.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -125,7 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_arguments(evaluate)
     evaluate.set_defaults(run=_eval)
 
-    dumps = commands.add_parser("dumps", help="analyse rollout dumps: summary tables and plots, an HTML trajectory viewer")
+    dumps = commands.add_parser(
+        "dumps", help="analyse rollout dumps: summary tables and plots, an HTML trajectory viewer"
+    )
     from tir.dumps.summary import add_dumps_arguments
 
     add_dumps_arguments(dumps)
@@ -137,7 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_restore_arguments(restore)
     restore.set_defaults(run=_restore)
 
-    quickstart = commands.add_parser("quickstart", help="the whole pipeline on this machine: data, expert, SFT, GRPO, evaluation, report")
+    quickstart = commands.add_parser(
+        "quickstart", help="the whole pipeline on this machine: data, expert, SFT, GRPO, evaluation, report"
+    )
     quickstart.add_argument("overrides", nargs="*", metavar="recipe=FILE|key=value")
     quickstart.set_defaults(run=_quickstart)
 

@@ -1,4 +1,5 @@
 """Connecting the driver to Ray: attach to the cluster it finds, else start a local one."""
+
 from __future__ import annotations
 
 import contextlib

@@ -7,6 +7,7 @@ A recipe file may say ``base: base.yaml`` (a path relative to the file, or a pac
 name); bases chain. Every layer is checked against the schema as it is merged, so an error
 names the layer (file or command line), the key, and the closest valid key.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -159,7 +160,9 @@ class SFTConfig:
     beam_width: int = 4
     # None below: the driver's default, named beside each.
     tie_margin: Optional[float] = None  # expert near ties, in TIE_TOLERANCEs (tir.data.expert: 1.0)
-    expert_rule: Optional[str] = None  # "combination" (one order of subtasks per combination) or "sample" (tir.data.expert: combination)
+    expert_rule: Optional[str] = (
+        None  # "combination" (one order of subtasks per combination) or "sample" (tir.data.expert: combination)
+    )
     batch_size: Optional[int] = None  # rows per SFT step (trainer.batch_size)
     data_path: Optional[str] = None  # expert trajectories (<run.output_dir>/data/sft.parquet)
     eval_samples: Optional[int] = None  # held-out rows scored each evaluation (64)

@@ -11,12 +11,14 @@ writes to Parquet and what analysis reads back. Column kinds:
 - everything else is plain Arrow: ragged ``list<int64>`` token ids, ``list<double>`` log-probs
   and masks, scalars and strings.
 """
+
 from __future__ import annotations
 
 import json
 import os
 import tempfile
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -52,7 +54,11 @@ def _images_to_arrow(images: Sequence[np.ndarray | None], where: str) -> pa.Stru
         _check_image(image, f"{where}[{i}]")
         heights.append(image.shape[0]), widths.append(image.shape[1]), valid.append(True)
         offsets.append(offsets[-1] + image.size)
-    data = np.concatenate([np.ascontiguousarray(im).reshape(-1) for im in images if im is not None]) if offsets[-1] else np.zeros(0, np.uint8)
+    data = (
+        np.concatenate([np.ascontiguousarray(im).reshape(-1) for im in images if im is not None])
+        if offsets[-1]
+        else np.zeros(0, np.uint8)
+    )
     pixels = pa.LargeBinaryArray.from_buffers(
         pa.large_binary(), len(images), [None, pa.py_buffer(np.asarray(offsets, np.int64)), pa.py_buffer(data)]
     )
@@ -141,7 +147,9 @@ class Batch:
 
     # construction -------------------------------------------------------------------------
     @classmethod
-    def from_pydict(cls, columns: dict[str, Sequence[Any]], meta: dict | None = None, kinds: dict[str, str] | None = None) -> "Batch":
+    def from_pydict(
+        cls, columns: dict[str, Sequence[Any]], meta: dict | None = None, kinds: dict[str, str] | None = None
+    ) -> Batch:
         lengths = {name: len(values) for name, values in columns.items()}
         if len(set(lengths.values())) > 1:
             raise BatchError(f"columns have different lengths: {lengths}")
@@ -149,11 +157,15 @@ class Batch:
         unknown = set(kinds) - set(columns)
         if unknown:
             raise BatchError(f"kinds given for columns that are not there: {sorted(unknown)}")
-        fields, arrays = zip(*(_to_arrow(n, v, kinds.get(n, "auto")) for n, v in columns.items())) if columns else ((), ())
+        fields, arrays = (
+            zip(*(_to_arrow(n, v, kinds.get(n, "auto")) for n, v in columns.items())) if columns else ((), ())
+        )
         return cls(pa.Table.from_arrays(list(arrays), schema=pa.schema(list(fields))), meta)
 
     @classmethod
-    def from_rows(cls, rows: Sequence[dict[str, Any]], meta: dict | None = None, kinds: dict[str, str] | None = None) -> "Batch":
+    def from_rows(
+        cls, rows: Sequence[dict[str, Any]], meta: dict | None = None, kinds: dict[str, str] | None = None
+    ) -> Batch:
         names = list(rows[0]) if rows else []
         for i, row in enumerate(rows):
             if list(row) != names:
@@ -176,7 +188,11 @@ class Batch:
             from tir.registry import closest
 
             hint = closest(name, self.columns)
-            raise KeyError(f"no column {name!r} in batch" + (f"; did you mean {hint!r}?" if hint else "") + f" (columns: {self.columns})")
+            raise KeyError(
+                f"no column {name!r} in batch"
+                + (f"; did you mean {hint!r}?" if hint else "")
+                + f" (columns: {self.columns})"
+            )
         return name
 
     def column(self, name: str) -> list[Any]:
@@ -206,36 +222,40 @@ class Batch:
         return [{name: decoded[name][i] for name in self.columns} for i in range(len(self))]
 
     # reshaping ----------------------------------------------------------------------------
-    def select(self, names: Iterable[str]) -> "Batch":
+    def select(self, names: Iterable[str]) -> Batch:
         return Batch(self.table.select([self._check_column(n) for n in names]), self.meta)
 
-    def drop(self, names: Iterable[str]) -> "Batch":
+    def drop(self, names: Iterable[str]) -> Batch:
         return Batch(self.table.drop_columns([self._check_column(n) for n in names]), self.meta)
 
-    def slice(self, start: int, stop: int | None = None) -> "Batch":
+    def slice(self, start: int, stop: int | None = None) -> Batch:
         stop = len(self) if stop is None else min(stop, len(self))
         return Batch(self.table.slice(start, max(0, stop - start)), self.meta)
 
-    def take(self, indices: Sequence[int] | np.ndarray) -> "Batch":
+    def take(self, indices: Sequence[int] | np.ndarray) -> Batch:
         indices = np.asarray(indices, dtype=np.int64)
         if indices.size and (indices.min() < -len(self) or indices.max() >= len(self)):
             raise IndexError(f"take: indices out of range for a batch of {len(self)} rows")
         return Batch(self.table.take(pa.array(indices % max(len(self), 1))), self.meta)
 
-    def chunk(self, n: int) -> list["Batch"]:
+    def chunk(self, n: int) -> list[Batch]:
         """n contiguous pieces in order, sizes differing by at most one (verl requires equal
         sizes; uneven is friendlier for the last batch of an epoch)."""
         if n < 1:
             raise ValueError(f"chunk: n must be >= 1, got {n}")
-        bounds = np.linspace(0, len(self), n + 1).round().astype(int) if len(self) % n else np.arange(n + 1) * (len(self) // n)
+        bounds = (
+            np.linspace(0, len(self), n + 1).round().astype(int)
+            if len(self) % n
+            else np.arange(n + 1) * (len(self) // n)
+        )
         return [self.slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
 
-    def split(self, size: int) -> list["Batch"]:
+    def split(self, size: int) -> list[Batch]:
         """Pieces of ``size`` rows (the last may be shorter), e.g. micro-batches."""
         return [self.slice(i, i + size) for i in range(0, len(self), size)]
 
     @staticmethod
-    def concat(batches: Sequence["Batch"]) -> "Batch":
+    def concat(batches: Sequence[Batch]) -> Batch:
         if not batches:
             raise ValueError("concat: no batches given")
         schemas = {str(b.table.schema) for b in batches}
@@ -244,12 +264,12 @@ class Batch:
             raise BatchError(f"concat: batches have different schemas (columns: {names})")
         return Batch(pa.concat_tables([b.table for b in batches]), batches[0].meta)
 
-    def repeat(self, n: int, interleave: bool = True) -> "Batch":
+    def repeat(self, n: int, interleave: bool = True) -> Batch:
         """Each row n times: [a a b b] with interleave (GRPO groups stay adjacent), else [a b a b]."""
         rows = np.arange(len(self))
         return self.take(np.repeat(rows, n) if interleave else np.tile(rows, n))
 
-    def with_column(self, name: str, values: Sequence[Any] | pa.Array, kind: str = "auto") -> "Batch":
+    def with_column(self, name: str, values: Sequence[Any] | pa.Array, kind: str = "auto") -> Batch:
         """A new batch with the column added (or replaced)."""
         if len(values) != len(self):
             raise BatchError(f"column {name!r} has {len(values)} values for a batch of {len(self)} rows")
@@ -260,7 +280,7 @@ class Batch:
         table = self.table.drop_columns([name]) if name in self.columns else self.table
         return Batch(table.append_column(field, array), self.meta)
 
-    def with_meta(self, **meta: Any) -> "Batch":
+    def with_meta(self, **meta: Any) -> Batch:
         return Batch(self.table, {**self.meta, **meta})
 
     # torch --------------------------------------------------------------------------------
@@ -286,7 +306,7 @@ class Batch:
         tensor = torch.from_numpy(padded)
         return (tensor.to(dtype) if dtype is not None else tensor), torch.from_numpy(mask)
 
-    def with_padded(self, name: str, tensor, mask) -> "Batch":
+    def with_padded(self, name: str, tensor, mask) -> Batch:
         """The inverse of ``to_padded``: keep the entries where mask is 1, one list per row."""
         values = tensor.detach().cpu().numpy()
         keep = mask.detach().cpu().numpy().astype(bool)
@@ -314,7 +334,7 @@ class Batch:
         return path
 
     @classmethod
-    def from_parquet(cls, path: str | os.PathLike, columns: Sequence[str] | None = None) -> "Batch":
+    def from_parquet(cls, path: str | os.PathLike, columns: Sequence[str] | None = None) -> Batch:
         table = pq.read_table(path, columns=columns)
         schema_meta = dict(table.schema.metadata or {})
         meta = json.loads(schema_meta.pop(_META_KEY, b"{}"))
@@ -330,7 +350,7 @@ class Batch:
             table = pa.Table.from_arrays([pa.concat_arrays(c.chunks) for c in table.columns], schema=table.schema)
         return Batch, (table, self.meta)
 
-    def equals(self, other: "Batch") -> bool:
+    def equals(self, other: Batch) -> bool:
         return self.meta == other.meta and self.table.equals(other.table)
 
     def __repr__(self) -> str:

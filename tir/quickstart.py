@@ -19,6 +19,7 @@ continues where it stopped):
 Everything runs on one Ray cluster with one shared tool pool. The recipe's numbers set the scale
 (``recipes/quickstart.yaml``); the same stages run the GPU recipes with real checkpoints.
 """
+
 from __future__ import annotations
 
 import json
@@ -115,20 +116,34 @@ def make_data(cfg):
     """(train, test) Batches of the built-in photos. The test set holds the held-out photos only;
     the training set has them too, but SFT keeps their rows for its held-out accuracy and RL
     leaves them out (``split_by_image``), so no agent trains on a test photo."""
-    from tir.data.synth import read_synth, synthesize
     from tir.data.sft_rows import split_by_image
+    from tir.data.synth import read_synth, synthesize
     from tir.trainer.sft import DEFAULT_HELDOUT
 
     train_path, test_path = Path(cfg.data.train_path), Path(cfg.data.test_path)
     if not train_path.exists():
-        synthesize(cfg.data.hq, ",".join(cfg.data.train_combos), per_image=cfg.data.per_image, seed=cfg.run.seed,
-                   crop=cfg.data.crop, crop_mode="random").to_parquet(train_path)  # fmt: skip
+        synthesize(
+            cfg.data.hq,
+            ",".join(cfg.data.train_combos),
+            per_image=cfg.data.per_image,
+            seed=cfg.run.seed,
+            crop=cfg.data.crop,
+            crop_mode="random",
+        ).to_parquet(train_path)
     if not test_path.exists():
-        every = synthesize(cfg.data.hq, ",".join(cfg.data.test_combos), per_image=cfg.data.test_per_image, seed=cfg.run.seed + 1,
-                           crop=cfg.data.crop, crop_mode="random")  # fmt: skip
+        every = synthesize(
+            cfg.data.hq,
+            ",".join(cfg.data.test_combos),
+            per_image=cfg.data.test_per_image,
+            seed=cfg.run.seed + 1,
+            crop=cfg.data.crop,
+            crop_mode="random",
+        )
         split_by_image(every, DEFAULT_HELDOUT)[1].to_parquet(test_path)
     train, test = read_synth(train_path), read_synth(test_path)
-    print(f"[quickstart] {len(train)} training samples, {len(test)} test samples (held-out photos {', '.join(DEFAULT_HELDOUT)})")
+    print(
+        f"[quickstart] {len(train)} training samples, {len(test)} test samples (held-out photos {', '.join(DEFAULT_HELDOUT)})"
+    )
     return train, test
 
 
@@ -165,9 +180,17 @@ def run_stage_rl(cfg, out: Path) -> Path:
 def evaluate(cfg, pool, test, checkpoints: dict, folder: Path) -> dict:
     from tir.eval.agents import EvalSettings, evaluate_agents
 
-    agents = ["identity", "random", "fixed_order", "exhaustive", *(f"{name}={path}" for name, path in checkpoints.items())]
+    agents = [
+        "identity",
+        "random",
+        "fixed_order",
+        "exhaustive",
+        *(f"{name}={path}" for name, path in checkpoints.items()),
+    ]
     settings = EvalSettings.from_recipe(cfg, concurrency=4)
-    return evaluate_agents(",".join(agents), test, pool, out_dir=folder, settings=settings, meta={"recipe": cfg.run.name})
+    return evaluate_agents(
+        ",".join(agents), test, pool, out_dir=folder, settings=settings, meta={"recipe": cfg.run.name}
+    )
 
 
 # ---------------------------------------------------------------- the report
@@ -190,17 +213,44 @@ def write_report(cfg, out: Path, report: dict, clock: Stages) -> Path:
         dumps_main(_namespace(command="summary", folder=str(dumps), out=str(folder / "dumps_summary")))
         dumps_main(_namespace(command="view", folder=str(dumps), out=str(folder / "trajectories.html")))
     sft = json.loads((out / "sft" / "summary.json").read_text()) if (out / "sft" / "summary.json").exists() else {}
-    lines = [f"# TIR-Agent quickstart ({cfg.run.name})", "", "## Evaluation on held-out photos", "", report["markdown"], "",
-             "![quality vs tool calls](quality_vs_calls.png)", "", "## SFT: tool choice on held-out photos", ""]  # fmt: skip
+    lines = [
+        f"# TIR-Agent quickstart ({cfg.run.name})",
+        "",
+        "## Evaluation on held-out photos",
+        "",
+        report["markdown"],
+        "",
+        "![quality vs tool calls](quality_vs_calls.png)",
+        "",
+        "## SFT: tool choice on held-out photos",
+        "",
+    ]
     if sft:
-        lines += ["| when | first call | first call ties the sample's best | subtask | sequence | well-formed |", "|---|---|---|---|---|---|"]
+        lines += [
+            "| when | first call | first call ties the sample's best | subtask | sequence | well-formed |",
+            "|---|---|---|---|---|---|",
+        ]
         for when in ("before", "after"):
             e = sft[when]
-            lines.append(f"| {when} SFT | {e['first_call']:.0%} | {e.get('first_call_tie', float('nan')):.0%} | {e['first_subtask']:.0%} | "
-                         f"{e['sequence']:.0%} | {e['format_ok']:.0%} |")  # fmt: skip
-    lines += ["", "## GRPO", "", "![reward curve](reward_curve.png)", "", "Rollout dumps: `dumps_summary/`, viewer: `trajectories.html`.", ""]
-    lines += ["## Before / after (last RL step: degraded, the policy's result, HQ)", ""] + [f"![{e}]({e})" for e in examples]
-    lines += ["", "## Time per stage", "", "| stage | seconds |", "|---|---|"] + [f"| {k} | {v:.0f} |" for k, v in clock.seconds.items()]
+            lines.append(
+                f"| {when} SFT | {e['first_call']:.0%} | {e.get('first_call_tie', float('nan')):.0%} | {e['first_subtask']:.0%} | "
+                f"{e['sequence']:.0%} | {e['format_ok']:.0%} |"
+            )
+    lines += [
+        "",
+        "## GRPO",
+        "",
+        "![reward curve](reward_curve.png)",
+        "",
+        "Rollout dumps: `dumps_summary/`, viewer: `trajectories.html`.",
+        "",
+    ]
+    lines += ["## Before / after (last RL step: degraded, the policy's result, HQ)", ""] + [
+        f"![{e}]({e})" for e in examples
+    ]
+    lines += ["", "## Time per stage", "", "| stage | seconds |", "|---|---|"] + [
+        f"| {k} | {v:.0f} |" for k, v in clock.seconds.items()
+    ]
     (folder / "README.md").write_text("\n".join(lines) + "\n")
     return folder
 
@@ -253,7 +303,10 @@ def before_after(dumps: Path, folder: Path) -> list[str]:
     for index in range(min(REPORT_EXAMPLES, len(batch))):
         row = batch.take([index]).rows()[0]
         hq = row["hq"]
-        tiles = [cv2.resize(image, (hq.shape[1], hq.shape[0]), interpolation=cv2.INTER_NEAREST) for image in (row["lq"], row["final_image"], hq)]
+        tiles = [
+            cv2.resize(image, (hq.shape[1], hq.shape[0]), interpolation=cv2.INTER_NEAREST)
+            for image in (row["lq"], row["final_image"], hq)
+        ]
         name = f"example_{index}_{row['combo']}.png"
         cv2.imwrite(str(folder / name), cv2.cvtColor(np.concatenate(tiles, axis=1), cv2.COLOR_RGB2BGR))
         names.append(name)

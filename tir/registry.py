@@ -4,10 +4,12 @@ Degradations, tools, metrics and engines each register once and are found by nam
 recipe. (basicsr.utils.registry.Registry does the same, but importing it imports all of
 basicsr, and its KeyError does not suggest the closest name.)
 """
+
 from __future__ import annotations
 
 import difflib
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 
 def closest(name: str, choices) -> str | None:

@@ -14,6 +14,7 @@ Two kernel families, as the blur models of imagecorruptions (which AgenticIR's s
   position), parametrised by sigma and angle. Its spectrum's magnitude does not tell the two
   ends apart, so the direction is chosen by deconvolving both ways and keeping the sharper.
 """
+
 from __future__ import annotations
 
 import math
@@ -63,7 +64,7 @@ def disk_kernel(radius: float) -> np.ndarray:
 def motion_kernel(sigma: float, angle: float) -> np.ndarray:
     """Taps i = 0..4 sigma along ``angle`` (degrees) with weights exp(-i^2 / 2 sigma^2)."""
     taps = math.ceil(4 * sigma) + 1
-    weights = np.exp(-np.arange(taps) ** 2 / (2 * sigma**2))
+    weights = np.exp(-(np.arange(taps) ** 2) / (2 * sigma**2))
     sin, cos = math.sin(math.radians(angle)), math.cos(math.radians(angle))
     dy = np.array([math.ceil(i * sin - 0.5) for i in range(taps)])
     dx = np.array([math.ceil(i * cos - 0.5) for i in range(taps)])
@@ -136,7 +137,10 @@ def sharper_direction(image: np.ndarray, sigma: float, angle: float, regularisat
     """``angle`` or its opposite: whichever deconvolves the luma to the sparser gradients."""
     luma = grey(to_float(image))
     opposite = angle + 180.0
-    return min((angle, opposite), key=lambda a: gradient_sparsity(wiener_deconvolve(luma, motion_kernel(sigma, a), regularisation)))
+    return min(
+        (angle, opposite),
+        key=lambda a: gradient_sparsity(wiener_deconvolve(luma, motion_kernel(sigma, a), regularisation)),
+    )
 
 
 # ---------------------------------------------------------------- deconvolution
@@ -150,7 +154,9 @@ def richardson_lucy(image: np.ndarray, kernel: np.ndarray, iterations: int = RL_
     pad = 2 * max(kernel.shape)
     padded = cv2.copyMakeBorder(image.astype(np.float32), pad, pad, pad, pad, cv2.BORDER_REFLECT)
     shape = (scipy.fft.next_fast_len(padded.shape[0], real=True), scipy.fft.next_fast_len(padded.shape[1], real=True))
-    padded = cv2.copyMakeBorder(padded, 0, shape[0] - padded.shape[0], 0, shape[1] - padded.shape[1], cv2.BORDER_REFLECT)
+    padded = cv2.copyMakeBorder(
+        padded, 0, shape[0] - padded.shape[0], 0, shape[1] - padded.shape[1], cv2.BORDER_REFLECT
+    )
     K = kernel_spectrum(kernel, shape).astype(np.complex64)[..., None]
     blur = lambda x, k: scipy.fft.irfft2(scipy.fft.rfft2(x, axes=(0, 1)) * k, s=shape, axes=(0, 1))
     observed = np.maximum(padded, 1e-4)
@@ -169,7 +175,9 @@ def _too_small(image: np.ndarray) -> bool:
     return min(image.shape[:2]) < MIN_SIDE_FOR_ESTIMATION
 
 
-BLUR_SIZE = strength_argument(default=1.0, low=0.0, high=2.0, what="multiplier of the estimated blur size (1 = as estimated, 0 = no change)")
+BLUR_SIZE = strength_argument(
+    default=1.0, low=0.0, high=2.0, what="multiplier of the estimated blur size (1 = as estimated, 0 = no change)"
+)
 
 
 @tool(
@@ -184,7 +192,9 @@ def deblur_defocus_wiener(image: np.ndarray, strength: float = 1.0) -> np.ndarra
     radius = estimate_defocus_radius(image) * strength
     if radius < 0.5:
         return image.copy()
-    return to_uint8(wiener_deconvolve(to_float(image), disk_kernel(radius), regularisation(image, DEFOCUS_REGULARISATION)))
+    return to_uint8(
+        wiener_deconvolve(to_float(image), disk_kernel(radius), regularisation(image, DEFOCUS_REGULARISATION))
+    )
 
 
 @tool(

@@ -1,5 +1,6 @@
 """Weight-free denoising tools. Each estimates the noise level itself (``estimate_noise_sigma``);
 the optional ``strength`` multiplies that estimate."""
+
 from __future__ import annotations
 
 import cv2

@@ -1,4 +1,5 @@
 """Weight-free dehazing, deraining and brightening tools."""
+
 from __future__ import annotations
 
 import cv2
@@ -99,17 +100,32 @@ def derain_median(image: np.ndarray, strength: float = 1.0) -> np.ndarray:
 # ---------------------------------------------------------------- brightening (HSV value, as AgenticIR)
 
 
-@tool("brighten_gamma", "brightening", "Brightens a dark photo with gamma 1.5 on the HSV value channel (lifts shadows most).", no_arguments())
+@tool(
+    "brighten_gamma",
+    "brightening",
+    "Brightens a dark photo with gamma 1.5 on the HSV value channel (lifts shadows most).",
+    no_arguments(),
+)
 def brighten_gamma(image: np.ndarray) -> np.ndarray:
     return hsv_value_map(image, lambda v: 255.0 * (v / 255.0) ** (1 / 1.5))
 
 
-@tool("brighten_shift", "brightening", "Brightens a dark photo by adding a constant 40 to the HSV value channel.", no_arguments())
+@tool(
+    "brighten_shift",
+    "brightening",
+    "Brightens a dark photo by adding a constant 40 to the HSV value channel.",
+    no_arguments(),
+)
 def brighten_shift(image: np.ndarray) -> np.ndarray:
     return hsv_value_map(image, lambda v: v + 40.0)
 
 
-@tool("brighten_clahe", "brightening", "Brightens and adds local contrast with CLAHE on the HSV value channel.", no_arguments())
+@tool(
+    "brighten_clahe",
+    "brightening",
+    "Brightens and adds local contrast with CLAHE on the HSV value channel.",
+    no_arguments(),
+)
 def brighten_clahe(image: np.ndarray) -> np.ndarray:
     grid = max(1, min(8, min(image.shape[:2]) // 16))
     clahe = cv2.createCLAHE(clipLimit=2.0, tileGridSize=(grid, grid))

@@ -7,6 +7,7 @@ steps, the DCT tool smooths the image and then projects it back onto the set of 
 the same JPEG file could have come from (each coefficient stays within half a step of its
 decoded value), which removes blocking without blurring what the file really recorded.
 """
+
 from __future__ import annotations
 
 import cv2
@@ -17,10 +18,74 @@ from tool_pool.classical_denoise import dct_denoise_channel
 from tool_pool.tool_base import strength_argument, tool
 
 IJG_LUMA = np.array(
-    [16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60, 55, 14, 13, 16, 24, 40, 57, 69, 56,
-     14, 17, 22, 29, 51, 87, 80, 62, 18, 22, 37, 56, 68, 109, 103, 77, 24, 35, 55, 64, 81, 104, 113, 92,
-     49, 64, 78, 87, 103, 121, 120, 101, 72, 92, 95, 98, 112, 100, 103, 99], np.float64,
-).reshape(8, 8)  # fmt: skip
+    [
+        16,
+        11,
+        10,
+        16,
+        24,
+        40,
+        51,
+        61,
+        12,
+        12,
+        14,
+        19,
+        26,
+        58,
+        60,
+        55,
+        14,
+        13,
+        16,
+        24,
+        40,
+        57,
+        69,
+        56,
+        14,
+        17,
+        22,
+        29,
+        51,
+        87,
+        80,
+        62,
+        18,
+        22,
+        37,
+        56,
+        68,
+        109,
+        103,
+        77,
+        24,
+        35,
+        55,
+        64,
+        81,
+        104,
+        113,
+        92,
+        49,
+        64,
+        78,
+        87,
+        103,
+        121,
+        120,
+        101,
+        72,
+        92,
+        95,
+        98,
+        112,
+        100,
+        103,
+        99,
+    ],
+    np.float64,
+).reshape(8, 8)
 PROBE_FREQUENCIES = ((0, 1), (1, 0), (1, 1), (0, 2), (2, 0), (1, 2), (2, 1), (2, 2), (0, 3), (3, 0))
 QUALITIES = range(5, 96)
 LUMA_SMOOTHING, CHROMA_SMOOTHING = 0.17, 0.5  # x rms quantisation step / sqrt(12)
@@ -69,7 +134,9 @@ def estimate_jpeg_quality(image: np.ndarray) -> int:
     scores = {}
     for quality in QUALITIES:
         table = quantisation_table(quality)
-        scores[quality] = np.mean([np.abs(np.mean(np.exp(2j * np.pi * coefficients[:, i, j] / table[i, j]))) for i, j in PROBE_FREQUENCIES])
+        scores[quality] = np.mean(
+            [np.abs(np.mean(np.exp(2j * np.pi * coefficients[:, i, j] / table[i, j]))) for i, j in PROBE_FREQUENCIES]
+        )
     best = max(scores.values())
     return min(q for q, s in scores.items() if s >= best - 0.02)
 
@@ -106,7 +173,9 @@ def jpeg_deblock_dct(image: np.ndarray, strength: float = 1.0) -> np.ndarray:
 
 
 def jpeg_round_trip(image: np.ndarray, quality: int) -> np.ndarray:
-    _, encoded = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [int(cv2.IMWRITE_JPEG_QUALITY), int(quality)])
+    _, encoded = cv2.imencode(
+        ".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [int(cv2.IMWRITE_JPEG_QUALITY), int(quality)]
+    )
     return cv2.cvtColor(cv2.imdecode(encoded, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
 
 

@@ -5,6 +5,7 @@ matrix, the same resampling that basicsr's ``imresize`` and the protocol's ``low
 makes iterative back-projection exact: the x4 image is corrected until shrinking it again
 reproduces the LQ input.
 """
+
 from __future__ import annotations
 
 import math
@@ -59,13 +60,25 @@ def _to_uint8(x: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(x), 0, 255).astype(np.uint8)
 
 
-@tool("sr_bicubic", "super_resolution", "Upscales a low-resolution image x4 with bicubic interpolation (smooth, no new detail).", no_arguments(), scale=SCALE)
+@tool(
+    "sr_bicubic",
+    "super_resolution",
+    "Upscales a low-resolution image x4 with bicubic interpolation (smooth, no new detail).",
+    no_arguments(),
+    scale=SCALE,
+)
 def sr_bicubic(image: np.ndarray) -> np.ndarray:
     h, w = image.shape[:2]
     return cv2.resize(image, (w * SCALE, h * SCALE), interpolation=cv2.INTER_CUBIC)
 
 
-@tool("sr_lanczos", "super_resolution", "Upscales a low-resolution image x4 with Lanczos interpolation (slightly crisper than bicubic).", no_arguments(), scale=SCALE)
+@tool(
+    "sr_lanczos",
+    "super_resolution",
+    "Upscales a low-resolution image x4 with Lanczos interpolation (slightly crisper than bicubic).",
+    no_arguments(),
+    scale=SCALE,
+)
 def sr_lanczos(image: np.ndarray) -> np.ndarray:
     h, w = image.shape[:2]
     return cv2.resize(image, (w * SCALE, h * SCALE), interpolation=cv2.INTER_LANCZOS4)

@@ -9,12 +9,14 @@
 Both raise ``PoolError`` with a machine ``kind`` for every failure a caller should handle, so
 that the agent loop can turn a bad call into an observation.
 """
+
 from __future__ import annotations
 
 import asyncio
 import time
 from collections import defaultdict
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -49,7 +51,9 @@ def resolve_tool(name: str, allowed: Sequence[str] | None = None):
         from tir.registry import closest
 
         hint = closest(name, allowed)
-        raise PoolError("unknown_tool", f"tool {name!r} is not served by this pool" + (f"; did you mean {hint!r}?" if hint else ""))
+        raise PoolError(
+            "unknown_tool", f"tool {name!r} is not served by this pool" + (f"; did you mean {hint!r}?" if hint else "")
+        )
     try:
         return TOOLS.get(name)
     except KeyError as err:
@@ -108,7 +112,15 @@ class PoolStats:
 
     def __init__(self):
         self.by_model: dict[str, dict[str, float]] = defaultdict(
-            lambda: {"calls": 0, "batches": 0, "max_batch": 0, "queue_wait_s": 0.0, "run_s": 0.0, "loads": 0, "errors": 0}
+            lambda: {
+                "calls": 0,
+                "batches": 0,
+                "max_batch": 0,
+                "queue_wait_s": 0.0,
+                "run_s": 0.0,
+                "loads": 0,
+                "errors": 0,
+            }
         )
 
     def record_batch(self, model: str, size: int, queue_wait_s: float, run_s: float, errors: int = 0) -> None:
@@ -157,7 +169,9 @@ class LocalPool:
         self.stats_.record_batch(f"tool:{tool}", 1, 0.0, time.perf_counter() - start)
         return out[0]
 
-    async def score(self, metrics: Sequence[str], image: np.ndarray, reference: np.ndarray | None = None) -> dict[str, float]:
+    async def score(
+        self, metrics: Sequence[str], image: np.ndarray, reference: np.ndarray | None = None
+    ) -> dict[str, float]:
         check_image(image)
         if reference is not None:
             check_image(reference, "reference")
@@ -166,7 +180,9 @@ class LocalPool:
             scorer = get_scorer_or_error(name)
             self._count_load(f"metric:{name}")
             start = time.perf_counter()
-            values = await asyncio.to_thread(score_batch, scorer, [image], [reference] if reference is not None else None)
+            values = await asyncio.to_thread(
+                score_batch, scorer, [image], [reference] if reference is not None else None
+            )
             self.stats_.record_batch(f"metric:{name}", 1, 0.0, time.perf_counter() - start)
             result[name] = values[0]
         return result
@@ -206,7 +222,9 @@ class ServePool:
             try:
                 self._handle = serve.get_app_handle(self.name)
             except Exception as err:  # noqa: BLE001 - Serve raises several kinds here
-                raise PoolError("unavailable", f"no tool pool named {self.name!r} is running on this Ray cluster: {err}") from err
+                raise PoolError(
+                    "unavailable", f"no tool pool named {self.name!r} is running on this Ray cluster: {err}"
+                ) from err
         return self._handle
 
     async def _call(self, method: str, model_id: str, *args) -> dict:
@@ -234,7 +252,9 @@ class ServePool:
         check_image(image)  # fail fast, before shipping a bad array across the cluster
         return (await self._call("run", f"tool:{tool}", image, args))["image"]
 
-    async def score(self, metrics: Sequence[str], image: np.ndarray, reference: np.ndarray | None = None) -> dict[str, float]:
+    async def score(
+        self, metrics: Sequence[str], image: np.ndarray, reference: np.ndarray | None = None
+    ) -> dict[str, float]:
         check_image(image)
         if reference is not None:
             check_image(reference, "reference")

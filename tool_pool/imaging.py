@@ -3,6 +3,7 @@
 Images inside the tools are float32 in [0, 1] (``to_float``) and go back to uint8 with
 ``to_uint8``; every function here is pure and works on one image.
 """
+
 from __future__ import annotations
 
 import cv2

@@ -21,6 +21,7 @@ is missing is still registered but marked unavailable with the reason (``availab
 ``unavailable_tools()`` in tool_pool.tools), so one absent file does not take the pool down;
 calling it raises ``ToolUnavailableError`` naming the tool and the path.
 """
+
 from __future__ import annotations
 
 import os
@@ -31,7 +32,15 @@ from typing import Any
 import numpy as np
 
 from tir.registry import closest
-from tool_pool.tool_base import SUBTASKS, TOOLS, Tool, ToolUnavailableError, check_definition, no_arguments, register_tool
+from tool_pool.tool_base import (
+    SUBTASKS,
+    TOOLS,
+    Tool,
+    ToolUnavailableError,
+    check_definition,
+    no_arguments,
+    register_tool,
+)
 
 REQUIRED = ("name", "subtask", "description", "arch", "checkpoint")
 OPTIONAL = ("scale", "device", "tile", "tile_pad", "pad_multiple", "param_key")
@@ -71,7 +80,9 @@ def load_manifest(path: str | Path) -> list[NeuralToolSpec]:
         content = yaml.safe_load(f)
     entries = content.get("tools") if isinstance(content, dict) else content
     if not isinstance(entries, list):
-        raise ManifestError(f"{path}: expected a list of tools (or a mapping with a 'tools' list), got {type(content).__name__}")
+        raise ManifestError(
+            f"{path}: expected a list of tools (or a mapping with a 'tools' list), got {type(content).__name__}"
+        )
     specs, seen = [], set()
     for index, entry in enumerate(entries):
         spec = parse_entry(entry, where=f"{path}: tool #{index}", base=path.parent)
@@ -92,24 +103,38 @@ def parse_entry(entry: Any, where: str, base: Path) -> NeuralToolSpec:
     unknown = [k for k in entry if k not in REQUIRED + OPTIONAL]
     if unknown:
         hints = {k: closest(k, REQUIRED + OPTIONAL) for k in unknown}
-        raise ManifestError(f"{where}: unknown field(s) " + ", ".join(f"{k!r}" + (f" (did you mean {h!r}?)" if h else "") for k, h in hints.items()))
+        raise ManifestError(
+            f"{where}: unknown field(s) "
+            + ", ".join(f"{k!r}" + (f" (did you mean {h!r}?)" if h else "") for k, h in hints.items())
+        )
     if entry["subtask"] not in SUBTASKS:
         hint = closest(entry["subtask"], SUBTASKS)
-        raise ManifestError(f"{where}: unknown subtask {entry['subtask']!r}" + (f"; did you mean {hint!r}?" if hint else ""))
+        raise ManifestError(
+            f"{where}: unknown subtask {entry['subtask']!r}" + (f"; did you mean {hint!r}?" if hint else "")
+        )
     arch = entry["arch"]
     if not isinstance(arch, dict) or "type" not in arch:
         raise ManifestError(f"{where}: 'arch' must be a mapping with a 'type' (a basicsr architecture name)")
     for key in ("scale", "tile", "tile_pad", "pad_multiple"):
         value = entry.get(key)
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < (0 if key == "tile_pad" else 1)):
+        if value is not None and (
+            not isinstance(value, int) or isinstance(value, bool) or value < (0 if key == "tile_pad" else 1)
+        ):
             raise ManifestError(f"{where}: {key!r} must be a positive integer, got {value!r}")
     checkpoint = Path(os.path.expanduser(os.path.expandvars(str(entry["checkpoint"]))))
     spec = NeuralToolSpec(
-        name=entry["name"], subtask=entry["subtask"], description=entry["description"], arch=dict(arch),
-        checkpoint=checkpoint if checkpoint.is_absolute() else base / checkpoint, scale=entry.get("scale", 1),
-        device=str(entry.get("device", "auto")), tile=entry.get("tile"), tile_pad=entry.get("tile_pad", 16),
-        pad_multiple=entry.get("pad_multiple", 1), param_key=entry.get("param_key"),
-    )  # fmt: skip
+        name=entry["name"],
+        subtask=entry["subtask"],
+        description=entry["description"],
+        arch=dict(arch),
+        checkpoint=checkpoint if checkpoint.is_absolute() else base / checkpoint,
+        scale=entry.get("scale", 1),
+        device=str(entry.get("device", "auto")),
+        tile=entry.get("tile"),
+        tile_pad=entry.get("tile_pad", 16),
+        pad_multiple=entry.get("pad_multiple", 1),
+        param_key=entry.get("param_key"),
+    )
     try:
         check_definition(spec.name, spec.subtask, spec.description, no_arguments())
     except (ValueError, KeyError) as err:
@@ -146,7 +171,11 @@ def build_network(arch: dict):
     found = next((n for n in (name, f"{name}_basicsr") if n in known), None)
     if found is None:
         hint = closest(name, known)
-        raise ValueError(f"unknown basicsr architecture {name!r}" + (f"; did you mean {hint!r}?" if hint else "") + f" (known: {', '.join(sorted(known))})")
+        raise ValueError(
+            f"unknown basicsr architecture {name!r}"
+            + (f"; did you mean {hint!r}?" if hint else "")
+            + f" (known: {', '.join(sorted(known))})"
+        )
     return ARCH_REGISTRY._obj_map[found](**kwargs)
 
 
@@ -171,9 +200,20 @@ def check_keys_match(network, state: dict, path: Path, arch_type: str) -> None:
     expected = network.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
-    resized = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items() if k in state and tuple(state[k].shape) != tuple(v.shape)]
-    problems = [f"{len(items)} {what} {items[:3]}" + (" ..." if len(items) > 3 else "")
-                for what, items in (("missing keys", missing), ("unexpected keys", unexpected), ("size mismatches (checkpoint vs model)", resized)) if items]  # fmt: skip
+    resized = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and tuple(state[k].shape) != tuple(v.shape)
+    ]
+    problems = [
+        f"{len(items)} {what} {items[:3]}" + (" ..." if len(items) > 3 else "")
+        for what, items in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("size mismatches (checkpoint vs model)", resized),
+        )
+        if items
+    ]
     if problems:
         raise ValueError(f"checkpoint {path} does not match architecture {arch_type}: " + "; ".join(problems))
 
@@ -211,7 +251,9 @@ class NeuralTool(Tool):
             return self.load_error
         if not self.spec.checkpoint.is_file():
             unset = "$" in str(self.spec.checkpoint)
-            return f"tool {self.name!r}: checkpoint not found: {self.spec.checkpoint}" + (" (an environment variable in the path is not set)" if unset else "")
+            return f"tool {self.name!r}: checkpoint not found: {self.spec.checkpoint}" + (
+                " (an environment variable in the path is not set)" if unset else ""
+            )
         return None
 
     def load(self) -> NeuralTool:
@@ -274,7 +316,9 @@ class NeuralTool(Tool):
         out = self.network(batch)
         expected = (batch.shape[-2] * self.scale, batch.shape[-1] * self.scale)
         if tuple(out.shape[-2:]) != expected:
-            raise RuntimeError(f"tool {self.name!r}: network output {tuple(out.shape[-2:])} is not input x scale {self.scale} = {expected}; check 'scale' in the manifest")
+            raise RuntimeError(
+                f"tool {self.name!r}: network output {tuple(out.shape[-2:])} is not input x scale {self.scale} = {expected}; check 'scale' in the manifest"
+            )
         return out[..., : h * self.scale, : w * self.scale]
 
     def _tiled(self, batch):
@@ -289,7 +333,9 @@ class NeuralTool(Tool):
                 y0, y1, x0, x1 = max(y - pad, 0), min(y + tile + pad, h), max(x - pad, 0), min(x + tile + pad, w)
                 piece = self._forward_padded(batch[..., y0:y1, x0:x1])
                 ty, tx = min(tile, h - y), min(tile, w - x)
-                out[..., y * s : (y + ty) * s, x * s : (x + tx) * s] = piece[..., (y - y0) * s : (y - y0 + ty) * s, (x - x0) * s : (x - x0 + tx) * s]
+                out[..., y * s : (y + ty) * s, x * s : (x + tx) * s] = piece[
+                    ..., (y - y0) * s : (y - y0 + ty) * s, (x - x0) * s : (x - x0 + tx) * s
+                ]
         return out
 
 

@@ -14,6 +14,7 @@ A missing file raises ``MetricUnavailable`` naming the metric, the file and wher
 NIQE needs only the pristine-image statistics that basicsr ships; they are written once to a
 ``.mat`` file in tir's cache folder, the format pyiqa reads.
 """
+
 from __future__ import annotations
 
 import os
@@ -31,11 +32,10 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-
-import tir  # noqa: F401  (environment shims: before torchvision / pyiqa)
 import torch
 from pyiqa.default_model_configs import DEFAULT_CONFIGS
 
+import tir  # noqa: F401  (environment shims: before torchvision / pyiqa)
 from tir.registry import Registry
 
 METRICS = Registry("metric")
@@ -199,16 +199,26 @@ def _register_all() -> None:
 
     # Metrics with weights: the file names are pyiqa's, so a pyiqa cache works as is.
     alexnet = AlexNet_Weights.IMAGENET1K_V1.url
-    _spec("lpips", checkpoint=_pyiqa_file(lpips_arch.default_model_urls["0.1_alex"]), strict=False,
-          backbones=((WeightFile(os.path.basename(alexnet), "torchvision", alexnet), None),))
+    _spec(
+        "lpips",
+        checkpoint=_pyiqa_file(lpips_arch.default_model_urls["0.1_alex"]),
+        strict=False,
+        backbones=((WeightFile(os.path.basename(alexnet), "torchvision", alexnet), None),),
+    )
     _spec("musiq", checkpoint=_pyiqa_file(musiq_arch.default_model_urls["koniq10k"]))
     clip_url = clip_model._MODELS["RN50"]
-    _spec("clipiqa", backbones=((WeightFile(os.path.basename(clip_url), "clip", clip_url), "backbone"),),
-          modules=("clip", "pkg_resources"))
+    _spec(
+        "clipiqa",
+        backbones=((WeightFile(os.path.basename(clip_url), "clip", clip_url), "backbone"),),
+        modules=("clip", "pkg_resources"),
+    )
     vit = "timm/vit_base_patch8_224.augreg2_in21k_ft_in1k"  # what timm's vit_base_patch8_224 loads
-    _spec("maniqa", checkpoint=_pyiqa_file(maniqa_arch.default_model_urls["koniq"]),
-          backbones=((WeightFile("model.safetensors", "timm", f"https://huggingface.co/{vit}", vit), None),),
-          modules=("timm",))
+    _spec(
+        "maniqa",
+        checkpoint=_pyiqa_file(maniqa_arch.default_model_urls["koniq"]),
+        backbones=((WeightFile("model.safetensors", "timm", f"https://huggingface.co/{vit}", vit), None),),
+        modules=("timm",),
+    )
 
 
 _register_all()
@@ -329,8 +339,10 @@ class Scorer:
             images = [match_reference_size(im, ref) for im, ref in zip(images, refs, strict=True)]
         for i, im in enumerate(images):
             if min(im.shape[:2]) < self.spec.min_side:
-                raise ValueError(f"metric {self.name!r} needs images of at least {self.spec.min_side} px "
-                                 f"on each side, got images[{i}] of {im.shape[0]}x{im.shape[1]}")
+                raise ValueError(
+                    f"metric {self.name!r} needs images of at least {self.spec.min_side} px "
+                    f"on each side, got images[{i}] of {im.shape[0]}x{im.shape[1]}"
+                )
         scores: list[float] = []
         for run in _same_shape_runs(images, batch_size):
             x = _to_tensor([images[i] for i in run], self.device)
@@ -366,8 +378,11 @@ def _build(spec: MetricSpec, device: str, dirs: Sequence[Path]) -> Scorer:
 
     missing = _missing(spec, dirs)
     if missing:
-        raise MetricUnavailable(f"metric {spec.name!r} cannot be built offline here; missing: " + "; ".join(missing)
-                                + ". Put weight files in a folder named by $TIR_IQA_WEIGHTS, or in their caches.")
+        raise MetricUnavailable(
+            f"metric {spec.name!r} cannot be built offline here; missing: "
+            + "; ".join(missing)
+            + ". Put weight files in a folder named by $TIR_IQA_WEIGHTS, or in their caches."
+        )
     options = {}
     for weight, option in spec.backbones:
         if option:
@@ -401,8 +416,13 @@ def get_scorer(name: str, device: str | None = None, weights_dir: str | os.PathL
         return _SCORERS[key]
 
 
-def score_all(metric_names: Sequence[str], image, reference=None, device: str | None = None,
-              weights_dir: str | os.PathLike | None = None) -> dict[str, float]:
+def score_all(
+    metric_names: Sequence[str],
+    image,
+    reference=None,
+    device: str | None = None,
+    weights_dir: str | os.PathLike | None = None,
+) -> dict[str, float]:
     """Scores of one image under several metrics: ``{"psnr": 24.1, "niqe": 5.3, ...}``.
 
     With a reference the image is first brought to its size (x4 rule), and every metric, the

@@ -10,6 +10,7 @@ every IQA score of the cluster.
   replica (or the batch it shares with others) down.
 - Pool metrics go to one named stats actor, queryable from any process.
 """
+
 from __future__ import annotations
 
 import time
@@ -117,7 +118,11 @@ class ToolPoolDeployment:
     async def available_tools(self) -> list[str]:
         from tool_pool.tools import TOOLS
 
-        return [n for n in TOOLS.names() if (not self.allowed or n in self.allowed) and getattr(TOOLS.get(n), "available", True)]
+        return [
+            n
+            for n in TOOLS.names()
+            if (not self.allowed or n in self.allowed) and getattr(TOOLS.get(n), "available", True)
+        ]
 
     async def batched(self, requests: list[tuple]) -> list[dict]:
         # replaced per app by a @serve.batch wrapper in build_app
@@ -155,10 +160,12 @@ class ToolPoolDeployment:
 def build_app(pool_cfg) -> serve.Application:
     """The Serve application for a ``pool`` recipe section (tir.config.PoolConfig)."""
     cls = type("ToolPool", (ToolPoolDeployment,), {})
-    cls.get_model = serve.multiplexed(max_num_models_per_replica=pool_cfg.max_models_per_replica)(ToolPoolDeployment.get_model)
-    cls.batched = serve.batch(max_batch_size=pool_cfg.max_batch_size, batch_wait_timeout_s=pool_cfg.batch_wait_timeout_s)(
-        ToolPoolDeployment.batched
+    cls.get_model = serve.multiplexed(max_num_models_per_replica=pool_cfg.max_models_per_replica)(
+        ToolPoolDeployment.get_model
     )
+    cls.batched = serve.batch(
+        max_batch_size=pool_cfg.max_batch_size, batch_wait_timeout_s=pool_cfg.batch_wait_timeout_s
+    )(ToolPoolDeployment.batched)
     deployment = serve.deployment(
         cls,
         name="ToolPool",
@@ -197,7 +204,9 @@ def replica_nodes(name: str, timeout_s: int = 10) -> list[str]:
     dashboard must be up, as it is for every job)."""
     from ray.util.state import list_actors
 
-    replicas = list_actors(filters=[("class_name", "=", f"ServeReplica:{name}:ToolPool"), ("state", "=", "ALIVE")], timeout=timeout_s)
+    replicas = list_actors(
+        filters=[("class_name", "=", f"ServeReplica:{name}:ToolPool"), ("state", "=", "ALIVE")], timeout=timeout_s
+    )
     return sorted(actor.node_id for actor in replicas)
 
 

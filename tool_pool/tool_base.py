@@ -12,6 +12,7 @@ This module only defines the machinery; ``tool_pool.tools`` is the public entry 
 importing it registers the built-in weight-free tools (``tool_pool/classical_*.py``, which import
 from here, so there is no import cycle). Neural tools come from a manifest (``tool_pool/neural.py``).
 """
+
 from __future__ import annotations
 
 import copy
@@ -122,7 +123,9 @@ def strength_argument(default: float = 1.0, low: float = 0.0, high: float = 3.0,
     text = what or "multiplier of the automatically estimated strength (1 = as estimated)"
     return {
         "type": "object",
-        "properties": {"strength": {"type": "number", "minimum": low, "maximum": high, "default": default, "description": text}},
+        "properties": {
+            "strength": {"type": "number", "minimum": low, "maximum": high, "default": default, "description": text}
+        },
         "additionalProperties": False,
     }
 
@@ -146,7 +149,11 @@ def available_tools() -> list[str]:
 
 def unavailable_tools() -> dict[str, str]:
     """{name: reason} for registered tools that cannot run here (e.g. a missing checkpoint)."""
-    return {name: TOOLS.get(name).unavailable_reason or "unavailable" for name in TOOLS.names() if not TOOLS.get(name).available}
+    return {
+        name: TOOLS.get(name).unavailable_reason or "unavailable"
+        for name in TOOLS.names()
+        if not TOOLS.get(name).available
+    }
 
 
 def tools_for_subtask(subtask: str, include_unavailable: bool = False) -> list[Tool]:
@@ -211,8 +218,10 @@ def _is_number(value: Any) -> bool:
 
 _TYPE_CHECKS = {
     "number": _is_number,
-    "integer": lambda v: (isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)))
-    or (isinstance(v, float) and v.is_integer()),
+    "integer": lambda v: (
+        (isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)))
+        or (isinstance(v, float) and v.is_integer())
+    ),
     "boolean": lambda v: isinstance(v, (bool, np.bool_)),
     "string": lambda v: isinstance(v, str),
 }
@@ -224,7 +233,9 @@ def validate_arguments(tool_name: str, schema: dict, args: dict) -> dict:
     unknown = sorted(set(args) - set(properties))
     if unknown:
         known = ", ".join(sorted(properties)) or "none"
-        raise ToolArgumentError(f"tool {tool_name!r}: unknown argument(s) {', '.join(map(repr, unknown))} (accepted: {known})")
+        raise ToolArgumentError(
+            f"tool {tool_name!r}: unknown argument(s) {', '.join(map(repr, unknown))} (accepted: {known})"
+        )
     missing = [name for name in schema.get("required", []) if name not in args]
     if missing:
         raise ToolArgumentError(f"tool {tool_name!r}: missing required argument(s) {', '.join(map(repr, missing))}")

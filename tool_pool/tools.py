@@ -12,6 +12,7 @@ a tool that cannot run here ``ToolUnavailableError``.
 The machinery is in ``tool_pool.tool_base``; the weight-free tools in ``tool_pool/classical_*.py``;
 neural tools are added from a manifest with ``tool_pool.neural.register_manifest``.
 """
+
 from tool_pool import classical_deblur, classical_denoise, classical_enhance, classical_jpeg, classical_resize  # noqa: F401  (register)
 from tool_pool.tool_base import (
     MIN_SIDE,

@@ -10,6 +10,7 @@ WorkerGroup.
 The engine is built by ``init_model()``, after the WorkerGroup has joined the ranks' process
 group (sharding needs it). ``actor_group`` / ``reference_group`` do both.
 """
+
 from __future__ import annotations
 
 import os
@@ -23,8 +24,15 @@ class ActorWorker(Worker):
 
     trainable = True
 
-    def __init__(self, rank: int, world_size: int, group_name: str, model_path: str, engine: str = "fsdp2",
-                 options: dict | None = None):  # fmt: skip
+    def __init__(
+        self,
+        rank: int,
+        world_size: int,
+        group_name: str,
+        model_path: str,
+        engine: str = "fsdp2",
+        options: dict | None = None,
+    ):
         super().__init__(rank, world_size, group_name)
         self.model_path, self.engine_name, self.options = str(model_path), engine, dict(options or {})
         self.engine = None
@@ -103,11 +111,17 @@ def worker_bundle(actor) -> dict[str, float]:
 def _group(worker_cls: type, recipe, name: str, model_path: str | None, **overrides) -> WorkerGroup:
     actor = recipe.actor
     group = WorkerGroup(
-        worker_cls, num_workers=actor.num_workers, name=name, resources=worker_bundle(actor),
+        worker_cls,
+        num_workers=actor.num_workers,
+        name=name,
+        resources=worker_bundle(actor),
         backend="nccl" if actor.num_gpus_per_worker else "gloo",
-        init_kwargs={"model_path": os.fspath(model_path or recipe.model.path), "engine": actor.engine,
-                     "options": engine_options(recipe, **overrides)},
-    )  # fmt: skip
+        init_kwargs={
+            "model_path": os.fspath(model_path or recipe.model.path),
+            "engine": actor.engine,
+            "options": engine_options(recipe, **overrides),
+        },
+    )
     try:
         group.init_model()
     except BaseException:

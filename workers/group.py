@@ -11,6 +11,7 @@ torch.distributed process group, driven from the single controller by dispatch-m
 
 A worker that dies surfaces as ``WorkerDiedError`` naming the group, the rank and the method.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -18,7 +19,8 @@ import datetime
 import enum
 import os
 import socket
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
@@ -81,7 +83,10 @@ class Worker:
 
             torch.cuda.set_device(0)  # Ray sets CUDA_VISIBLE_DEVICES to this actor's GPU
         dist.init_process_group(
-            backend, init_method=f"tcp://{host}:{port}", rank=self.rank, world_size=self.world_size,
+            backend,
+            init_method=f"tcp://{host}:{port}",
+            rank=self.rank,
+            world_size=self.world_size,
             timeout=datetime.timedelta(seconds=timeout_s),
         )
 
@@ -102,7 +107,7 @@ def _dispatch_mode(worker_cls: type, method: str) -> Dispatch:
 class GroupFuture:
     """Results of one group call still running; ``get()`` blocks, ``await`` does not."""
 
-    def __init__(self, group: "WorkerGroup", method: str, ranks: list[int], refs: list, collect: Callable):
+    def __init__(self, group: WorkerGroup, method: str, ranks: list[int], refs: list, collect: Callable):
         self.group, self.method, self.ranks, self.refs, self._collect = group, method, ranks, refs, collect
 
     def get(self, timeout: float | None = None) -> Any:
@@ -132,7 +137,7 @@ class GroupFuture:
 
 
 class _GroupMethod:
-    def __init__(self, group: "WorkerGroup", name: str):
+    def __init__(self, group: WorkerGroup, name: str):
         self.group, self.name = group, name
 
     def __call__(self, *args, **kwargs) -> Any:
@@ -165,7 +170,9 @@ class WorkerGroup:
             raise ValueError(f"worker group {name!r}: num_workers must be >= 1, got {num_workers}")
         self.worker_cls, self.name, self.num_workers = worker_cls, name, num_workers
         bundle = dict(resources or {"CPU": 1})
-        self.placement_group = placement_group([dict(bundle) for _ in range(num_workers)], strategy=strategy, name=f"{name}_pg")
+        self.placement_group = placement_group(
+            [dict(bundle) for _ in range(num_workers)], strategy=strategy, name=f"{name}_pg"
+        )
         if not self.placement_group.wait(pg_timeout_s):
             remove_placement_group(self.placement_group)
             raise RuntimeError(
@@ -182,7 +189,9 @@ class WorkerGroup:
         self.workers = [
             remote_cls.options(
                 name=f"{name}_{rank}_{os.getpid()}_{id(self):x}",
-                scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=rank),
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    self.placement_group, placement_group_bundle_index=rank
+                ),
                 **options,
             ).remote(rank, num_workers, name, *init_args, **(init_kwargs or {}))
             for rank in range(num_workers)
@@ -242,7 +251,7 @@ class WorkerGroup:
             ray.kill(worker, no_restart=True)
         remove_placement_group(self.placement_group)
 
-    def __enter__(self) -> "WorkerGroup":
+    def __enter__(self) -> WorkerGroup:
         return self
 
     def __exit__(self, *exc) -> None:

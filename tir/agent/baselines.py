@@ -12,6 +12,7 @@ The degradations come from the sample (``degradations``, when known and allowed)
 perceived from measured cues (``perceive_degradations``). Each episode reports its tool calls
 (every execution, explorations included) and its wall time.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -23,8 +24,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from tir.agent import prompts
-from tir.data.degradations import SUBTASK_FOR_DEGRADATION
 from tir.agent.env import RestorationEnv
+from tir.data.degradations import SUBTASK_FOR_DEGRADATION
 from tir.protocol import Batch
 from tool_pool.client import PoolError
 
@@ -39,10 +40,15 @@ ORDER_PRIOR = {
 RESTORATION_ORDER = tuple(name for group in ("compression", "imaging", "scene") for name in ORDER_PRIOR[group])
 # The fixed tool of each subtask: the best weight-free tool per PROTOCOL.md's measurements.
 FIXED_TOOLS = {
-    "denoising": "denoise_tv", "motion_deblurring": "sharpen_unsharp", "defocus_deblurring": "deblur_defocus_wiener",
-    "dehazing": "dehaze_dcp", "deraining": "derain_median", "brightening": "brighten_shift",
-    "jpeg_artifact_removal": "jpeg_deblock_dct", "super_resolution": "sr_bicubic",
-}  # fmt: skip
+    "denoising": "denoise_tv",
+    "motion_deblurring": "sharpen_unsharp",
+    "defocus_deblurring": "deblur_defocus_wiener",
+    "dehazing": "dehaze_dcp",
+    "deraining": "derain_median",
+    "brightening": "brighten_shift",
+    "jpeg_artifact_removal": "jpeg_deblock_dct",
+    "super_resolution": "sr_bicubic",
+}
 # No-reference metrics and their direction (+1: higher is better).
 NR_DIRECTION = {"niqe": -1, "piqe": -1, "brisque": -1, "nrqm": 1, "musiq": 1, "maniqa": 1, "clipiqa": 1}
 
@@ -169,15 +175,27 @@ def make_baseline(name: str, **options):
         from tir.registry import closest
 
         hint = closest(key, BASELINES)
-        raise KeyError(f"unknown baseline {name!r}" + (f"; did you mean {hint!r}?" if hint else "") + f" (known: {', '.join(BASELINES)})")
+        raise KeyError(
+            f"unknown baseline {name!r}"
+            + (f"; did you mean {hint!r}?" if hint else "")
+            + f" (known: {', '.join(BASELINES)})"
+        )
     return BASELINES[key](**options)
 
 
 # ---------------------------------------------------------------- running them
 
 
-async def run_baseline_episode(agent, pool, image: np.ndarray, tool_schemas: Sequence[Mapping], degradations: Sequence[str] | None = None,
-                               max_turns: int = 4, episode: int = 0, cues=None) -> tuple[RestorationEnv, dict]:  # fmt: skip
+async def run_baseline_episode(
+    agent,
+    pool,
+    image: np.ndarray,
+    tool_schemas: Sequence[Mapping],
+    degradations: Sequence[str] | None = None,
+    max_turns: int = 4,
+    episode: int = 0,
+    cues=None,
+) -> tuple[RestorationEnv, dict]:
     """Play one episode; the env (its log holds every turn's image) and the episode's report."""
     started = time.perf_counter()
     env = RestorationEnv(pool, tool_schemas, max_turns=max_turns, cues=cues)
@@ -188,19 +206,36 @@ async def run_baseline_episode(agent, pool, image: np.ndarray, tool_schemas: Seq
     from tir.agent.loop import chat_text
 
     report = env.summary()
-    report.update(agent=agent.name, degradations_used=list(degradations or []), wall_s=time.perf_counter() - started, messages=chat_text(env.messages))
+    report.update(
+        agent=agent.name,
+        degradations_used=list(degradations or []),
+        wall_s=time.perf_counter() - started,
+        messages=chat_text(env.messages),
+    )
     return env, report
 
 
-async def run_baseline(agent, pool, samples: Batch, tool_schemas: Sequence[Mapping] | None = None, max_turns: int = 4,
-                       use_known_degradations: bool = True, concurrency: int = 8, image_column: str = "lq") -> Batch:  # fmt: skip
+async def run_baseline(
+    agent,
+    pool,
+    samples: Batch,
+    tool_schemas: Sequence[Mapping] | None = None,
+    max_turns: int = 4,
+    use_known_degradations: bool = True,
+    concurrency: int = 8,
+    image_column: str = "lq",
+) -> Batch:
     """One episode per sample row; ``samples`` with final_image, tool_calls, num_tool_calls,
     num_turns, stop_reason, wall_s, degradations_used and messages added."""
     from tir.agent.loop import pool_tool_schemas
 
     schemas = list(tool_schemas) if tool_schemas is not None else await pool_tool_schemas(pool)
     images = samples.column(image_column)
-    known = samples.column("degradations") if use_known_degradations and "degradations" in samples.columns else [None] * len(samples)
+    known = (
+        samples.column("degradations")
+        if use_known_degradations and "degradations" in samples.columns
+        else [None] * len(samples)
+    )
     slots = asyncio.Semaphore(concurrency)
 
     async def one(row: int) -> dict:
@@ -210,6 +245,17 @@ async def run_baseline(agent, pool, samples: Batch, tool_schemas: Sequence[Mappi
     reports = await asyncio.gather(*(one(row) for row in range(len(samples))))
     kinds = {"final_image": "image", "tool_calls": "json", "messages": "json", "degradations_used": "auto"}
     batch = samples
-    for name in ("final_image", "tool_calls", "num_tool_calls", "num_turns", "format_errors", "tool_errors", "stop_reason", "wall_s", "degradations_used", "messages"):
+    for name in (
+        "final_image",
+        "tool_calls",
+        "num_tool_calls",
+        "num_turns",
+        "format_errors",
+        "tool_errors",
+        "stop_reason",
+        "wall_s",
+        "degradations_used",
+        "messages",
+    ):
         batch = batch.with_column(name, [report[name] for report in reports], kind=kinds.get(name, "auto"))
     return batch.with_meta(agent=agent.name)

@@ -11,6 +11,7 @@ Training-free baselines use the same object: ``try_tool`` runs a call on the cur
 without taking a turn (exploration, still recorded and timed), ``commit`` makes one of those
 outputs the next turn, ``undo`` rolls the last turn back.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -66,7 +67,14 @@ def recipe_cues(model_cfg) -> Cues | None:
 class RestorationEnv:
     """One episode at a time: ``await reset(lq)``, then ``await step(reply)`` until ``done``."""
 
-    def __init__(self, pool, tool_schemas: Sequence[Mapping], max_turns: int = 4, max_format_errors: int = 3, cues: Cues | None = None):
+    def __init__(
+        self,
+        pool,
+        tool_schemas: Sequence[Mapping],
+        max_turns: int = 4,
+        max_format_errors: int = 3,
+        cues: Cues | None = None,
+    ):
         if max_turns < 1 or max_format_errors < 1:
             raise ValueError(f"max_turns and max_format_errors must be >= 1, got {max_turns} and {max_format_errors}")
         if not tool_schemas:
@@ -117,7 +125,9 @@ class RestorationEnv:
         if self.turns >= self.max_turns:
             return self._end("max_turns", action, record)
         if output is None:
-            return self._continue(Observation(prompts.error_message(f"tool {action.name!r} failed: {record['error']}")), action, record)
+            return self._continue(
+                Observation(prompts.error_message(f"tool {action.name!r} failed: {record['error']}")), action, record
+            )
         message = prompts.tool_message(action.name, prompts.image_size(output), await self._cues(output))
         return self._continue(Observation(message, output), action, record)
 
@@ -133,7 +143,11 @@ class RestorationEnv:
         """Take a turn whose tool output was already computed by ``try_tool``."""
         if self.image is None or self.done:
             raise RuntimeError("commit() after the episode ended (or before reset())")
-        explored = [r for r in self.tool_calls if r["name"] == call.name and r["arguments"] == call.arguments and r["ok"] and not r["committed"]]
+        explored = [
+            r
+            for r in self.tool_calls
+            if r["name"] == call.name and r["arguments"] == call.arguments and r["ok"] and not r["committed"]
+        ]
         if not explored:
             raise ValueError(f"commit(): no successful try_tool of {call.name!r} with {call.arguments} to commit")
         explored[-1]["committed"] = True  # the exploration that produced it now counts as the turn
@@ -186,11 +200,25 @@ class RestorationEnv:
     async def _execute(self, call: prompts.ToolCall, image: np.ndarray | None = None, committed: bool = True):
         """Run one tool call through the pool; a PoolError becomes a failed record."""
         started = time.perf_counter()
-        record = {"name": call.name, "arguments": dict(call.arguments), "ok": True, "error_kind": None, "error": None, "committed": committed}
+        record = {
+            "name": call.name,
+            "arguments": dict(call.arguments),
+            "ok": True,
+            "error_kind": None,
+            "error": None,
+            "committed": committed,
+        }
         try:
-            output = _check_image(await self.pool.run(call.name, self.image if image is None else image, **call.arguments))
+            output = _check_image(
+                await self.pool.run(call.name, self.image if image is None else image, **call.arguments)
+            )
         except PoolError as err:
-            output, record["ok"], record["error_kind"], record["error"] = None, False, err.kind, str(err).split("] ", 1)[-1]
+            output, record["ok"], record["error_kind"], record["error"] = (
+                None,
+                False,
+                err.kind,
+                str(err).split("] ", 1)[-1],
+            )
         except ValueError as err:  # the tool returned something that is not an image
             output, record["ok"], record["error_kind"], record["error"] = None, False, "tool_failed", str(err)
         record["seconds"] = time.perf_counter() - started
@@ -204,7 +232,13 @@ class RestorationEnv:
     def _log(self, kind: str, call: dict | None = None, image: np.ndarray | None = None, **details) -> None:
         entry = {"turn": self.turns, "kind": kind, "image": image, **details}
         if call is not None:
-            entry.update(name=call["name"], arguments=call["arguments"], seconds=call["seconds"], error_kind=call["error_kind"], message=call["error"])
+            entry.update(
+                name=call["name"],
+                arguments=call["arguments"],
+                seconds=call["seconds"],
+                error_kind=call["error_kind"],
+                message=call["error"],
+            )
         self.log.append(entry)
 
     def _show(self, observation: Observation) -> Observation:

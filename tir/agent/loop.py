@@ -20,6 +20,7 @@ wrote, and the image tokens always match ``images``: a trajectory that would out
 trajectories as a ``Batch``: the sample's columns plus the trajectory contract (see ``rollout``).
 A sequential loop is the same code with ``concurrency=1``.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -35,11 +36,22 @@ from tir.protocol import Batch
 
 # Columns every trajectory row has (beside the sample's own), and their Batch kinds.
 TRAJECTORY_KINDS = {
-    "input_ids": "auto", "loss_mask": "auto", "rollout_logprobs": "auto", "prompt_length": "auto",
-    "images": "images", "final_image": "image", "tool_calls": "json", "num_turns": "auto",
-    "num_tool_calls": "auto", "format_errors": "auto", "tool_errors": "auto", "stop_reason": "auto",
-    "messages": "json", "timings": "json", "error": "auto",
-}  # fmt: skip
+    "input_ids": "auto",
+    "loss_mask": "auto",
+    "rollout_logprobs": "auto",
+    "prompt_length": "auto",
+    "images": "images",
+    "final_image": "image",
+    "tool_calls": "json",
+    "num_turns": "auto",
+    "num_tool_calls": "auto",
+    "format_errors": "auto",
+    "tool_errors": "auto",
+    "stop_reason": "auto",
+    "messages": "json",
+    "timings": "json",
+    "error": "auto",
+}
 
 
 @dataclass(frozen=True)
@@ -140,8 +152,15 @@ class Spans:
 # ---------------------------------------------------------------- one episode
 
 
-async def run_episode(engine, processor, env: RestorationEnv, image: np.ndarray, settings: LoopSettings,
-                      origin: float | None = None, seed: int | None = None) -> dict:  # fmt: skip
+async def run_episode(
+    engine,
+    processor,
+    env: RestorationEnv,
+    image: np.ndarray,
+    settings: LoopSettings,
+    origin: float | None = None,
+    seed: int | None = None,
+) -> dict:
     """Play one episode; return its trajectory row (the columns of ``TRAJECTORY_KINDS``)."""
     started = time.perf_counter()
     spans = Spans(started if origin is None else origin)
@@ -149,15 +168,23 @@ async def run_episode(engine, processor, env: RestorationEnv, image: np.ndarray,
     stop_reason, error, prompt_length, seen = None, "", 0, 0  # seen: messages of env.messages the ids hold
     try:
         first = await spans.timed("env", env.reset(image))
-        transcript.add_observation(tokenize(processor, prompts.render(processor, env.messages), [first.image]), [first.image])
+        transcript.add_observation(
+            tokenize(processor, prompts.render(processor, env.messages), [first.image]), [first.image]
+        )
         prompt_length, seen = len(transcript), len(env.messages)
         for turn in range(settings.max_turns + 1):  # the env ends the episode by max_turns
             room = settings.max_length - len(transcript) - 1  # -1: an appended end-of-turn must fit
             if room < settings.min_reply_tokens:
                 stop_reason = "max_length"
                 break
-            sampling = settings.sampling(min(settings.max_new_tokens, room), None if seed is None else seed * 1000 + turn)
-            request = {"prompt_token_ids": list(transcript.ids), "images": list(transcript.images), "sampling": sampling}
+            sampling = settings.sampling(
+                min(settings.max_new_tokens, room), None if seed is None else seed * 1000 + turn
+            )
+            request = {
+                "prompt_token_ids": list(transcript.ids),
+                "images": list(transcript.images),
+                "sampling": sampling,
+            }
             reply = (await spans.timed("generate", engine.generate([request])))[0]
             transcript.add_reply(reply["token_ids"], reply["logprobs"])
             step = await spans.timed("env", env.step(reply["text"]))
@@ -175,19 +202,44 @@ async def run_episode(engine, processor, env: RestorationEnv, image: np.ndarray,
             seen = len(env.messages)
     except Exception as err:  # noqa: BLE001 - one broken episode must not take the batch down
         stop_reason, error = "error", f"{type(err).__name__}: {err}"
-    summary = env.summary() if env.image is not None else {"final_image": image, "tool_calls": [], "num_turns": 0, "num_tool_calls": 0, "format_errors": 0, "tool_errors": 0}
-    timings = {"wall_s": time.perf_counter() - started, "generate_s": spans.total("generate"), "env_s": spans.total("env"),
-               "tool_s": sum(call["seconds"] for call in summary["tool_calls"]), "spans": spans.items}  # fmt: skip
+    summary = (
+        env.summary()
+        if env.image is not None
+        else {
+            "final_image": image,
+            "tool_calls": [],
+            "num_turns": 0,
+            "num_tool_calls": 0,
+            "format_errors": 0,
+            "tool_errors": 0,
+        }
+    )
+    timings = {
+        "wall_s": time.perf_counter() - started,
+        "generate_s": spans.total("generate"),
+        "env_s": spans.total("env"),
+        "tool_s": sum(call["seconds"] for call in summary["tool_calls"]),
+        "spans": spans.items,
+    }
     return {
-        "input_ids": transcript.ids, "loss_mask": transcript.mask, "rollout_logprobs": transcript.logprobs,
-        "prompt_length": prompt_length, "images": transcript.images, **summary, "stop_reason": stop_reason or "error",
-        "messages": chat_text(getattr(env, "messages", [])[:seen]), "timings": timings, "error": error,
-    }  # fmt: skip
+        "input_ids": transcript.ids,
+        "loss_mask": transcript.mask,
+        "rollout_logprobs": transcript.logprobs,
+        "prompt_length": prompt_length,
+        "images": transcript.images,
+        **summary,
+        "stop_reason": stop_reason or "error",
+        "messages": chat_text(getattr(env, "messages", [])[:seen]),
+        "timings": timings,
+        "error": error,
+    }
 
 
 def chat_text(messages: Sequence[Mapping]) -> list[dict]:
     """The chat as {role, text, image} records (image: whether the turn showed one), for dumps."""
-    return [{"role": m["role"], "text": prompts.message_text(m), "image": prompts.count_images([m]) > 0} for m in messages]
+    return [
+        {"role": m["role"], "text": prompts.message_text(m), "image": prompts.count_images([m]) > 0} for m in messages
+    ]
 
 
 # ---------------------------------------------------------------- many episodes
@@ -201,12 +253,21 @@ async def pool_tool_schemas(pool, names: Sequence[str] | None = None) -> list[di
     wanted = served if names is None else set(names)
     missing = sorted(wanted - served)
     if missing:
-        raise ValueError(f"tool(s) {', '.join(missing)} are not served by the pool (served: {', '.join(sorted(served))})")
+        raise ValueError(
+            f"tool(s) {', '.join(missing)} are not served by the pool (served: {', '.join(sorted(served))})"
+        )
     return [schema for schema in tool_schemas() if schema["name"] in wanted]
 
 
-async def rollout(engine, processor, pool, samples: Batch, settings: LoopSettings = LoopSettings(),
-                  tool_schemas: Sequence[Mapping] | None = None, cues: Cues | None = None) -> Batch:  # fmt: skip
+async def rollout(
+    engine,
+    processor,
+    pool,
+    samples: Batch,
+    settings: LoopSettings = LoopSettings(),
+    tool_schemas: Sequence[Mapping] | None = None,
+    cues: Cues | None = None,
+) -> Batch:
     """One trajectory per row of ``samples`` (which must hold ``settings.image_column``).
 
     Returns ``samples`` with the trajectory columns added: ``input_ids``, ``loss_mask`` (1 on the

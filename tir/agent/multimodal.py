@@ -6,9 +6,10 @@ own image processor, so what the trainer sees is what the rollout engine saw; th
 image tokens each image expands to is checked against ``input_ids`` (a mismatch is verl's
 "Image features and image tokens do not match", caught here with the row that causes it).
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -23,7 +24,7 @@ class TrajectoryError(ValueError):
 
 def image_token_counts(processor, image_grid_thw) -> list[int]:
     """How many ``<|image_pad|>`` tokens each image takes (patches / merge_size²)."""
-    merge = processor.image_processor.merge_size ** 2
+    merge = processor.image_processor.merge_size**2
     return [int(grid.prod()) // merge for grid in image_grid_thw]
 
 

@@ -13,6 +13,7 @@ text. Images are placeholders in the messages; the pixels travel beside them, in
 never raises: a malformed reply is an observation for the policy (the error's message) and a
 format penalty for the trainer (counted by the error's ``kind``).
 """
+
 from __future__ import annotations
 
 import json
@@ -104,7 +105,9 @@ def policy_schemas(tool_schemas: Sequence[Mapping], style: str = "full") -> list
         return schemas
     needy = [s["name"] for s in schemas if (s.get("parameters") or {}).get("required")]
     if needy:
-        raise ValueError(f"tool prompt 'names': tool(s) {needy} have required arguments, so they cannot be called with defaults alone")
+        raise ValueError(
+            f"tool prompt 'names': tool(s) {needy} have required arguments, so they cannot be called with defaults alone"
+        )
     return [{"name": s["name"]} for s in schemas]
 
 
@@ -112,9 +115,13 @@ def system_prompt(tool_schemas: Sequence[Mapping]) -> str:
     """The system prompt: the tools (one JSON schema a line) and the reply protocol."""
     tools = "\n".join(json.dumps(_check_schema(schema), ensure_ascii=False) for schema in tool_schemas)
     return SYSTEM_TEMPLATE.format(
-        tools=tools, call_open=CALL_OPEN, call_close=CALL_CLOSE,
-        answer_open=ANSWER_OPEN, answer_close=ANSWER_CLOSE, default_answer=DEFAULT_ANSWER,
-    )  # fmt: skip
+        tools=tools,
+        call_open=CALL_OPEN,
+        call_close=CALL_CLOSE,
+        answer_open=ANSWER_OPEN,
+        answer_close=ANSWER_CLOSE,
+        default_answer=DEFAULT_ANSWER,
+    )
 
 
 def system_message(tool_schemas: Sequence[Mapping]) -> dict:
@@ -132,7 +139,9 @@ def assistant_message(text: str) -> dict:
     return {"role": "assistant", "content": [_text(text)]}
 
 
-def tool_message(tool_name: str, image_size: tuple[int, int], cues: Mapping[str, float] | str | None = None, image: Any = None) -> dict:
+def tool_message(
+    tool_name: str, image_size: tuple[int, int], cues: Mapping[str, float] | str | None = None, image: Any = None
+) -> dict:
     """The observation after a successful call: the new image and what produced it."""
     text = f"{tool_name} returned a {_size(image_size)} image."
     return {"role": "tool", "content": [_image(image), _text(_with_cues(text, cues))]}
@@ -144,7 +153,12 @@ def error_message(error: ParseError | str) -> dict:
     return {"role": "tool", "content": [_text(f"Error: {text} The image is unchanged.")]}
 
 
-def initial_messages(tool_schemas: Sequence[Mapping], image_size: tuple[int, int], cues: Mapping[str, float] | str | None = None, image: Any = None) -> list[dict]:
+def initial_messages(
+    tool_schemas: Sequence[Mapping],
+    image_size: tuple[int, int],
+    cues: Mapping[str, float] | str | None = None,
+    image: Any = None,
+) -> list[dict]:
     return [system_message(tool_schemas), user_message(image_size, cues, image)]
 
 
@@ -158,7 +172,13 @@ def image_size(image: Any) -> tuple[int, int]:
 
 def count_images(messages: Sequence[Mapping]) -> int:
     """Number of image placeholders in ``messages`` (= images the processor must be given)."""
-    return sum(1 for m in messages if isinstance(m.get("content"), list) for part in m["content"] if part.get("type") == "image")
+    return sum(
+        1
+        for m in messages
+        if isinstance(m.get("content"), list)
+        for part in m["content"]
+        if part.get("type") == "image"
+    )
 
 
 def format_cues(cues: Mapping[str, float]) -> str:
@@ -187,12 +207,16 @@ def render_delta(processor, history: Sequence[Mapping], new_messages: Sequence[M
     before = render(processor, history, add_generation_prompt=False)
     after = render(processor, list(history) + list(new_messages), add_generation_prompt=True)
     if not after.startswith(before):
-        raise ValueError("the chat template does not render a chat as a prefix of its continuations; turns cannot be appended incrementally")
+        raise ValueError(
+            "the chat template does not render a chat as a prefix of its continuations; turns cannot be appended incrementally"
+        )
     reply_end = message_text(history[-1]) + processor.tokenizer.eos_token
     cut = before.rfind(reply_end)
     if cut < 0:
-        raise ValueError(f"the chat template does not end an assistant turn with the eos token {processor.tokenizer.eos_token!r}")
-    return after[cut + len(reply_end):]
+        raise ValueError(
+            f"the chat template does not end an assistant turn with the eos token {processor.tokenizer.eos_token!r}"
+        )
+    return after[cut + len(reply_end) :]
 
 
 def message_text(message: Mapping) -> str:
@@ -234,11 +258,17 @@ def _parse(text: str, tool_schemas: Sequence[Mapping]) -> Action:
         if isinstance(found, ParseError):
             return found
     if call is not None and answer is not None:
-        return ParseError("call_and_stop", f"the reply holds both a tool call and an answer; write either one {CALL_OPEN}...{CALL_CLOSE} or {ANSWER_OPEN}...{ANSWER_CLOSE}.")
+        return ParseError(
+            "call_and_stop",
+            f"the reply holds both a tool call and an answer; write either one {CALL_OPEN}...{CALL_CLOSE} or {ANSWER_OPEN}...{ANSWER_CLOSE}.",
+        )
     if answer is not None:
         return Stop(answer.strip())
     if call is None:
-        return ParseError("no_action", f"no tool call found; write {CALL_OPEN}{{\"name\": ..., \"arguments\": {{...}}}}{CALL_CLOSE} or {ANSWER_OPEN}{DEFAULT_ANSWER}{ANSWER_CLOSE}.")
+        return ParseError(
+            "no_action",
+            f'no tool call found; write {CALL_OPEN}{{"name": ..., "arguments": {{...}}}}{CALL_CLOSE} or {ANSWER_OPEN}{DEFAULT_ANSWER}{ANSWER_CLOSE}.',
+        )
     return _parse_call(call, {schema["name"]: schema for schema in tool_schemas})
 
 
@@ -248,13 +278,15 @@ def _tagged(text: str, open_tag: str, close_tag: str, what: str) -> str | ParseE
     if opens == 0 and closes == 0:
         return None
     if opens > 1 or closes > 1:
-        return ParseError("multiple_tags", f"found {max(opens, closes)} {open_tag} tags; write exactly one {what} per reply.")
+        return ParseError(
+            "multiple_tags", f"found {max(opens, closes)} {open_tag} tags; write exactly one {what} per reply."
+        )
     if closes == 0:
         return ParseError("unclosed_tag", f"{open_tag} is not closed by {close_tag}.")
     start, end = text.find(open_tag), text.find(close_tag)
     if opens == 0 or end < start:
         return ParseError("unclosed_tag", f"{close_tag} without a {open_tag} before it.")
-    return text[start + len(open_tag):end]
+    return text[start + len(open_tag) : end]
 
 
 def _parse_call(body: str, schemas: dict[str, Mapping]) -> ToolCall | ParseError:
@@ -263,20 +295,30 @@ def _parse_call(body: str, schemas: dict[str, Mapping]) -> ToolCall | ParseError
     except (ValueError, RecursionError) as err:
         return ParseError("bad_json", f"the tool call is not valid JSON ({_short(err)}).")
     if not isinstance(data, dict):
-        return ParseError("not_an_object", f'the tool call must be a JSON object {{"name": ..., "arguments": {{...}}}}, got a JSON {_json_type(data)}.')
+        return ParseError(
+            "not_an_object",
+            f'the tool call must be a JSON object {{"name": ..., "arguments": {{...}}}}, got a JSON {_json_type(data)}.',
+        )
     extra = sorted(set(data) - {"name", "arguments"})
     if extra:
-        return ParseError("not_an_object", f'unexpected key(s) {", ".join(map(repr, extra))} in the tool call; only "name" and "arguments" are allowed.')
+        return ParseError(
+            "not_an_object",
+            f'unexpected key(s) {", ".join(map(repr, extra))} in the tool call; only "name" and "arguments" are allowed.',
+        )
     name = data.get("name")
     if not isinstance(name, str) or not name:
         return ParseError("missing_name", 'the tool call has no "name" (a string naming a tool).')
     if name not in schemas:
         hint = closest(name, schemas)
         suggestion = f"; did you mean {hint!r}?" if hint else "."
-        return ParseError("unknown_tool", f"unknown tool {_clip(name)!r}{suggestion} Available: {', '.join(sorted(schemas))}.")
+        return ParseError(
+            "unknown_tool", f"unknown tool {_clip(name)!r}{suggestion} Available: {', '.join(sorted(schemas))}."
+        )
     arguments = data.get("arguments", {})
     if not isinstance(arguments, dict):
-        return ParseError("bad_arguments", f'"arguments" of {name!r} must be a JSON object, got a JSON {_json_type(arguments)}.')
+        return ParseError(
+            "bad_arguments", f'"arguments" of {name!r} must be a JSON object, got a JSON {_json_type(arguments)}.'
+        )
     problem = check_arguments(name, schemas[name].get("parameters") or {}, arguments)
     return problem or ToolCall(name, arguments)
 
@@ -289,7 +331,9 @@ def check_arguments(tool_name: str, parameters: Mapping, arguments: Mapping) -> 
         unknown = sorted(set(arguments) - set(properties))
         if unknown:
             accepted = ", ".join(sorted(properties)) or "none"
-            return ParseError("unknown_argument", f"tool {tool_name!r} has no argument {_clip(unknown[0])!r} (accepted: {accepted}).")
+            return ParseError(
+                "unknown_argument", f"tool {tool_name!r} has no argument {_clip(unknown[0])!r} (accepted: {accepted})."
+            )
     missing = [arg for arg in parameters.get("required", []) if arg not in arguments]
     if missing:
         return ParseError("missing_argument", f"tool {tool_name!r} needs argument {missing[0]!r}.")
@@ -321,8 +365,15 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-_A_TYPE = {"number": "a number", "integer": "an integer", "boolean": "a boolean (true or false)", "string": "a string",
-           "array": "an array", "object": "an object", "null": "null"}
+_A_TYPE = {
+    "number": "a number",
+    "integer": "an integer",
+    "boolean": "a boolean (true or false)",
+    "string": "a string",
+    "array": "an array",
+    "object": "an object",
+    "null": "null",
+}
 _TYPE_CHECKS = {
     "number": _is_number,
     "integer": lambda v: (isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, float) and v.is_integer()),
@@ -385,7 +436,15 @@ def _number(value: Any) -> str:
 
 
 def _json_type(value: Any) -> str:
-    names = {list: "array", str: "string", bool: "boolean", int: "number", float: "number", type(None): "null", dict: "object"}
+    names = {
+        list: "array",
+        str: "string",
+        bool: "boolean",
+        int: "number",
+        float: "number",
+        type(None): "null",
+        dict: "object",
+    }
     return names.get(type(value), type(value).__name__)
 
 

@@ -6,6 +6,7 @@ tiny``; or a hub name) run greedily by the transformers engine, or a training-fr
 no-reference score of the image it produced); ``--trace DIR`` also saves every intermediate
 image and a ``trace.json``. Bad input gets one line on stderr and exit code 2.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,17 +27,48 @@ def add_restore_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     from tir.agent.baselines import BASELINES
 
     parser.add_argument("input", metavar="IN", help="the degraded photo (PNG, JPEG, ...)")
-    parser.add_argument("--agent", required=True, help=f"a policy checkpoint folder (or hub name), or a baseline: {', '.join(BASELINES)}")
+    parser.add_argument(
+        "--agent",
+        required=True,
+        help=f"a policy checkpoint folder (or hub name), or a baseline: {', '.join(BASELINES)}",
+    )
     parser.add_argument("--out", required=True, help="where to write the restored photo")
-    parser.add_argument("--trace", default=None, metavar="DIR", help="also save every intermediate image and trace.json here")
+    parser.add_argument(
+        "--trace", default=None, metavar="DIR", help="also save every intermediate image and trace.json here"
+    )
     parser.add_argument("--max-turns", type=int, default=4, help="turn limit of the episode (default 4)")
-    parser.add_argument("--pool", choices=("local", "serve"), default="local", help="tools in this process, or the Ray Serve pool (default local)")
-    parser.add_argument("--pool-name", default="tir_tool_pool", help="the Serve pool to use (started if it is not running)")
-    parser.add_argument("--metric", default="niqe", help="no-reference metric printed per step (and used by the exhaustive baseline)")
-    parser.add_argument("--degradations", default=None, help="comma-separated degradations for the baselines (default: perceived from cues)")
-    parser.add_argument("--cues", action="store_true", help="show the policy measured perception cues (as it was trained with)")
-    parser.add_argument("--cue-style", choices=("full", "guess"), default="full", help="the cue text the policy was trained with (model.cue_style)")
-    parser.add_argument("--tool-prompt", choices=("full", "names"), default="full", help="how the policy was told about the tools (model.tool_prompt)")
+    parser.add_argument(
+        "--pool",
+        choices=("local", "serve"),
+        default="local",
+        help="tools in this process, or the Ray Serve pool (default local)",
+    )
+    parser.add_argument(
+        "--pool-name", default="tir_tool_pool", help="the Serve pool to use (started if it is not running)"
+    )
+    parser.add_argument(
+        "--metric", default="niqe", help="no-reference metric printed per step (and used by the exhaustive baseline)"
+    )
+    parser.add_argument(
+        "--degradations",
+        default=None,
+        help="comma-separated degradations for the baselines (default: perceived from cues)",
+    )
+    parser.add_argument(
+        "--cues", action="store_true", help="show the policy measured perception cues (as it was trained with)"
+    )
+    parser.add_argument(
+        "--cue-style",
+        choices=("full", "guess"),
+        default="full",
+        help="the cue text the policy was trained with (model.cue_style)",
+    )
+    parser.add_argument(
+        "--tool-prompt",
+        choices=("full", "names"),
+        default="full",
+        help="how the policy was told about the tools (model.tool_prompt)",
+    )
     parser.add_argument("--max-new-tokens", type=int, default=64, help="per policy reply")
     parser.add_argument("--seed", type=int, default=0, help="the random baseline's seed")
     return parser
@@ -63,8 +95,10 @@ def restore_main(args: argparse.Namespace) -> int:
     if args.trace:
         save_trace(Path(args.trace), env, final_scores)
     summary = env.summary()
-    print(f"saved {args.out} ({env.image.shape[1]}x{env.image.shape[0]}) in {time.perf_counter() - started:.2f}s: "
-          f"{summary['num_tool_calls']} tool call(s), {summary['num_turns']} turn(s), stop: {summary['stop_reason']}")  # fmt: skip
+    print(
+        f"saved {args.out} ({env.image.shape[1]}x{env.image.shape[0]}) in {time.perf_counter() - started:.2f}s: "
+        f"{summary['num_tool_calls']} tool call(s), {summary['num_turns']} turn(s), stop: {summary['stop_reason']}"
+    )
     return 0
 
 
@@ -83,7 +117,9 @@ def read_photo(path: str) -> np.ndarray:
     data = np.fromfile(file, dtype=np.uint8)
     image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
     if image is None:
-        raise InputError(f"input {path!r} is not an image OpenCV can read (expected a PNG, JPEG, BMP, TIFF or WebP photo)")
+        raise InputError(
+            f"input {path!r} is not an image OpenCV can read (expected a PNG, JPEG, BMP, TIFF or WebP photo)"
+        )
     if min(image.shape[:2]) < 8:
         raise InputError(f"input {path!r} is {image.shape[1]}x{image.shape[0]}: too small to restore (at least 8x8)")
     return np.ascontiguousarray(image[:, :, ::-1])
@@ -110,7 +146,9 @@ def resolve_agent(args: argparse.Namespace):
 
     hint = closest(name, BASELINES)
     if hint and not Path(args.agent).exists() and "/" not in args.agent:
-        raise InputError(f"agent {args.agent!r} is neither a baseline nor a checkpoint folder; did you mean {hint!r}? (baselines: {', '.join(BASELINES)})")
+        raise InputError(
+            f"agent {args.agent!r} is neither a baseline nor a checkpoint folder; did you mean {hint!r}? (baselines: {', '.join(BASELINES)})"
+        )
     try:
         _checkpoint_source(args.agent)  # fast checks of the folder before loading anything
         from workers.rollout.hf_engine import HFEngine
@@ -119,7 +157,9 @@ def resolve_agent(args: argparse.Namespace):
     except FileNotFoundError as err:
         raise InputError(f"{err} (or name a baseline: {', '.join(BASELINES)})") from None
     except (OSError, ValueError) as err:  # a folder with broken files
-        raise InputError(f"cannot load the policy checkpoint {args.agent!r}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+        raise InputError(
+            f"cannot load the policy checkpoint {args.agent!r}: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
+        ) from None
     return engine
 
 
@@ -131,7 +171,9 @@ def parse_degradations(spec: str | None) -> list[str] | None:
     names = [name.strip() for name in spec.split(",") if name.strip()]
     unknown = [name for name in names if name not in SUBTASK_FOR_DEGRADATION]
     if unknown:
-        raise InputError(f"--degradations: unknown degradation {unknown[0]!r} (known: {', '.join(SUBTASK_FOR_DEGRADATION)})")
+        raise InputError(
+            f"--degradations: unknown degradation {unknown[0]!r} (known: {', '.join(SUBTASK_FOR_DEGRADATION)})"
+        )
     return names
 
 
@@ -178,9 +220,9 @@ async def restore(agent, pool, image: np.ndarray, args: argparse.Namespace, degr
 
 async def run_agent(agent, pool, image: np.ndarray, args: argparse.Namespace, degradations):
     """Play one episode with ``agent``; the env, whose log holds every turn."""
-    from tir.agent.loop import LoopSettings, pool_tool_schemas, run_episode
     from tir.agent.baselines import run_baseline_episode
     from tir.agent.env import RestorationEnv, perception_cues
+    from tir.agent.loop import LoopSettings, pool_tool_schemas, run_episode
     from tir.agent.prompts import policy_schemas
 
     schemas = await pool_tool_schemas(pool)
@@ -190,7 +232,9 @@ async def run_agent(agent, pool, image: np.ndarray, args: argparse.Namespace, de
         return env
     engine = agent
     env = RestorationEnv(pool, policy_schemas(schemas, args.tool_prompt), max_turns=args.max_turns, cues=cues)
-    settings = LoopSettings(max_turns=args.max_turns, max_new_tokens=args.max_new_tokens, temperature=0.0, concurrency=1)
+    settings = LoopSettings(
+        max_turns=args.max_turns, max_new_tokens=args.max_new_tokens, temperature=0.0, concurrency=1
+    )
     row = await run_episode(engine, engine.processor, env, image, settings)
     if row["error"]:
         raise RuntimeError(f"the policy's episode failed: {row['error']}")
@@ -208,9 +252,13 @@ async def print_trajectory(env, pool, args: argparse.Namespace) -> dict:
         if entry["kind"] == "tool":
             score = await nr_score(pool, entry["image"], args.metric)
             entry["score"] = score
-            print(f"{turn}  {entry['name']} {json.dumps(entry['arguments'])}  {entry['seconds']:.3f}s  {_size(entry['image'])}  {args.metric} {_score(score)}")
+            print(
+                f"{turn}  {entry['name']} {json.dumps(entry['arguments'])}  {entry['seconds']:.3f}s  {_size(entry['image'])}  {args.metric} {_score(score)}"
+            )
         elif entry["kind"] == "tool_error":
-            print(f"{turn}  {entry['name']} failed ({entry['error_kind']}): {entry['message']}  {entry['seconds']:.3f}s")
+            print(
+                f"{turn}  {entry['name']} failed ({entry['error_kind']}): {entry['message']}  {entry['seconds']:.3f}s"
+            )
         elif entry["kind"] == "format_error":
             print(f"{turn}  malformed reply ({entry['error_kind']}): {entry['message']}")
         else:

@@ -331,7 +331,7 @@ GROUPS = {
     "groupB": [("motion_blur", "jpeg"), ("haze", "noise"), ("defocus_blur", "lowres"), ("rain", "dark")],
     "groupC": [("haze", "motion_blur", "lowres"), ("rain", "noise", "lowres"), ("dark", "defocus_blur", "jpeg"),
                ("motion_blur", "defocus_blur", "noise")],
-}  # fmt: skip
+}
 # Order of application for combinations the protocol does not list, following how a photo is
 # made: the scene (haze, then rain in front of it), the camera's motion and optics, exposure,
 # sampling on the sensor, sensor noise, and last the file's compression.

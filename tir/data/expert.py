@@ -56,7 +56,7 @@ EXPERT_KINDS = {
     "perturbation": "json", "search_mode": "auto", "search_candidates": "json", "search_tool_calls": "auto",
     "search_score_calls": "auto", "search_s": "auto", "perturb_tool_calls": "auto", "expert_rule": "auto",
     "sample_expert_tools": "auto", "sample_expert_scores": "json",
-}  # fmt: skip
+}
 EXPERT_RULES = ("combination", "sample")
 NOT_PERTURBED = {"reordered": False, "swapped": []}
 # Score differences too small to prefer one schedule over another (per metric, its own units): a
@@ -100,7 +100,7 @@ class ExpertSettings:
         values = {"metrics": tuple(cfg.reward.metrics), "weights": dict(cfg.reward.weights), "beam_width": cfg.sft.beam_width,
                   "perturb": cfg.sft.perturb, "reorder_prob": cfg.sft.reorder_prob, "swap_tool_prob": cfg.sft.swap_tool_prob,
                   "seed": cfg.run.seed, "tie_margin": cls.tie_margin if tie_margin is None else float(tie_margin),
-                  "expert_rule": cls.expert_rule if rule is None else str(rule)}  # fmt: skip
+                  "expert_rule": cls.expert_rule if rule is None else str(rule)}
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
@@ -185,7 +185,7 @@ def needed_subtasks(degradations: Sequence[str]) -> list[str]:
 
 
 async def search_expert(pool, lq: np.ndarray, hq: np.ndarray, degradations: Sequence[str], tools_by_subtask: Mapping[str, Sequence[str]],
-                        settings: ExpertSettings, cost: Cost, input_scores: Mapping) -> tuple[Schedule, list[Schedule], str]:  # fmt: skip
+                        settings: ExpertSettings, cost: Cost, input_scores: Mapping) -> tuple[Schedule, list[Schedule], str]:
     """The expert schedule for this sample (``pick_expert``), every complete schedule scored
     (best first), and the search mode ("exhaustive" or "beam"). Partial schedules share their
     prefix's executions."""
@@ -198,7 +198,7 @@ async def search_expert(pool, lq: np.ndarray, hq: np.ndarray, degradations: Sequ
     frontier = [Schedule((), (), lq)]
     for depth in range(len(subtasks)):
         moves = [(schedule, tool) for schedule in frontier for subtask in subtasks
-                 if subtask not in {subtask_of[t] for t in schedule.tools} for tool in tools_by_subtask[subtask]]  # fmt: skip
+                 if subtask not in {subtask_of[t] for t in schedule.tools} for tool in tools_by_subtask[subtask]]
         children = await asyncio.gather(*(extend(pool, schedule, tool, cost) for schedule, tool in moves))
         frontier = [child for child in children if child is not None]
         if not frontier:
@@ -259,7 +259,7 @@ def departs_from_prior(subtasks: Sequence[str]) -> bool:
 
 
 def perturb_tools(tools: Sequence[str], tools_by_subtask: Mapping[str, Sequence[str]], rng: np.random.Generator,
-                  reorder_prob: float, swap_tool_prob: float) -> tuple[list[str], dict]:  # fmt: skip
+                  reorder_prob: float, swap_tool_prob: float) -> tuple[list[str], dict]:
     """A perturbed copy of a schedule and what was done, each with its probability per
     trajectory: ``reordered`` (another order of the same steps) and ``swapped`` (the index, in
     the new order, of the one step whose tool became another tool of its subtask). A schedule of
@@ -342,11 +342,11 @@ async def search_row(pool, row: Mapping, tools_by_subtask: Mapping[str, Sequence
         "final_image": best.image, "input_scores": input_scores, "search_mode": mode,
         "search_candidates": [{"tools": list(c.tools), "quality": c.quality, "scores": c.scores} for c in candidates],
         "search_tool_calls": cost.tool_calls, "search_score_calls": cost.score_calls, "search_s": time.perf_counter() - started,
-    }  # fmt: skip
+    }
 
 
 async def trajectory_row(pool, row: Mapping, expert_tools: Sequence[str], rule: str, tools_by_subtask: Mapping[str, Sequence[str]],
-                         settings: ExpertSettings) -> dict:  # fmt: skip
+                         settings: ExpertSettings) -> dict:
     """A searched row with its expert (``expert_tools``, chosen by ``rule``) and the trajectory to
     train on: the expert's, or its perturbation; each executed for real where the search's
     images are not already its own (``perturb_tool_calls`` counts those calls)."""
@@ -370,11 +370,11 @@ async def trajectory_row(pool, row: Mapping, expert_tools: Sequence[str], rule: 
         **row, "expert_tools": list(expert.tools), "expert_scores": expert.scores, "expert_rule": rule, "tools": list(chosen.tools),
         "step_images": list(chosen.images), "final_image": chosen.image, "final_scores": chosen.scores, "perturbed": chosen is not expert,
         "perturbation": info if chosen is not expert else NOT_PERTURBED, "perturb_tool_calls": cost.tool_calls,
-    }  # fmt: skip
+    }
 
 
 async def search_batch(pool, samples: Batch, settings: ExpertSettings, tools_by_subtask: Mapping[str, Sequence[str]],
-                       concurrency: int = 8, progress=None) -> Batch:  # fmt: skip
+                       concurrency: int = 8, progress=None) -> Batch:
     """``search_row`` of every row of ``samples`` (a ``tir data synth`` batch), in order.
     ``progress``: called once per finished sample (e.g. a tqdm bar's ``update``)."""
     rows, slots = samples.rows(), asyncio.Semaphore(concurrency)
@@ -391,7 +391,7 @@ async def search_batch(pool, samples: Batch, settings: ExpertSettings, tools_by_
 
 
 async def trajectory_batch(pool, searched: Batch, settings: ExpertSettings, tools_by_subtask: Mapping[str, Sequence[str]],
-                           concurrency: int = 8, progress=None) -> Batch:  # fmt: skip
+                           concurrency: int = 8, progress=None) -> Batch:
     """Every searched row's expert (by ``settings.expert_rule``) and trajectory (``trajectory_row``)."""
     rows, slots = searched.rows(), asyncio.Semaphore(concurrency)
     subtask_of = {tool: s for s, names in tools_by_subtask.items() for tool in names}
@@ -417,7 +417,7 @@ def _kinds(source: Batch, rows: Sequence[Mapping]) -> dict[str, str]:
 
 
 async def expert_batch(pool, samples: Batch, settings: ExpertSettings, tools_by_subtask: Mapping[str, Sequence[str]] | None = None,
-                       concurrency: int = 8) -> Batch:  # fmt: skip
+                       concurrency: int = 8) -> Batch:
     """Expert trajectories of every row of ``samples``, in order (the combination rule's orders
     come from these samples)."""
     if tools_by_subtask is None:

@@ -291,7 +291,7 @@ def likely_degradations(cues: Mapping[str, float]) -> list[str]:
         ("noise", "noise_sigma", lambda v: v > t["noise_sigma"]), ("jpeg", "blockiness", lambda v: v > t["blockiness"]),
         ("rain", "rain", lambda v: v > t["rain"]), ("haze", "haze", lambda v: v > t["haze"]),
         ("dark", "brightness", lambda v: v < t["brightness"]),
-    ) if cue in cues and hit(cues[cue])}  # fmt: skip
+    ) if cue in cues and hit(cues[cue])}
     small = "width" in cues and "height" in cues and min(cues["width"], cues["height"]) < LOWRES_SIDE
     if small:
         found.add("lowres")

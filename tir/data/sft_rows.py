@@ -79,7 +79,7 @@ async def replay(processor, row: Mapping, schemas: Sequence[Mapping], settings: 
 
 
 def sft_rows(processor, expert: Batch, schemas: Sequence[Mapping], settings: LoopSettings, cues: Cues | None = None,
-             concurrency: int = 16) -> Batch:  # fmt: skip
+             concurrency: int = 16) -> Batch:
     """One tokenized SFT row per expert row: ``TRAIN_COLUMNS`` plus ``KEEP_COLUMNS`` (those the
     expert batch has) and ``num_tokens``."""
     rows = expert.rows()
@@ -95,7 +95,7 @@ def sft_rows(processor, expert: Batch, schemas: Sequence[Mapping], settings: Loo
 
     episodes = asyncio.run(all_rows())
     columns = {"input_ids": [e["input_ids"] for e in episodes], "loss_mask": [e["loss_mask"] for e in episodes],
-               "images": [e["images"] for e in episodes], "num_tokens": [len(e["input_ids"]) for e in episodes]}  # fmt: skip
+               "images": [e["images"] for e in episodes], "num_tokens": [len(e["input_ids"]) for e in episodes]}
     for name in KEEP_COLUMNS:
         if name in expert.columns:
             columns[name] = expert.column(name)

@@ -227,7 +227,7 @@ def synthesize(
 
 
 def synthesize_shards(out_dir: str | Path, sources, combos, shard_size: int, per_image: int = 1, seed: int = 0, crop=None,
-                      crop_mode: str = "center", resize_short=None, depth_dir=None, recursive: bool = False, progress: bool = True) -> list[Path]:  # fmt: skip
+                      crop_mode: str = "center", resize_short=None, depth_dir=None, recursive: bool = False, progress: bool = True) -> list[Path]:
     """Write the samples as ``out_dir/part-NNNNN.parquet`` shards of ``shard_size`` samples.
 
     Shards already present are kept (each was written atomically): rerunning the same command
@@ -240,7 +240,7 @@ def synthesize_shards(out_dir: str | Path, sources, combos, shard_size: int, per
     sources, combos = _resolve(sources, combos, recursive, depth_dir)
     plan = plan_samples(sources, combos, per_image, seed)
     settings = {"sources": [s.image_id for s in sources], "combos": [[g, list(c)] for g, c in combos], "per_image": per_image,
-                "seed": seed, "crop": crop, "crop_mode": crop_mode, "resize_short": resize_short, "shard_size": shard_size}  # fmt: skip
+                "seed": seed, "crop": crop, "crop_mode": crop_mode, "resize_short": resize_short, "shard_size": shard_size}
     _check_manifest(out_dir, settings)
     paths = []
     with tqdm(total=len(plan), desc="synth", unit="sample", disable=not progress) as bar:
@@ -301,7 +301,7 @@ def add_synth_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
 
 def synth_main(args: argparse.Namespace) -> int:
     common = {"per_image": args.per_image, "seed": args.seed, "crop": args.crop, "crop_mode": args.crop_mode,
-              "resize_short": args.resize_short, "depth_dir": args.depth, "recursive": args.recursive, "progress": not args.no_progress}  # fmt: skip
+              "resize_short": args.resize_short, "depth_dir": args.depth, "recursive": args.recursive, "progress": not args.no_progress}
     try:
         if args.shard_size:
             paths = synthesize_shards(args.out, args.hq, args.combos, args.shard_size, **common)

@@ -51,6 +51,7 @@ The file's schema metadata ``tir.meta`` (json) holds ``step``, ``config_hash``, 
 
 or with tir: ``tir.dumps.reader.read_dump(folder, step).column("tool_calls")`` (decoded).
 """
+
 from __future__ import annotations
 
 import re
@@ -81,13 +82,30 @@ def read_dump(folder: str | Path, step: int, columns: list[str] | None = None) -
     path = dump_path(folder, step)
     if not path.is_file():
         steps = list(list_dumps(folder))
-        raise FileNotFoundError(f"no dump of step {step} in {folder} (dumped steps: {steps[:5]}{'...' if len(steps) > 5 else ''})")
+        raise FileNotFoundError(
+            f"no dump of step {step} in {folder} (dumped steps: {steps[:5]}{'...' if len(steps) > 5 else ''})"
+        )
     return Batch.from_parquet(path, columns=columns)
 
 
 # Columns the summary reads (never the images); those absent from a dump are skipped.
-SUMMARY_COLUMNS = ("image_id", "combo", "tool_calls", "num_turns", "num_tool_calls", "format_errors", "tool_errors",
-                   "stop_reason", "error", "final_scores", "input_scores", "reward", "reward_terms", "reward_weights", "advantage")  # fmt: skip
+SUMMARY_COLUMNS = (
+    "image_id",
+    "combo",
+    "tool_calls",
+    "num_turns",
+    "num_tool_calls",
+    "format_errors",
+    "tool_errors",
+    "stop_reason",
+    "error",
+    "final_scores",
+    "input_scores",
+    "reward",
+    "reward_terms",
+    "reward_weights",
+    "advantage",
+)
 
 
 REQUIRED_COLUMNS = ("combo", "tool_calls", "num_turns", "stop_reason")
@@ -104,7 +122,9 @@ def dump_files(folder: str | Path, steps: Sequence[int] | None = None) -> dict[i
         raise DumpError(f"{folder}: no such folder (expected a run's dumps folder, e.g. runs/NAME/rl/dumps)")
     found = list_dumps(folder)
     if not found:
-        raise DumpError(f"{folder}: no rollout dumps in it (expected step_NNNNNN.parquet files, written when trainer.dump_rollouts is on)")
+        raise DumpError(
+            f"{folder}: no rollout dumps in it (expected step_NNNNNN.parquet files, written when trainer.dump_rollouts is on)"
+        )
     if steps is not None:
         missing = [s for s in steps if s not in found]
         if missing:
@@ -140,12 +160,20 @@ def load_episodes(folder: str | Path, steps: Sequence[int] | None = None) -> lis
         batch = read_batch(path, [*SUMMARY_COLUMNS, "input_ids"], REQUIRED_COLUMNS)
         try:
             columns = {name: batch.column(name) for name in SUMMARY_COLUMNS if name in batch.columns}
-            tokens = pc.list_value_length(batch.table.column("input_ids")).to_pylist() if "input_ids" in batch.columns else None
+            tokens = (
+                pc.list_value_length(batch.table.column("input_ids")).to_pylist()
+                if "input_ids" in batch.columns
+                else None
+            )
         except ValueError as err:  # a json column that does not parse
             raise DumpError(f"{path}: a column cannot be decoded: {first_line(err)}") from err
         step = int(batch.meta.get("step", step))
         for i in range(len(batch)):
-            episodes.append(episode_record(step, i, {name: values[i] for name, values in columns.items()}, tokens[i] if tokens else None))
+            episodes.append(
+                episode_record(
+                    step, i, {name: values[i] for name, values in columns.items()}, tokens[i] if tokens else None
+                )
+            )
     return episodes
 
 
@@ -154,16 +182,26 @@ def episode_record(step: int, row: int, values: Mapping, tokens: int | None = No
     calls = [c for c in (values.get("tool_calls") or []) if c.get("committed", True)]
     terms = values.get("reward_terms") or {}
     return {
-        "step": step, "row": row, "image_id": values.get("image_id"), "combo": values.get("combo") or "?",
-        "calls": [c["name"] for c in calls], "calls_ok": [bool(c.get("ok", True)) for c in calls],
-        "num_turns": int(values.get("num_turns") or 0), "format_errors": int(values.get("format_errors") or 0),
+        "step": step,
+        "row": row,
+        "image_id": values.get("image_id"),
+        "combo": values.get("combo") or "?",
+        "calls": [c["name"] for c in calls],
+        "calls_ok": [bool(c.get("ok", True)) for c in calls],
+        "num_turns": int(values.get("num_turns") or 0),
+        "format_errors": int(values.get("format_errors") or 0),
         "tool_errors": int(values.get("tool_errors") or sum(not c.get("ok", True) for c in calls)),
-        "stop_reason": values.get("stop_reason") or "?", "crashed": bool(values.get("error")), "tokens": tokens,
-        "reward": values.get("reward"), "advantage": values.get("advantage"),
-        "input_scores": values.get("input_scores") or {}, "final_scores": values.get("final_scores") or {},
-        "gains": terms.get("gain") or {}, "contributions": terms.get("contribution") or {},
+        "stop_reason": values.get("stop_reason") or "?",
+        "crashed": bool(values.get("error")),
+        "tokens": tokens,
+        "reward": values.get("reward"),
+        "advantage": values.get("advantage"),
+        "input_scores": values.get("input_scores") or {},
+        "final_scores": values.get("final_scores") or {},
+        "gains": terms.get("gain") or {},
+        "contributions": terms.get("contribution") or {},
         "weights": values.get("reward_weights") or {},
-    }  # fmt: skip
+    }
 
 
 def range_text(steps: Sequence[int]) -> str:

@@ -1,6 +1,7 @@
 """``tir dumps summary DIR``: per-step and overall tables and plots of a run's rollout dumps, and
 the ``tir dumps`` command line (``view`` is ``tir.dumps.viewer``). The dump schema: ``tir.dumps.reader``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -14,22 +15,20 @@ from pathlib import Path
 from tir.dumps.reader import DumpError, load_episodes, parse_steps
 
 # Subtasks of tools the registry does not know (neural tools from a manifest not loaded here).
-SUBTASK_PREFIXES = (("deblur_motion", "motion_deblurring"), ("deblur_defocus", "defocus_deblurring"), ("sharpen", "defocus_deblurring"),
-                    ("denoise", "denoising"), ("dehaze", "dehazing"), ("derain", "deraining"), ("jpeg", "jpeg_artifact_removal"),
-                    ("brighten", "brightening"), ("sr_", "super_resolution"))  # fmt: skip
-
-
+SUBTASK_PREFIXES = (
+    ("deblur_motion", "motion_deblurring"),
+    ("deblur_defocus", "defocus_deblurring"),
+    ("sharpen", "defocus_deblurring"),
+    ("denoise", "denoising"),
+    ("dehaze", "dehazing"),
+    ("derain", "deraining"),
+    ("jpeg", "jpeg_artifact_removal"),
+    ("brighten", "brightening"),
+    ("sr_", "super_resolution"),
+)
 
 
 # ---------------------------------------------------------------- reading
-
-
-
-
-
-
-
-
 
 
 # ---------------------------------------------------------------- statistics (pure)
@@ -65,12 +64,14 @@ def episode_lengths(episodes: Sequence[dict]) -> dict:
     """Mean turns, tool calls and tokens per episode; the turn histogram and stop reasons."""
     tokens = [ep["tokens"] for ep in episodes if ep["tokens"] is not None]
     return {
-        "episodes": len(episodes), "turns_mean": _mean([ep["num_turns"] for ep in episodes]),
-        "tool_calls_mean": _mean([len(ep["calls"]) for ep in episodes]), "tokens_mean": _mean(tokens),
+        "episodes": len(episodes),
+        "turns_mean": _mean([ep["num_turns"] for ep in episodes]),
+        "tool_calls_mean": _mean([len(ep["calls"]) for ep in episodes]),
+        "tokens_mean": _mean(tokens),
         "tokens_max": max(tokens) if tokens else None,
         "turns_histogram": dict(sorted(Counter(ep["num_turns"] for ep in episodes).items())),
         "stop_reasons": dict(Counter(ep["stop_reason"] for ep in episodes).most_common()),
-    }  # fmt: skip
+    }
 
 
 def reward_by_metric(episodes: Sequence[dict]) -> dict:
@@ -78,16 +79,21 @@ def reward_by_metric(episodes: Sequence[dict]) -> dict:
     to the reward, and the share of episodes that improved it (gain > 0)."""
     metrics = sorted({m for ep in episodes for m in (*ep["final_scores"], *ep["gains"])})
     rewards = [ep["reward"] for ep in episodes if ep["reward"] is not None]
-    out = {"reward_mean": _mean(rewards), "reward_std": _std(rewards),
-           "advantage_mean": _mean([ep["advantage"] for ep in episodes if ep["advantage"] is not None]), "metrics": {}}  # fmt: skip
+    out = {
+        "reward_mean": _mean(rewards),
+        "reward_std": _std(rewards),
+        "advantage_mean": _mean([ep["advantage"] for ep in episodes if ep["advantage"] is not None]),
+        "metrics": {},
+    }
     for m in metrics:
         gains = [ep["gains"][m] for ep in episodes if m in ep["gains"]]
         out["metrics"][m] = {
             "input": _mean([ep["input_scores"][m] for ep in episodes if m in ep["input_scores"]]),
             "final": _mean([ep["final_scores"][m] for ep in episodes if m in ep["final_scores"]]),
-            "gain": _mean(gains), "improved": _mean([float(g > 0) for g in gains]),
+            "gain": _mean(gains),
+            "improved": _mean([float(g > 0) for g in gains]),
             "contribution": _mean([ep["contributions"][m] for ep in episodes if m in ep["contributions"]]),
-        }  # fmt: skip
+        }
     return out
 
 
@@ -110,7 +116,7 @@ def format_error_stats(episodes: Sequence[dict]) -> dict:
         "parse_error_limit": sum(ep["stop_reason"] == "parse_error_limit" for ep in episodes),
         "tool_errors": sum(ep["tool_errors"] for ep in episodes),
         "crashed": sum(ep["crashed"] for ep in episodes),
-    }  # fmt: skip
+    }
 
 
 def top_sequences(episodes: Sequence[dict], k: int = 5) -> dict[str, list[dict]]:
@@ -122,9 +128,19 @@ def top_sequences(episodes: Sequence[dict], k: int = 5) -> dict[str, list[dict]]
     out = {}
     for combo in sorted(groups):
         total = sum(len(r) for r in groups[combo].values())
-        ranked = sorted(groups[combo].items(), key=lambda kv: (-len(kv[1]), -(_mean([r for r in kv[1] if r is not None]) or -math.inf), kv[0]))
-        out[combo] = [{"sequence": list(seq), "count": len(rs), "share": len(rs) / total,
-                       "reward_mean": _mean([r for r in rs if r is not None])} for seq, rs in ranked[:k]]  # fmt: skip
+        ranked = sorted(
+            groups[combo].items(),
+            key=lambda kv: (-len(kv[1]), -(_mean([r for r in kv[1] if r is not None]) or -math.inf), kv[0]),
+        )
+        out[combo] = [
+            {
+                "sequence": list(seq),
+                "count": len(rs),
+                "share": len(rs) / total,
+                "reward_mean": _mean([r for r in rs if r is not None]),
+            }
+            for seq, rs in ranked[:k]
+        ]
     return out
 
 
@@ -137,14 +153,21 @@ def summarize(episodes: Sequence[dict], top: int = 5, subtask: Callable[[str], s
         by_step[ep["step"]].append(ep)
 
     def stats(eps):
-        return {"lengths": episode_lengths(eps), "reward": reward_by_metric(eps), "format": format_error_stats(eps),
-                "subtasks": tool_usage_by_subtask(eps, subtask)}  # fmt: skip
+        return {
+            "lengths": episode_lengths(eps),
+            "reward": reward_by_metric(eps),
+            "format": format_error_stats(eps),
+            "subtasks": tool_usage_by_subtask(eps, subtask),
+        }
 
     return {
-        "steps": {step: stats(by_step[step]) for step in sorted(by_step)}, "all": stats(episodes),
-        "positions": tool_usage_by_position(episodes), "position_subtasks": _position_subtasks(episodes, subtask),
-        "weights": weights_over_time(episodes), "sequences": top_sequences(episodes, top),
-    }  # fmt: skip
+        "steps": {step: stats(by_step[step]) for step in sorted(by_step)},
+        "all": stats(episodes),
+        "positions": tool_usage_by_position(episodes),
+        "position_subtasks": _position_subtasks(episodes, subtask),
+        "weights": weights_over_time(episodes),
+        "sequences": top_sequences(episodes, top),
+    }
 
 
 def _position_subtasks(episodes, subtask) -> dict[int, dict[str, int]]:
@@ -176,28 +199,100 @@ def markdown_report(summary: Mapping, max_rows: int = 30) -> str:
     table, evenly spread, first and last included."""
     steps = shown_steps(list(summary["steps"]), max_rows)
     rows = [(str(s), summary["steps"][s]) for s in steps] + [("all", summary["all"])]
-    note = f"\n({len(steps)} of {len(summary['steps'])} steps shown; summary.json has all)\n" if len(steps) < len(summary["steps"]) else ""
-    out = ["## Episodes", note, _table(["step", "episodes", "reward", "turns", "tool calls", "tokens", "format err/ep", "tool errors", "crashed", "stop reasons"],
-           [[name, s["lengths"]["episodes"], _fmt(s["reward"]["reward_mean"]), _fmt(s["lengths"]["turns_mean"]), _fmt(s["lengths"]["tool_calls_mean"]),
-             _fmt(s["lengths"]["tokens_mean"], 0), _fmt(s["format"]["per_episode"]), s["format"]["tool_errors"], s["format"]["crashed"],
-             ", ".join(f"{k} {v}" for k, v in s["lengths"]["stop_reasons"].items())] for name, s in rows])]  # fmt: skip
+    note = (
+        f"\n({len(steps)} of {len(summary['steps'])} steps shown; summary.json has all)\n"
+        if len(steps) < len(summary["steps"])
+        else ""
+    )
+    out = [
+        "## Episodes",
+        note,
+        _table(
+            [
+                "step",
+                "episodes",
+                "reward",
+                "turns",
+                "tool calls",
+                "tokens",
+                "format err/ep",
+                "tool errors",
+                "crashed",
+                "stop reasons",
+            ],
+            [
+                [
+                    name,
+                    s["lengths"]["episodes"],
+                    _fmt(s["reward"]["reward_mean"]),
+                    _fmt(s["lengths"]["turns_mean"]),
+                    _fmt(s["lengths"]["tool_calls_mean"]),
+                    _fmt(s["lengths"]["tokens_mean"], 0),
+                    _fmt(s["format"]["per_episode"]),
+                    s["format"]["tool_errors"],
+                    s["format"]["crashed"],
+                    ", ".join(f"{k} {v}" for k, v in s["lengths"]["stop_reasons"].items()),
+                ]
+                for name, s in rows
+            ],
+        ),
+    ]
     metrics = list(summary["all"]["reward"]["metrics"])
     if metrics:
-        out += ["## Reward per metric (input -> final, mean gain, share improved)", _table(["step", *metrics],
-                [[name] + [_metric_cell(s["reward"]["metrics"].get(m)) for m in metrics] for name, s in rows])]  # fmt: skip
+        out += [
+            "## Reward per metric (input -> final, mean gain, share improved)",
+            _table(
+                ["step", *metrics],
+                [[name] + [_metric_cell(s["reward"]["metrics"].get(m)) for m in metrics] for name, s in rows],
+            ),
+        ]
     if summary["weights"]:
         names = sorted({m for w in summary["weights"].values() for m in w})
         wsteps = shown_steps(list(summary["weights"]), max_rows)
-        out += ["## Reward weights over steps", _table(["step", *names], [[s] + [_fmt(summary["weights"][s].get(m), 3) for m in names] for s in wsteps])]
+        out += [
+            "## Reward weights over steps",
+            _table(["step", *names], [[s] + [_fmt(summary["weights"][s].get(m), 3) for m in names] for s in wsteps]),
+        ]
     subtasks = list(summary["all"]["subtasks"])
     if subtasks:
-        out += ["## Tool calls by subtask (share of the step's calls)", _table(["step", "calls", *subtasks],
-                [[name, sum(s["subtasks"].values())] + [_share(s["subtasks"].get(t, 0), sum(s["subtasks"].values())) for t in subtasks] for name, s in rows])]  # fmt: skip
-        out += ["## Tool calls by position in the episode", _table(["position", "calls", "tools (count)"],
-                [[p, sum(c.values()), ", ".join(f"{n} {v}" for n, v in list(c.items())[:6])] for p, c in summary["positions"].items()])]  # fmt: skip
-    out += ["## Most common tool sequences per degradation combination", _table(["combo", "sequence", "count", "share", "mean reward"],
-            [[combo, " > ".join(r["sequence"]) or "(no tool)", r["count"], _share(r["count"], r["count"] / r["share"]), _fmt(r["reward_mean"])]
-             for combo, ranked in summary["sequences"].items() for r in ranked])]  # fmt: skip
+        out += [
+            "## Tool calls by subtask (share of the step's calls)",
+            _table(
+                ["step", "calls", *subtasks],
+                [
+                    [name, sum(s["subtasks"].values())]
+                    + [_share(s["subtasks"].get(t, 0), sum(s["subtasks"].values())) for t in subtasks]
+                    for name, s in rows
+                ],
+            ),
+        ]
+        out += [
+            "## Tool calls by position in the episode",
+            _table(
+                ["position", "calls", "tools (count)"],
+                [
+                    [p, sum(c.values()), ", ".join(f"{n} {v}" for n, v in list(c.items())[:6])]
+                    for p, c in summary["positions"].items()
+                ],
+            ),
+        ]
+    out += [
+        "## Most common tool sequences per degradation combination",
+        _table(
+            ["combo", "sequence", "count", "share", "mean reward"],
+            [
+                [
+                    combo,
+                    " > ".join(r["sequence"]) or "(no tool)",
+                    r["count"],
+                    _share(r["count"], r["count"] / r["share"]),
+                    _fmt(r["reward_mean"]),
+                ]
+                for combo, ranked in summary["sequences"].items()
+                for r in ranked
+            ],
+        ),
+    ]
     return "\n\n".join(part for part in out if part) + "\n"
 
 
@@ -231,7 +326,9 @@ def write_plots(summary: Mapping, out_dir: str | Path) -> list[Path]:
     axes[0].plot(steps, [_nan(per[s]["reward"]["reward_mean"]) for s in steps], marker="o", label="reward (mean)")
     axes[0].set(title="reward", xlabel="step")
     for m in metrics:
-        axes[1].plot(steps, [_nan(per[s]["reward"]["metrics"].get(m, {}).get("gain")) for s in steps], marker="o", label=m)
+        axes[1].plot(
+            steps, [_nan(per[s]["reward"]["metrics"].get(m, {}).get("gain")) for s in steps], marker="o", label=m
+        )
     axes[1].axhline(0, color="grey", lw=0.5)
     axes[1].set(title="mean gain over the input, per metric", xlabel="step")
     for ax in axes:
@@ -252,8 +349,15 @@ def write_plots(summary: Mapping, out_dir: str | Path) -> list[Path]:
     axes[0].plot(steps, [_nan(per[s]["lengths"]["tool_calls_mean"]) for s in steps], marker="o", label="tool calls")
     axes[0].set(title="episode length (mean)", xlabel="step")
     axes[0].legend(fontsize=8)
-    axes[1].plot(steps, [_nan(per[s]["format"]["per_episode"]) for s in steps], marker="o", label="format errors / episode")
-    axes[1].plot(steps, [per[s]["format"]["tool_errors"] / max(1, per[s]["lengths"]["episodes"]) for s in steps], marker="o", label="tool errors / episode")
+    axes[1].plot(
+        steps, [_nan(per[s]["format"]["per_episode"]) for s in steps], marker="o", label="format errors / episode"
+    )
+    axes[1].plot(
+        steps,
+        [per[s]["format"]["tool_errors"] / max(1, per[s]["lengths"]["episodes"]) for s in steps],
+        marker="o",
+        label="tool errors / episode",
+    )
     axes[1].set(title="errors", xlabel="step")
     axes[1].legend(fontsize=8)
     save(fig, "lengths_errors.png")
@@ -304,35 +408,43 @@ def _nan(value) -> float:
     return math.nan if value is None else value
 
 
-
-
-
-
-
-
 # ---------------------------------------------------------------- CLI: tir dumps summary|view
 
 
 def add_dumps_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Subcommands of ``tir dumps``: ``summary DIR`` and ``view DIR``."""
     sub = parser.add_subparsers(dest="dumps_command", required=True, metavar="{summary,view}")
-    summary = sub.add_parser("summary", help="tables and plots of a run's rollout dumps",
-                             description="Per-step and overall statistics of the rollout dumps: tool usage by subtask and position, episode "
-                                         "lengths, reward per metric, reward weights, format errors, common tool sequences.")  # fmt: skip
+    summary = sub.add_parser(
+        "summary",
+        help="tables and plots of a run's rollout dumps",
+        description="Per-step and overall statistics of the rollout dumps: tool usage by subtask and position, episode "
+        "lengths, reward per metric, reward weights, format errors, common tool sequences.",
+    )
     summary.add_argument("dir", help="the dumps folder (runs/NAME/rl/dumps)")
-    summary.add_argument("--out", default=None, help="folder for summary.md, summary.json and the PNG plots (default: DIR/summary)")
+    summary.add_argument(
+        "--out", default=None, help="folder for summary.md, summary.json and the PNG plots (default: DIR/summary)"
+    )
     summary.add_argument("--steps", default=None, help="steps to read: 3, 1,5,9 or 10-20 (default: all)")
     summary.add_argument("--top", type=int, default=5, help="tool sequences listed per degradation combination")
-    summary.add_argument("--max-rows", type=int, default=30, help="steps per table, evenly spread (summary.json has all)")
+    summary.add_argument(
+        "--max-rows", type=int, default=30, help="steps per table, evenly spread (summary.json has all)"
+    )
     summary.add_argument("--no-plots", action="store_true", help="tables only")
-    view = sub.add_parser("view", help="a self-contained HTML page to browse the trajectories",
-                          description="Write one HTML file (images embedded, no network) to browse trajectories, filter by step, "
-                                      "degradation combination and reward.")  # fmt: skip
+    view = sub.add_parser(
+        "view",
+        help="a self-contained HTML page to browse the trajectories",
+        description="Write one HTML file (images embedded, no network) to browse trajectories, filter by step, "
+        "degradation combination and reward.",
+    )
     view.add_argument("dir", help="the dumps folder (runs/NAME/rl/dumps)")
     view.add_argument("--out", default=None, help="the HTML file to write (default: DIR/report.html)")
     view.add_argument("--steps", default=None, help="steps to include: 3, 1,5,9 or 10-20 (default: all)")
-    view.add_argument("--max-episodes", type=int, default=500, help="at most this many trajectories (spread over the steps)")
-    view.add_argument("--image-side", type=int, default=256, help="images are shrunk to at most this many pixels a side")
+    view.add_argument(
+        "--max-episodes", type=int, default=500, help="at most this many trajectories (spread over the steps)"
+    )
+    view.add_argument(
+        "--image-side", type=int, default=256, help="images are shrunk to at most this many pixels a side"
+    )
     view.add_argument("--image-format", choices=("jpeg", "png"), default="jpeg")
     return parser
 
@@ -357,7 +469,10 @@ def _summary_main(args) -> int:
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     plots = [] if args.no_plots else write_plots(summary, out)
     print(report)
-    print(f"wrote {out / 'summary.md'}, {out / 'summary.json'}" + (f" and {len(plots)} plot(s): {', '.join(p.name for p in plots)}" if plots else ""))
+    print(
+        f"wrote {out / 'summary.md'}, {out / 'summary.json'}"
+        + (f" and {len(plots)} plot(s): {', '.join(p.name for p in plots)}" if plots else "")
+    )
     return 0
 
 
@@ -365,12 +480,24 @@ def _view_main(args) -> int:
     from tir.dumps.viewer import write_viewer
 
     out = Path(args.out) if args.out else Path(args.dir) / "report.html"
-    result = write_viewer(args.dir, out, steps=parse_steps(args.steps), max_episodes=args.max_episodes,
-                          image_side=args.image_side, image_format=args.image_format)  # fmt: skip
+    result = write_viewer(
+        args.dir,
+        out,
+        steps=parse_steps(args.steps),
+        max_episodes=args.max_episodes,
+        image_side=args.image_side,
+        image_format=args.image_format,
+    )
     size = out.stat().st_size
     size = f"{size / 2**20:.1f} MiB" if size >= 2**20 else f"{size / 2**10:.0f} KiB"
-    more = f" (of {result['available']}; use --steps or --max-episodes for others)" if result["available"] > result["episodes"] else ""
-    print(f"wrote {out} ({size}): {result['episodes']} trajectories{more} from {result['steps']} step(s); open it in a browser")
+    more = (
+        f" (of {result['available']}; use --steps or --max-episodes for others)"
+        if result["available"] > result["episodes"]
+        else ""
+    )
+    print(
+        f"wrote {out} ({size}): {result['episodes']} trajectories{more} from {result['steps']} step(s); open it in a browser"
+    )
     return 0
 
 

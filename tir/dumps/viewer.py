@@ -15,6 +15,7 @@ and write it back, so a view can be shared as a link. When the script has run it
 ``data-ready="1"`` on ``<body>`` (``data-error`` if a script error happened, ``data-shown``: how
 many trajectories the filters let through): what the headless-browser test reads.
 """
+
 from __future__ import annotations
 
 import base64
@@ -29,8 +30,27 @@ import numpy as np
 
 from tir.dumps.reader import DumpError, dump_files, first_line, read_batch
 
-VIEW_COLUMNS = ("image_id", "combo", "lq", "hq", "images", "final_image", "messages", "tool_calls", "num_turns", "format_errors",
-                "tool_errors", "stop_reason", "error", "final_scores", "input_scores", "reward", "reward_terms", "reward_weights", "advantage")  # fmt: skip
+VIEW_COLUMNS = (
+    "image_id",
+    "combo",
+    "lq",
+    "hq",
+    "images",
+    "final_image",
+    "messages",
+    "tool_calls",
+    "num_turns",
+    "format_errors",
+    "tool_errors",
+    "stop_reason",
+    "error",
+    "final_scores",
+    "input_scores",
+    "reward",
+    "reward_terms",
+    "reward_weights",
+    "advantage",
+)
 REQUIRED = ("lq", "final_image", "messages", "stop_reason")
 
 
@@ -80,23 +100,56 @@ def episode_view(step: int, row: int, values: dict, store: ImageStore) -> dict:
         chat.append({"role": message["role"], "text": message.get("text", ""), "img": image})
     calls = [c for c in values.get("tool_calls") or [] if c.get("committed", True)]
     final = store.add(values.get("final_image"))
-    if values.get("stop_reason") == "max_turns" and chat and chat[-1]["role"] == "assistant" and calls and calls[-1].get("ok"):
+    if (
+        values.get("stop_reason") == "max_turns"
+        and chat
+        and chat[-1]["role"] == "assistant"
+        and calls
+        and calls[-1].get("ok")
+    ):
         # the last call's output ended the episode unseen: it is the final image
-        chat.append({"role": "result", "text": f"{calls[-1]['name']} output (the final image; the turn limit ended the episode)", "img": final})
+        chat.append(
+            {
+                "role": "result",
+                "text": f"{calls[-1]['name']} output (the final image; the turn limit ended the episode)",
+                "img": final,
+            }
+        )
     terms = values.get("reward_terms") or {}
     weights = values.get("reward_weights") or {}
     finals, inputs = values.get("final_scores") or {}, values.get("input_scores") or {}
     metrics = sorted({*finals, *inputs, *(terms.get("gain") or {})})
     return {
-        "id": f"{step}-{row}", "step": step, "row": row, "image_id": values.get("image_id"), "combo": values.get("combo") or "?",
-        "reward": _number(values.get("reward")), "advantage": _number(values.get("advantage")), "stop": values.get("stop_reason"),
-        "turns": values.get("num_turns"), "format_errors": values.get("format_errors"), "tool_errors": values.get("tool_errors"),
-        "calls": [c["name"] for c in calls], "error": values.get("error") or "",
-        "lq": store.add(values.get("lq")), "hq": store.add(values.get("hq")), "final": final, "chat": chat,
+        "id": f"{step}-{row}",
+        "step": step,
+        "row": row,
+        "image_id": values.get("image_id"),
+        "combo": values.get("combo") or "?",
+        "reward": _number(values.get("reward")),
+        "advantage": _number(values.get("advantage")),
+        "stop": values.get("stop_reason"),
+        "turns": values.get("num_turns"),
+        "format_errors": values.get("format_errors"),
+        "tool_errors": values.get("tool_errors"),
+        "calls": [c["name"] for c in calls],
+        "error": values.get("error") or "",
+        "lq": store.add(values.get("lq")),
+        "hq": store.add(values.get("hq")),
+        "final": final,
+        "chat": chat,
         "terms": {k: _number(terms.get(k)) for k in ("quality", "format", "tool") if k in terms},
-        "scores": [{"metric": m, "input": _number(inputs.get(m)), "final": _number(finals.get(m)), "gain": _number((terms.get("gain") or {}).get(m)),
-                    "weight": _number(weights.get(m)), "contribution": _number((terms.get("contribution") or {}).get(m))} for m in metrics],
-    }  # fmt: skip
+        "scores": [
+            {
+                "metric": m,
+                "input": _number(inputs.get(m)),
+                "final": _number(finals.get(m)),
+                "gain": _number((terms.get("gain") or {}).get(m)),
+                "weight": _number(weights.get(m)),
+                "contribution": _number((terms.get("contribution") or {}).get(m)),
+            }
+            for m in metrics
+        ],
+    }
 
 
 def pick_rows(counts: dict[int, int], max_episodes: int) -> dict[int, list[int]]:
@@ -104,15 +157,25 @@ def pick_rows(counts: dict[int, int], max_episodes: int) -> dict[int, list[int]]
     total = sum(counts.values())
     flat = [(step, row) for step, n in counts.items() for row in range(n)]
     if total > max_episodes:
-        flat = [flat[round(i * (total - 1) / max(1, max_episodes - 1))] for i in range(max_episodes)] if max_episodes > 1 else flat[:max_episodes]
+        flat = (
+            [flat[round(i * (total - 1) / max(1, max_episodes - 1))] for i in range(max_episodes)]
+            if max_episodes > 1
+            else flat[:max_episodes]
+        )
     out: dict[int, list[int]] = {}
     for step, row in flat:
         out.setdefault(step, []).append(row)
     return out
 
 
-def write_viewer(folder, out, steps: Sequence[int] | None = None, max_episodes: int = 500, image_side: int = 256,
-                 image_format: str = "jpeg") -> dict:  # fmt: skip
+def write_viewer(
+    folder,
+    out,
+    steps: Sequence[int] | None = None,
+    max_episodes: int = 500,
+    image_side: int = 256,
+    image_format: str = "jpeg",
+) -> dict:
     """Write the HTML page of the dumps in ``folder`` to ``out``; how many trajectories it holds."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -139,10 +202,17 @@ def write_viewer(folder, out, steps: Sequence[int] | None = None, max_episodes: 
         for i, row in enumerate(rows):
             episodes.append(episode_view(real_step, row, {name: values[i] for name, values in columns.items()}, store))
     title = f"TIR rollouts: {folder}"
-    info = {"folder": str(folder), "steps": sorted({ep["step"] for ep in episodes}), "config_hash": meta.get("config_hash"),
-            "episodes": len(episodes), "available": sum(counts.values())}  # fmt: skip
+    info = {
+        "folder": str(folder),
+        "steps": sorted({ep["step"] for ep in episodes}),
+        "config_hash": meta.get("config_hash"),
+        "episodes": len(episodes),
+        "available": sum(counts.values()),
+    }
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(render_html(title, {"info": info, "images": store.uris, "episodes": episodes}), encoding="utf-8")
+    Path(out).write_text(
+        render_html(title, {"info": info, "images": store.uris, "episodes": episodes}), encoding="utf-8"
+    )
     return {"episodes": len(episodes), "available": sum(counts.values()), "steps": len(chosen)}
 
 

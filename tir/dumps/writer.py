@@ -14,6 +14,7 @@ Writing happens in one background thread so the next step's rollout does not wai
 disk; the queue is short (``max_pending``) so a slow disk slows the run rather than filling
 memory. An error in the thread is raised by the next ``write`` or by ``close``.
 """
+
 from __future__ import annotations
 
 import queue
@@ -22,13 +23,6 @@ from pathlib import Path
 
 from tir.dumps.reader import dump_path
 from tir.protocol import Batch
-
-
-
-
-
-
-
 
 
 class DumpWriter:
@@ -90,18 +84,33 @@ class DumpWriter:
             raise RuntimeError(f"writing a rollout dump in {self.folder} failed: {error}") from error
 
 
-def step_dump(trajectories: Batch, batch: Batch, reward, advantages: list[float], finals: list[dict], inputs: list[dict]) -> Batch:
+def step_dump(
+    trajectories: Batch, batch: Batch, reward, advantages: list[float], finals: list[dict], inputs: list[dict]
+) -> Batch:
     """What an RL step dumps: its trajectories (``tir.agent.loop.rollout``) with the reward's
     pieces (``tir.rl.reward.RewardOutput``: per-metric scores, gains and contributions, the
     weights), each row's advantage, and the per-token log-probs ``batch`` (what the actor
     trained on) holds beside the rollout's."""
     metrics = list(reward.weights)
-    terms = [{"quality": float(reward.quality[i]), "format": float(reward.format_term[i]), "tool": float(reward.tool_term[i]),
-              "gain": {m: float(reward.gains[m][i]) for m in metrics}, "normalized": {m: float(reward.normalized[m][i]) for m in metrics},
-              "contribution": {m: float(reward.contributions[m][i]) for m in metrics}} for i in range(len(trajectories))]  # fmt: skip
-    out = (trajectories.with_column("final_scores", finals, kind="json").with_column("input_scores", inputs, kind="json")
-           .with_column("reward", reward.rewards.tolist()).with_column("reward_terms", terms, kind="json")
-           .with_column("reward_weights", [reward.weights] * len(trajectories), kind="json").with_column("advantage", advantages))  # fmt: skip
+    terms = [
+        {
+            "quality": float(reward.quality[i]),
+            "format": float(reward.format_term[i]),
+            "tool": float(reward.tool_term[i]),
+            "gain": {m: float(reward.gains[m][i]) for m in metrics},
+            "normalized": {m: float(reward.normalized[m][i]) for m in metrics},
+            "contribution": {m: float(reward.contributions[m][i]) for m in metrics},
+        }
+        for i in range(len(trajectories))
+    ]
+    out = (
+        trajectories.with_column("final_scores", finals, kind="json")
+        .with_column("input_scores", inputs, kind="json")
+        .with_column("reward", reward.rewards.tolist())
+        .with_column("reward_terms", terms, kind="json")
+        .with_column("reward_weights", [reward.weights] * len(trajectories), kind="json")
+        .with_column("advantage", advantages)
+    )
     for column in ("ref_logprobs", "old_logprobs"):
         if column in batch.columns:
             out = out.with_column(column, batch.table.column(column))

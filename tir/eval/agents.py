@@ -26,9 +26,9 @@ Deterministic: the same seed and checkpoint give the same table except for wall 
 random agent is seeded per row; the policy is greedy and every request carries its own seed, so
 the engine never batches it with others and padding cannot change an argmax).
 """
+
 from __future__ import annotations
 
-import argparse
 import asyncio
 import hashlib
 import sys
@@ -69,8 +69,13 @@ class AgentSpec:
     agent: Any = field(default=None, compare=False)
 
     def describe(self) -> str:
-        return {"identity": "the degraded input (no tool call)", "baseline": f"baseline {self.name}", "expert": "expert search (oracle: knows the degradations and HQ)",
-                "policy": f"policy checkpoint {self.path} (greedy)", "custom": f"agent {self.name or type(self.agent).__name__}"}[self.kind]  # fmt: skip
+        return {
+            "identity": "the degraded input (no tool call)",
+            "baseline": f"baseline {self.name}",
+            "expert": "expert search (oracle: knows the degradations and HQ)",
+            "policy": f"policy checkpoint {self.path} (greedy)",
+            "custom": f"agent {self.name or type(self.agent).__name__}",
+        }[self.kind]
 
 
 def parse_agent(text: str, label: str | None = None) -> AgentSpec:
@@ -90,8 +95,11 @@ def parse_agent(text: str, label: str | None = None) -> AgentSpec:
         from tir.registry import closest
 
         hint = closest(key, KNOWN_AGENTS)
-        raise EvalError(f"unknown agent {text!r}" + (f"; did you mean {hint!r}?" if hint else "")
-                        + f" (agents: {', '.join(KNOWN_AGENTS)}, or a policy checkpoint folder)")  # fmt: skip
+        raise EvalError(
+            f"unknown agent {text!r}"
+            + (f"; did you mean {hint!r}?" if hint else "")
+            + f" (agents: {', '.join(KNOWN_AGENTS)}, or a policy checkpoint folder)"
+        )
     path = checkpoint_folder(text)
     return AgentSpec(label or checkpoint_label(path), "policy", path=path)
 
@@ -105,7 +113,9 @@ def checkpoint_folder(path: str) -> str:
     if folder.is_dir() and not (folder / "config.json").is_file() and (folder / "hf" / "config.json").is_file():
         folder = folder / "hf"
     if not folder.exists() and (path.startswith(("runs/", ".", "/", "~")) or path.count("/") != 1):
-        raise EvalError(f"policy checkpoint {path!r} does not exist (expected a folder written by `tir train sft`/`rl`, e.g. runs/x/sft/hf)")
+        raise EvalError(
+            f"policy checkpoint {path!r} does not exist (expected a folder written by `tir train sft`/`rl`, e.g. runs/x/sft/hf)"
+        )
     try:
         return _checkpoint_source(folder if folder.exists() else path)
     except FileNotFoundError as err:
@@ -130,9 +140,16 @@ def parse_agents(agents: str | Sequence | Mapping) -> dict[str, AgentSpec]:
         elif isinstance(value, str):
             spec = parse_agent(value, label)
         elif hasattr(value, "act"):
-            spec = AgentSpec(label or getattr(value, "name", type(value).__name__), "custom", name=getattr(value, "name", ""), agent=value)
+            spec = AgentSpec(
+                label or getattr(value, "name", type(value).__name__),
+                "custom",
+                name=getattr(value, "name", ""),
+                agent=value,
+            )
         else:
-            raise EvalError(f"agent {label!r}: expected a name, a checkpoint path, an AgentSpec or an object with act(), got {type(value).__name__}")
+            raise EvalError(
+                f"agent {label!r}: expected a name, a checkpoint path, an AgentSpec or an object with act(), got {type(value).__name__}"
+            )
         if spec.label in out:
             raise EvalError(f"two agents are labelled {spec.label!r}; name them, e.g. a=runs/a/hf,b=runs/b/hf")
         out[spec.label] = spec
@@ -176,10 +193,18 @@ class EvalSettings:
         from tir.data.expert import ExpertSettings
 
         metrics = tuple(dict.fromkeys(["psnr", "ssim", *cfg.reward.metrics]))
-        values = {"metrics": metrics, "seed": int(cfg.run.seed), "max_turns": int(cfg.rollout.max_turns), "tools": tuple(cfg.pool.tools) or None,
-                  "cues": bool(cfg.model.perception_cues), "cue_style": str(cfg.model.cue_style), "tool_prompt": str(cfg.model.tool_prompt),
-                  "loop": LoopSettings.from_recipe(cfg.rollout), "policy_dtype": cfg.model.dtype,
-                  "expert": ExpertSettings.from_recipe(cfg, perturb=False)}  # fmt: skip
+        values = {
+            "metrics": metrics,
+            "seed": int(cfg.run.seed),
+            "max_turns": int(cfg.rollout.max_turns),
+            "tools": tuple(cfg.pool.tools) or None,
+            "cues": bool(cfg.model.perception_cues),
+            "cue_style": str(cfg.model.cue_style),
+            "tool_prompt": str(cfg.model.tool_prompt),
+            "loop": LoopSettings.from_recipe(cfg.rollout),
+            "policy_dtype": cfg.model.dtype,
+            "expert": ExpertSettings.from_recipe(cfg, perturb=False),
+        }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
@@ -187,42 +212,76 @@ class EvalSettings:
 # ---------------------------------------------------------------- running
 
 
-def evaluate_agents(agents, test: Batch, pool, metrics: Sequence[str] | None = None, seed: int | None = None, out_dir=None,
-                    settings: EvalSettings | None = None, meta: Mapping | None = None) -> dict:  # fmt: skip
+def evaluate_agents(
+    agents,
+    test: Batch,
+    pool,
+    metrics: Sequence[str] | None = None,
+    seed: int | None = None,
+    out_dir=None,
+    settings: EvalSettings | None = None,
+    meta: Mapping | None = None,
+) -> dict:
     """Run every agent on every row of ``test``, score, aggregate; write report.md, eval.json and
     quality_vs_calls.png into ``out_dir`` (when given). ``metrics``/``seed`` override ``settings``'.
     ``meta``: extra facts for the report's header (test path, recipe). Returns the report:
     {"meta", "aggregates", "markdown", "rows", "files"}."""
     settings = settings or EvalSettings()
-    settings = replace(settings, **{k: v for k, v in {"metrics": tuple(metrics) if metrics else None, "seed": seed}.items() if v is not None})
+    settings = replace(
+        settings,
+        **{k: v for k, v in {"metrics": tuple(metrics) if metrics else None, "seed": seed}.items() if v is not None},
+    )
     return asyncio.run(evaluate_agents_async(agents, test, pool, settings, out_dir, meta))
 
 
-async def evaluate_agents_async(agents, test: Batch, pool, settings: EvalSettings, out_dir=None, meta: Mapping | None = None) -> dict:
+async def evaluate_agents_async(
+    agents, test: Batch, pool, settings: EvalSettings, out_dir=None, meta: Mapping | None = None
+) -> dict:
     from tir.agent.loop import pool_tool_schemas
     from tir.eval.report import render_markdown, write_outputs
 
     specs = parse_agents(agents)
-    check_test_set(test, needs_degradations=any(s.kind == "expert" for s in specs.values())
-                   or (settings.baseline_degradations == "known" and any(s.kind in ("baseline", "custom") for s in specs.values())))  # fmt: skip
+    check_test_set(
+        test,
+        needs_degradations=any(s.kind == "expert" for s in specs.values())
+        or (
+            settings.baseline_degradations == "known" and any(s.kind in ("baseline", "custom") for s in specs.values())
+        ),
+    )
     schemas = await pool_tool_schemas(pool, list(settings.tools) if settings.tools else None)
     started = time.perf_counter()
     scorer = HQScorer(pool, settings.metrics)
     hqs, lqs = test.column("hq"), test.column("lq")
     with _progress(len(test), "score inputs", settings.progress) as bar:
-        input_scores = await _gather_limited([scorer.score(lq, hq, bar) for lq, hq in zip(lqs, hqs)], settings.concurrency)
+        input_scores = await _gather_limited(
+            [scorer.score(lq, hq, bar) for lq, hq in zip(lqs, hqs)], settings.concurrency
+        )
     rows = []
     for spec in specs.values():
         episodes = await run_agent(spec, test, pool, schemas, settings)
         with _progress(len(test), f"score {spec.label}", settings.progress) as bar:
-            finals = await _gather_limited([scorer.score(e.pop("final_image"), hq, bar) for e, hq in zip(episodes, hqs)], settings.concurrency)
-        rows += [image_row(spec, test, index, episode, final, input_scores[index]) for index, (episode, final) in enumerate(zip(episodes, finals))]
+            finals = await _gather_limited(
+                [scorer.score(e.pop("final_image"), hq, bar) for e, hq in zip(episodes, hqs)], settings.concurrency
+            )
+        rows += [
+            image_row(spec, test, index, episode, final, input_scores[index])
+            for index, (episode, final) in enumerate(zip(episodes, finals))
+        ]
     report = {
-        "meta": {"images": len(test), "seed": settings.seed, "metrics": list(settings.metrics), "max_turns": settings.max_turns,
-                 "baseline_degradations": settings.baseline_degradations, "tools": [s["name"] for s in schemas], "cues": settings.cues,
-                 "agents": {label: spec.describe() for label, spec in specs.items()}, "wall_s": time.perf_counter() - started, **(meta or {})},
+        "meta": {
+            "images": len(test),
+            "seed": settings.seed,
+            "metrics": list(settings.metrics),
+            "max_turns": settings.max_turns,
+            "baseline_degradations": settings.baseline_degradations,
+            "tools": [s["name"] for s in schemas],
+            "cues": settings.cues,
+            "agents": {label: spec.describe() for label, spec in specs.items()},
+            "wall_s": time.perf_counter() - started,
+            **(meta or {}),
+        },
         "aggregates": aggregate(rows, settings.metrics),
-    }  # fmt: skip
+    }
     report["markdown"] = render_markdown(report)
     report["rows"] = rows
     if out_dir is not None:
@@ -233,7 +292,9 @@ async def evaluate_agents_async(agents, test: Batch, pool, settings: EvalSetting
 def check_test_set(test: Batch, needs_degradations: bool) -> None:
     missing = [c for c in REQUIRED_COLUMNS + (("degradations",) if needs_degradations else ()) if c not in test.columns]
     if missing:
-        raise EvalError(f"the test set lacks column(s) {', '.join(missing)} (has {', '.join(test.columns)}); make it with `tir data synth`")
+        raise EvalError(
+            f"the test set lacks column(s) {', '.join(missing)} (has {', '.join(test.columns)}); make it with `tir data synth`"
+        )
     if not len(test):
         raise EvalError("the test set has no rows")
 
@@ -252,7 +313,17 @@ async def run_agent(spec: AgentSpec, test: Batch, pool, schemas, settings: EvalS
 
 
 def identity_episode(lq: np.ndarray) -> dict:
-    return {"final_image": lq, "tool_calls": 0, "turns": 1, "format_errors": 0, "tool_errors": 0, "stop_reason": "answer", "wall_s": 0.0, "tools": [], "error": ""}
+    return {
+        "final_image": lq,
+        "tool_calls": 0,
+        "turns": 1,
+        "format_errors": 0,
+        "tool_errors": 0,
+        "stop_reason": "answer",
+        "wall_s": 0.0,
+        "tools": [],
+        "error": "",
+    }
 
 
 def _baseline(spec: AgentSpec, settings: EvalSettings):
@@ -260,7 +331,9 @@ def _baseline(spec: AgentSpec, settings: EvalSettings):
 
     if spec.kind == "custom":
         return spec.agent
-    options = {"random": {"seed": settings.seed}, "exhaustive": {"metric": settings.exhaustive_metric}}.get(spec.name, {})
+    options = {"random": {"seed": settings.seed}, "exhaustive": {"metric": settings.exhaustive_metric}}.get(
+        spec.name, {}
+    )
     return make_baseline(spec.name, **options)
 
 
@@ -280,8 +353,8 @@ async def baseline_episodes(agent, test: Batch, pool, schemas, settings: EvalSet
 
 async def policy_episodes(path: str, test: Batch, pool, schemas, settings: EvalSettings, bar) -> list[dict]:
     from tir.agent import prompts
-    from tir.agent.loop import LoopSettings, run_episode
     from tir.agent.env import RestorationEnv, perception_cues
+    from tir.agent.loop import LoopSettings, run_episode
     from tir.agent.models import load_policy
     from tir.eval.tool_choice import greedy
     from workers.rollout.hf_engine import HFEngine
@@ -289,9 +362,16 @@ async def policy_episodes(path: str, test: Batch, pool, schemas, settings: EvalS
     try:
         model, processor = load_policy(path, dtype=settings.policy_dtype)
     except (FileNotFoundError, OSError, ValueError) as err:
-        raise EvalError(f"cannot load the policy checkpoint {path!r}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+        raise EvalError(
+            f"cannot load the policy checkpoint {path!r}: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
+        ) from None
     engine = HFEngine(model=model, processor=processor, max_batch_size=max(1, settings.concurrency), seed=settings.seed)
-    loop = replace(greedy(settings.loop or LoopSettings()), max_turns=settings.max_turns, concurrency=settings.concurrency, seed=settings.seed)
+    loop = replace(
+        greedy(settings.loop or LoopSettings()),
+        max_turns=settings.max_turns,
+        concurrency=settings.concurrency,
+        seed=settings.seed,
+    )
     cues = perception_cues(style=settings.cue_style) if settings.cues else None
 
     schemas = prompts.policy_schemas(schemas, settings.tool_prompt)
@@ -302,7 +382,9 @@ async def policy_episodes(path: str, test: Batch, pool, schemas, settings: EvalS
         return _tick(bar, episode_summary(out, out["timings"]["wall_s"], error=out["error"]))
 
     try:
-        episodes = await _gather_limited([one(row, lq) for row, lq in enumerate(test.column("lq"))], settings.concurrency)
+        episodes = await _gather_limited(
+            [one(row, lq) for row, lq in enumerate(test.column("lq"))], settings.concurrency
+        )
     finally:
         await engine.shutdown()
     if episodes and all(e["error"] for e in episodes):
@@ -312,9 +394,18 @@ async def policy_episodes(path: str, test: Batch, pool, schemas, settings: EvalS
 
 def episode_summary(report: Mapping, wall_s: float, error: str = "", **extra) -> dict:
     """The per-image fields of an env summary (baselines and policies alike)."""
-    return {"final_image": report["final_image"], "tool_calls": int(report["num_tool_calls"]), "turns": int(report["num_turns"]),
-            "format_errors": int(report["format_errors"]), "tool_errors": int(report["tool_errors"]), "stop_reason": report["stop_reason"],
-            "wall_s": float(wall_s), "tools": [c["name"] for c in report["tool_calls"] if c["committed"]], "error": error, **extra}  # fmt: skip
+    return {
+        "final_image": report["final_image"],
+        "tool_calls": int(report["num_tool_calls"]),
+        "turns": int(report["num_turns"]),
+        "format_errors": int(report["format_errors"]),
+        "tool_errors": int(report["tool_errors"]),
+        "stop_reason": report["stop_reason"],
+        "wall_s": float(wall_s),
+        "tools": [c["name"] for c in report["tool_calls"] if c["committed"]],
+        "error": error,
+        **extra,
+    }
 
 
 async def expert_episodes(pool, test: Batch, settings: EvalSettings, bar) -> list[dict]:
@@ -330,10 +421,25 @@ async def expert_episodes(pool, test: Batch, settings: EvalSettings, bar) -> lis
     async def one(row: Mapping) -> dict:
         started, cost = time.perf_counter(), expert.Cost()
         inputs = await expert.score(pool, row["lq"], row["hq"], options.metrics, cost)
-        best, _, mode = await expert.search_expert(pool, row["lq"], row["hq"], row["degradations"], tools, options, cost, inputs)
-        return _tick(bar, {"final_image": best.image, "tool_calls": cost.tool_calls, "turns": len(best.tools) + 1, "format_errors": 0, "tool_errors": 0,
-                           "stop_reason": "answer", "wall_s": time.perf_counter() - started, "tools": list(best.tools), "error": "",
-                           "score_calls": cost.score_calls, "search_mode": mode})  # fmt: skip
+        best, _, mode = await expert.search_expert(
+            pool, row["lq"], row["hq"], row["degradations"], tools, options, cost, inputs
+        )
+        return _tick(
+            bar,
+            {
+                "final_image": best.image,
+                "tool_calls": cost.tool_calls,
+                "turns": len(best.tools) + 1,
+                "format_errors": 0,
+                "tool_errors": 0,
+                "stop_reason": "answer",
+                "wall_s": time.perf_counter() - started,
+                "tools": list(best.tools),
+                "error": "",
+                "score_calls": cost.score_calls,
+                "search_mode": mode,
+            },
+        )
 
     rows = test.select([c for c in ("lq", "hq", "degradations") if c in test.columns]).rows()
     return await _gather_limited([one(row) for row in rows], settings.concurrency)
@@ -377,21 +483,21 @@ def _digest(image: np.ndarray) -> str:
     return hashlib.sha1(np.ascontiguousarray(image).tobytes() + str(image.shape).encode()).hexdigest()
 
 
-
-
 def image_row(spec: AgentSpec, test: Batch, index: int, episode: dict, final: dict, inputs: dict) -> dict:
     def value(column, default=None):
         return test.column(column)[index] if column in test.columns else default
 
-    return {"agent": spec.label, "index": index, "image_id": value("image_id", str(index)), "combo": value("combo", ""),
-            "group": group_name(value("group")), "degradations": list(value("degradations", []) or []),
-            "scores": final, "input_scores": inputs, **episode}  # fmt: skip
-
-
-
-
-
-
+    return {
+        "agent": spec.label,
+        "index": index,
+        "image_id": value("image_id", str(index)),
+        "combo": value("combo", ""),
+        "group": group_name(value("group")),
+        "degradations": list(value("degradations", []) or []),
+        "scores": final,
+        "input_scores": inputs,
+        **episode,
+    }
 
 
 # ---------------------------------------------------------------- helpers
@@ -417,16 +523,3 @@ def _progress(total: int, desc: str, enabled: bool):
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, unit="img", disable=not enabled, leave=False, file=sys.stderr)
-
-
-
-
-
-
-
-
-
-
-
-
-

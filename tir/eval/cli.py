@@ -3,6 +3,7 @@
     tir eval --test data/test.parquet --agents identity,random,fixed_order,exhaustive,expert,sft=runs/x/sft/hf \
              --out runs/x/eval [--recipe tiny_cpu] [--limit N] [--seed 0] [--pool local] [key=value ...]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,39 +26,75 @@ def subset(test: Batch, limit: int | None) -> Batch:
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--test", required=True, help="test samples from `tir data synth` (.parquet file or shard folder)")
-    parser.add_argument("--agents", default="identity,random,fixed_order,exhaustive,expert",
-                        help=f"comma-separated: {', '.join(KNOWN_AGENTS)}, policy checkpoint folders, NAME=CHECKPOINT")  # fmt: skip
+    parser.add_argument(
+        "--test", required=True, help="test samples from `tir data synth` (.parquet file or shard folder)"
+    )
+    parser.add_argument(
+        "--agents",
+        default="identity,random,fixed_order,exhaustive,expert",
+        help=f"comma-separated: {', '.join(KNOWN_AGENTS)}, policy checkpoint folders, NAME=CHECKPOINT",
+    )
     parser.add_argument("--out", required=True, help="folder for report.md, eval.json and quality_vs_calls.png")
-    parser.add_argument("--recipe", default="tiny_cpu", help="recipe naming the pool, its tools, metrics, cues and rollout settings")
+    parser.add_argument(
+        "--recipe", default="tiny_cpu", help="recipe naming the pool, its tools, metrics, cues and rollout settings"
+    )
     parser.add_argument("--limit", type=int, default=None, help="only N test rows, spread evenly over the file")
-    parser.add_argument("--seed", type=int, default=None, help="seed of the random agent and the policy's requests (default: run.seed)")
-    parser.add_argument("--pool", choices=("recipe", "local", "serve"), default="recipe", help="the recipe's pool backend, or force one (local: no Ray)")
-    parser.add_argument("--metrics", default=None, help="comma-separated pyiqa metrics (default: psnr, ssim and the reward's)")
-    parser.add_argument("--concurrency", type=int, default=1, help="episodes in flight per agent (1: clean per-image wall times)")
+    parser.add_argument(
+        "--seed", type=int, default=None, help="seed of the random agent and the policy's requests (default: run.seed)"
+    )
+    parser.add_argument(
+        "--pool",
+        choices=("recipe", "local", "serve"),
+        default="recipe",
+        help="the recipe's pool backend, or force one (local: no Ray)",
+    )
+    parser.add_argument(
+        "--metrics", default=None, help="comma-separated pyiqa metrics (default: psnr, ssim and the reward's)"
+    )
+    parser.add_argument(
+        "--concurrency", type=int, default=1, help="episodes in flight per agent (1: clean per-image wall times)"
+    )
     parser.add_argument("--max-turns", type=int, default=None, help="turns per episode (default: rollout.max_turns)")
-    parser.add_argument("--baseline-degradations", choices=("perceived", "known"), default="perceived",
-                        help="what fixed_order/exhaustive are told: perceived from cues (as a policy), or the true ones")  # fmt: skip
+    parser.add_argument(
+        "--baseline-degradations",
+        choices=("perceived", "known"),
+        default="perceived",
+        help="what fixed_order/exhaustive are told: perceived from cues (as a policy), or the true ones",
+    )
     parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. pool.tools=[] model.perception_cues=false")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="recipe overrides, e.g. pool.tools=[] model.perception_cues=false",
+    )
     return parser
 
 
 def eval_main(args: argparse.Namespace) -> int:
     from tir.config import RecipeError, load_recipe
-    from tir.data.synth import read_synth
     from tir.data.expert_run import open_pool
+    from tir.data.synth import read_synth
 
     try:
         overrides = list(args.overrides) + ([f"pool.backend={args.pool}"] if args.pool != "recipe" else [])
         cfg = load_recipe(args.recipe, overrides)
         if not Path(args.test).exists():
-            raise EvalError(f"test set {args.test!r} does not exist; make one with `tir data synth --combos groupA,groupB,groupC --out {args.test}`")
+            raise EvalError(
+                f"test set {args.test!r} does not exist; make one with `tir data synth --combos groupA,groupB,groupC --out {args.test}`"
+            )
         specs = parse_agents(args.agents)
         test = subset(read_synth(args.test), args.limit)
         metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip()) if args.metrics else None
-        settings = EvalSettings.from_recipe(cfg, metrics=metrics, seed=args.seed, concurrency=args.concurrency, max_turns=args.max_turns,
-                                            baseline_degradations=args.baseline_degradations, progress=not args.no_progress)  # fmt: skip
+        settings = EvalSettings.from_recipe(
+            cfg,
+            metrics=metrics,
+            seed=args.seed,
+            concurrency=args.concurrency,
+            max_turns=args.max_turns,
+            baseline_degradations=args.baseline_degradations,
+            progress=not args.no_progress,
+        )
         for spec in specs.values():
             warn_if_trained_otherwise(spec, cfg)
     except (EvalError, RecipeError, FileNotFoundError) as err:
@@ -65,7 +102,12 @@ def eval_main(args: argparse.Namespace) -> int:
         return 2
     pool, release = open_pool(cfg)
     try:
-        meta = {"test": str(args.test), "recipe": str(args.recipe), "pool_backend": cfg.pool.backend, "limit": args.limit}
+        meta = {
+            "test": str(args.test),
+            "recipe": str(args.recipe),
+            "pool_backend": cfg.pool.backend,
+            "limit": args.limit,
+        }
         report = evaluate_agents(specs, test, pool, settings=settings, out_dir=args.out, meta=meta)
     except EvalError as err:
         print(f"tir eval: error: {err}", file=sys.stderr)
@@ -88,22 +130,41 @@ def warn_if_trained_otherwise(spec: AgentSpec, cfg) -> None:
     from omegaconf import OmegaConf
 
     trained = OmegaConf.load(run_cfg)
-    tools, cues = OmegaConf.select(trained, "pool.tools", default=None), OmegaConf.select(trained, "model.perception_cues", default=None)
+    tools, cues = (
+        OmegaConf.select(trained, "pool.tools", default=None),
+        OmegaConf.select(trained, "model.perception_cues", default=None),
+    )
     if tools is not None and list(tools) != list(cfg.pool.tools):
-        print(f"tir eval: warning: {spec.label} was trained with pool.tools={list(tools) or 'all'}, this evaluation offers "
-              f"{list(cfg.pool.tools) or 'all'} (override pool.tools=... to match)", file=sys.stderr)  # fmt: skip
+        print(
+            f"tir eval: warning: {spec.label} was trained with pool.tools={list(tools) or 'all'}, this evaluation offers "
+            f"{list(cfg.pool.tools) or 'all'} (override pool.tools=... to match)",
+            file=sys.stderr,
+        )
     if cues is not None and bool(cues) != bool(cfg.model.perception_cues):
-        print(f"tir eval: warning: {spec.label} was trained with model.perception_cues={bool(cues)}, this evaluation uses "
-              f"{bool(cfg.model.perception_cues)}", file=sys.stderr)  # fmt: skip
+        print(
+            f"tir eval: warning: {spec.label} was trained with model.perception_cues={bool(cues)}, this evaluation uses "
+            f"{bool(cfg.model.perception_cues)}",
+            file=sys.stderr,
+        )
     tool_prompt = OmegaConf.select(trained, "model.tool_prompt", default=None)
     if tool_prompt is not None and str(tool_prompt) != str(cfg.model.tool_prompt):
-        print(f"tir eval: warning: {spec.label} was trained with model.tool_prompt={tool_prompt}, this evaluation uses "
-              f"{cfg.model.tool_prompt}", file=sys.stderr)  # fmt: skip
+        print(
+            f"tir eval: warning: {spec.label} was trained with model.tool_prompt={tool_prompt}, this evaluation uses "
+            f"{cfg.model.tool_prompt}",
+            file=sys.stderr,
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m tir.eval.cli ...``."""
-    return eval_main(add_eval_arguments(argparse.ArgumentParser(prog="tir eval", description="Any agent on a test set, through the same env and pool, scored against HQ.")).parse_args(argv))
+    return eval_main(
+        add_eval_arguments(
+            argparse.ArgumentParser(
+                prog="tir eval",
+                description="Any agent on a test set, through the same env and pool, scored against HQ.",
+            )
+        ).parse_args(argv)
+    )
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ against the HQ photo) -> score -> write the Batch to Parquet and a Markdown tabl
 The oracle sees the HQ photo, so this is an upper-bound-style baseline for the trained agent, not
 the agent itself; the policy, SFT and RL stages replace it as they land.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -67,9 +68,14 @@ async def restore_all(pool, batch: Batch, tools_by_subtask: dict, metrics: list[
 
 def report_table(batch: Batch, metric: str = "psnr") -> str:
     rows = defaultdict(list)
-    for combo, before, after, calls in zip(batch.column("combo"), batch.column("before"), batch.column("after"), batch.column("tool_calls")):
+    for combo, before, after, calls in zip(
+        batch.column("combo"), batch.column("before"), batch.column("after"), batch.column("tool_calls")
+    ):
         rows[combo].append((before[metric], after[metric], calls))
-    lines = [f"| combination | n | degraded {metric} | restored {metric} | gain | tool calls/img |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"| combination | n | degraded {metric} | restored {metric} | gain | tool calls/img |",
+        "|---|---|---|---|---|---|",
+    ]
     for combo, values in sorted(rows.items()):
         b, a, c = (np.mean([v[k] for v in values]) for k in range(3))
         lines.append(f"| {combo} | {len(values)} | {b:.2f} | {a:.2f} | {a - b:+.2f} | {c:.1f} |")
@@ -80,8 +86,8 @@ def main(cli_args: list[str]) -> int:
     import ray
 
     from tir.cluster import init_ray
-    from tir.data.synth import list_sources, synthesize
     from tir.data.degradations import parse_combos
+    from tir.data.synth import list_sources, synthesize
     from tool_pool.client import make_pool
     from tool_pool.tools import tools_for_subtask
 
@@ -100,15 +106,20 @@ def main(cli_args: list[str]) -> int:
     pool = make_pool(cfg.pool)
     print(f"[demo] tool pool ({cfg.pool.backend}) ready in {time.perf_counter() - started:.1f}s")
     available = set(asyncio.run(pool.available_tools()))
-    tools_by_subtask = {s: [t.name for t in tools_for_subtask(s) if t.name in available] for s in set(SUBTASK_FOR_DEGRADATION.values())}
+    tools_by_subtask = {
+        s: [t.name for t in tools_for_subtask(s) if t.name in available] for s in set(SUBTASK_FOR_DEGRADATION.values())
+    }
 
     started = time.perf_counter()
     results = asyncio.run(restore_all(pool, batch, tools_by_subtask, ["psnr", "ssim"]))
     seconds = time.perf_counter() - started
     restored, chosen, calls, before, after = map(list, zip(*results))
     batch = (
-        batch.with_column("restored", restored).with_column("tools", chosen).with_column("tool_calls", calls)
-        .with_column("before", before, kind="json").with_column("after", after, kind="json")
+        batch.with_column("restored", restored)
+        .with_column("tools", chosen)
+        .with_column("tool_calls", calls)
+        .with_column("before", before, kind="json")
+        .with_column("after", after, kind="json")
         .with_meta(config_hash=config_hash(cfg))
     )
     batch.to_parquet(out_dir / "restored.parquet")
@@ -118,7 +129,9 @@ def main(cli_args: list[str]) -> int:
     print(table)
     total_calls = sum(row["calls"] for name, row in stats.items() if name.startswith("tool:"))
     mean_batch = np.mean([row["mean_batch"] for row in stats.values()])
-    print(f"[demo] {len(batch)} images in {seconds:.1f}s; {total_calls} tool calls through the pool, mean batch {mean_batch:.2f}")
+    print(
+        f"[demo] {len(batch)} images in {seconds:.1f}s; {total_calls} tool calls through the pool, mean batch {mean_batch:.2f}"
+    )
     print(f"[demo] wrote {out_dir / 'restored.parquet'} and {out_dir / 'report.md'}")
     ray.shutdown()
     return 0

@@ -11,6 +11,7 @@
 - ``quality_vs_calls.png``: overall quality (PSNR, else the first metric) against tool calls per
   image, one point per agent, error bars one std.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,7 +26,15 @@ import numpy as np
 LOWER_BETTER = {"lpips", "niqe", "piqe", "brisque", "gmsd", "dists"}
 COUNT_HEADERS = {"tool_calls": "tool calls", "turns": "turns", "wall_s": "wall s", "format_errors": "format errors"}
 # The test set's group column -> the group a report shows (ood2 and ood3 are both out of domain).
-GROUP_NAMES = {"groupA": "A", "groupB": "B", "groupC": "C", "ood": "ood", "ood2": "ood", "ood3": "ood", "single": "single"}
+GROUP_NAMES = {
+    "groupA": "A",
+    "groupB": "B",
+    "groupC": "C",
+    "ood": "ood",
+    "ood2": "ood",
+    "ood3": "ood",
+    "single": "single",
+}
 GROUP_ORDER = ("A", "B", "C", "A-C", "ood", "single", "custom", "overall")
 # Per-image quantities besides the metrics, in table order.
 COUNTS = ("tool_calls", "turns", "wall_s", "format_errors")
@@ -37,30 +46,65 @@ def render_markdown(report: dict, timing: bool = True) -> str:
     meta, aggregates = report["meta"], report["aggregates"]
     metrics = meta["metrics"]
     lines = ["# Evaluation", ""]
-    tools = (f"- tools offered: {', '.join(meta['tools'])}; perception cues: {'on' if meta['cues'] else 'off'}; "
-             f"baselines' degradations: {meta['baseline_degradations']}")  # fmt: skip
-    lines += [f"- test set: {meta.get('test', '(in memory)')}, {meta['images']} images; seed {meta['seed']}; max turns {meta['max_turns']}",
-              f"- metrics: {', '.join(metrics)} (against HQ; outputs smaller than HQ upscaled bicubically to its size first)", tools]  # fmt: skip
+    tools = (
+        f"- tools offered: {', '.join(meta['tools'])}; perception cues: {'on' if meta['cues'] else 'off'}; "
+        f"baselines' degradations: {meta['baseline_degradations']}"
+    )
+    lines += [
+        f"- test set: {meta.get('test', '(in memory)')}, {meta['images']} images; seed {meta['seed']}; max turns {meta['max_turns']}",
+        f"- metrics: {', '.join(metrics)} (against HQ; outputs smaller than HQ upscaled bicubically to its size first)",
+        tools,
+    ]
     lines += [f"- **{label}**: {text}" for label, text in meta["agents"].items()]
-    lines += ["", "Cells: mean ± std (sample std over images); n in the group header (n per metric when some images could not be scored).", ""]
+    lines += [
+        "",
+        "Cells: mean ± std (sample std over images); n in the group header (n per metric when some images could not be scored).",
+        "",
+    ]
     groups = list(dict.fromkeys(g for per_agent in aggregates.values() for g in per_agent))
     headline = "psnr" if "psnr" in metrics else metrics[0]
-    lines += [f"## {headline.upper()} by group", "", "| agent | " + " | ".join(groups) + " |", "|---" * (len(groups) + 1) + "|"]
+    lines += [
+        f"## {headline.upper()} by group",
+        "",
+        "| agent | " + " | ".join(groups) + " |",
+        "|---" * (len(groups) + 1) + "|",
+    ]
     for agent, per_group in aggregates.items():
-        lines.append(f"| {agent} | " + " | ".join(_mean_std(per_group[g][headline], 2) if g in per_group else "" for g in groups) + " |")
+        lines.append(
+            f"| {agent} | "
+            + " | ".join(_mean_std(per_group[g][headline], 2) if g in per_group else "" for g in groups)
+            + " |"
+        )
     quantities = [*metrics, *(q for q in COUNT_HEADERS if timing or q != "wall_s")]
-    header = [_metric_header(m) for m in metrics] + [COUNT_HEADERS[q] for q in quantities[len(metrics):]]
+    header = [_metric_header(m) for m in metrics] + [COUNT_HEADERS[q] for q in quantities[len(metrics) :]]
     for group in groups if len(groups) > 2 else groups[:1]:  # one group: its table is the overall one
         sizes = {per_group[group]["images"] for per_group in aggregates.values() if group in per_group}
-        lines += ["", f"## {group} ({'/'.join(str(s) for s in sorted(sizes))} images)", "", "| agent | " + " | ".join(header) + " |",
-                  "|---" * (len(header) + 1) + "|"]  # fmt: skip
+        lines += [
+            "",
+            f"## {group} ({'/'.join(str(s) for s in sorted(sizes))} images)",
+            "",
+            "| agent | " + " | ".join(header) + " |",
+            "|---" * (len(header) + 1) + "|",
+        ]
         for agent, per_group in aggregates.items():
             if group in per_group:
                 cells = per_group[group]
-                lines.append(f"| {agent} | " + " | ".join(_mean_std(cells[q], _digits(q), cells["images"]) for q in quantities) + " |")
-    errors = {agent: per_group["overall"]["errors"] for agent, per_group in aggregates.items() if per_group["overall"]["errors"]}
+                lines.append(
+                    f"| {agent} | "
+                    + " | ".join(_mean_std(cells[q], _digits(q), cells["images"]) for q in quantities)
+                    + " |"
+                )
+    errors = {
+        agent: per_group["overall"]["errors"]
+        for agent, per_group in aggregates.items()
+        if per_group["overall"]["errors"]
+    }
     if errors:
-        lines += ["", "Episodes that crashed (scored on the image they had reached): " + ", ".join(f"{a} {n}" for a, n in errors.items())]
+        lines += [
+            "",
+            "Episodes that crashed (scored on the image they had reached): "
+            + ", ".join(f"{a} {n}" for a, n in errors.items()),
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -69,7 +113,9 @@ def _metric_header(metric: str) -> str:
 
 
 def _digits(quantity: str) -> int:
-    return {"psnr": 2, "wall_s": 3, "tool_calls": 2, "turns": 2, "format_errors": 2}.get(quantity, 3 if quantity in ("niqe", "piqe") else 4)
+    return {"psnr": 2, "wall_s": 3, "tool_calls": 2, "turns": 2, "format_errors": 2}.get(
+        quantity, 3 if quantity in ("niqe", "piqe") else 4
+    )
 
 
 def _mean_std(cell: dict, digits: int, images: int | None = None) -> str:
@@ -104,7 +150,16 @@ def plot_quality_vs_calls(report: dict, path) -> None:
         quality, calls = per_group["overall"][metric], per_group["overall"]["tool_calls"]
         if quality["mean"] is None:
             continue
-        ax.errorbar(calls["mean"], quality["mean"], xerr=calls["std"], yerr=quality["std"], fmt="o", capsize=4, color=f"C{index % 10}", label=agent)
+        ax.errorbar(
+            calls["mean"],
+            quality["mean"],
+            xerr=calls["std"],
+            yerr=quality["std"],
+            fmt="o",
+            capsize=4,
+            color=f"C{index % 10}",
+            label=agent,
+        )
         ax.annotate(agent, (calls["mean"], quality["mean"]), textcoords="offset points", xytext=(6, 6), fontsize=8)
     ax.set_xlabel("tool calls per image (mean ± std)")
     ax.set_ylabel(f"{metric.upper()} vs HQ (mean ± std)")
@@ -145,8 +200,12 @@ def cell(values: Sequence[float | None]) -> dict:
     those, ``missing`` the rest."""
     known = np.array([v for v in values if v is not None], dtype=float)
     n = int(known.size)
-    return {"mean": float(known.mean()) if n else None, "std": float(known.std(ddof=1)) if n > 1 else (0.0 if n else None),
-            "n": n, "missing": len(values) - n}  # fmt: skip
+    return {
+        "mean": float(known.mean()) if n else None,
+        "std": float(known.std(ddof=1)) if n > 1 else (0.0 if n else None),
+        "n": n,
+        "missing": len(values) - n,
+    }
 
 
 def aggregate(rows: Sequence[Mapping], metrics: Sequence[str]) -> dict:
@@ -162,10 +221,14 @@ def aggregate(rows: Sequence[Mapping], metrics: Sequence[str]) -> dict:
             groups["A-C"] = [r for r in mine if r["group"] in ("A", "B", "C")]
         groups["overall"] = mine
         out[agent] = {
-            g: {**{m: cell([r["scores"].get(m) for r in members]) for m in metrics}, **{q: cell([r[q] for r in members]) for q in COUNTS},
-                "images": len(members), "errors": sum(1 for r in members if r.get("error"))}
+            g: {
+                **{m: cell([r["scores"].get(m) for r in members]) for m in metrics},
+                **{q: cell([r[q] for r in members]) for q in COUNTS},
+                "images": len(members),
+                "errors": sum(1 for r in members if r.get("error")),
+            }
             for g, members in sorted(groups.items(), key=lambda item: _group_rank(item[0]))
-        }  # fmt: skip
+        }
     return out
 
 

@@ -14,6 +14,7 @@ the expert's schedule (``expert_tools``, never perturbed):
 - ``sequence``: the tools called, in order, are exactly the expert's, with no malformed reply;
 - ``format_ok``: the first reply is a well-formed tool call or answer.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -49,7 +50,12 @@ def tool_choice(episodes: Batch, schemas: Sequence[Mapping], tie_margin: float =
     ties = episodes.column("search_candidates") if "search_candidates" in episodes.columns else None
     if ties is not None:
         counts["first_call_tie"] = 0
-    rows = zip(episodes.column("expert_tools"), episodes.column("messages"), episodes.column("tool_calls"), episodes.column("format_errors"))
+    rows = zip(
+        episodes.column("expert_tools"),
+        episodes.column("messages"),
+        episodes.column("tool_calls"),
+        episodes.column("format_errors"),
+    )
     for index, (expert, messages, calls, format_errors) in enumerate(rows):
         action = first_action(messages, schemas)
         called = [call["name"] for call in calls if call["committed"]]
@@ -72,8 +78,16 @@ def tied_first_tools(candidates: Sequence[Mapping], tie_margin: float) -> set[st
     return {c["tools"][0] for c in candidates if ties(c["scores"], best["scores"], tie_margin)}
 
 
-async def evaluate_tool_choice(engine, processor, pool, heldout: Batch, schemas: Sequence[Mapping], settings: LoopSettings,
-                               cues=None, tie_margin: float = 1.0) -> tuple[dict[str, float], Batch]:  # fmt: skip
+async def evaluate_tool_choice(
+    engine,
+    processor,
+    pool,
+    heldout: Batch,
+    schemas: Sequence[Mapping],
+    settings: LoopSettings,
+    cues=None,
+    tie_margin: float = 1.0,
+) -> tuple[dict[str, float], Batch]:
     """Greedy episodes of the held-out expert rows; (accuracies, the episodes)."""
     samples = heldout.select([c for c in SAMPLE_COLUMNS if c in heldout.columns])
     episodes = await rollout(engine, processor, pool, samples, greedy(settings), schemas, cues)

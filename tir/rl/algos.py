@@ -13,6 +13,7 @@ result here can be compared with a verl run:
   (Yu et al. 2025): ratio clipped to ``[1 - clip_low, 1 + clip_high]``;
 - KL estimators k1, k2, k3 from J. Schulman, "Approximating KL Divergence" (2020).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -28,7 +29,9 @@ _LOG_RATIO_LIMIT = 20.0  # exp(20) ~ 5e8: keeps a stale or diverged row from ove
 def _check_same_shape(**tensors: torch.Tensor) -> None:
     shapes = {name: tuple(t.shape) for name, t in tensors.items()}
     if len(set(shapes.values())) > 1:
-        raise ValueError("expected tensors of one shape [N, T], got " + ", ".join(f"{k} {v}" for k, v in shapes.items()))
+        raise ValueError(
+            "expected tensors of one shape [N, T], got " + ", ".join(f"{k} {v}" for k, v in shapes.items())
+        )
 
 
 def _check_2d(name: str, t: torch.Tensor) -> None:
@@ -38,8 +41,9 @@ def _check_2d(name: str, t: torch.Tensor) -> None:
 
 
 # ------------------------------------------------------------------------------ advantages
-def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6,
-                     normalize_std: bool = True) -> torch.Tensor:
+def group_advantages(
+    rewards: torch.Tensor, group_size: int, eps: float = 1e-6, normalize_std: bool = True
+) -> torch.Tensor:
     """GRPO advantages [N] from scalar rewards [N].
 
     Rows of one group are adjacent (``Batch.repeat`` interleaves them: a a a b b b), so the
@@ -77,7 +81,9 @@ def broadcast_to_tokens(advantages: torch.Tensor, mask: torch.Tensor) -> torch.T
     """One advantage per row [N] spread over that row's tokens [N, T]; zero off the mask."""
     _check_2d("mask", mask)
     if advantages.dim() != 1 or advantages.shape[0] != mask.shape[0]:
-        raise ValueError(f"advantages: expected [N] with N = {mask.shape[0]} rows of mask, got {tuple(advantages.shape)}")
+        raise ValueError(
+            f"advantages: expected [N] with N = {mask.shape[0]} rows of mask, got {tuple(advantages.shape)}"
+        )
     return advantages.unsqueeze(1) * mask.to(advantages.dtype)
 
 
@@ -120,9 +126,15 @@ def aggregate(loss_mat: torch.Tensor, mask: torch.Tensor, mode: str = "token-mea
 
 
 # ------------------------------------------------------------------------------ losses
-def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                mask: torch.Tensor, clip_low: float = 0.2, clip_high: float = 0.28,
-                agg: str = "token-mean") -> tuple[torch.Tensor, dict[str, float]]:
+def policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_low: float = 0.2,
+    clip_high: float = 0.28,
+    agg: str = "token-mean",
+) -> tuple[torch.Tensor, dict[str, float]]:
     """PPO/GRPO clipped surrogate loss over the masked tokens, and its metrics.
 
     ``ratio = exp(logprobs - old_logprobs)``; per token
@@ -169,8 +181,9 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
     return loss, metrics
 
 
-def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = "k3",
-               mask: torch.Tensor | None = None) -> torch.Tensor:
+def kl_penalty(
+    logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = "k3", mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Per-token estimates [N, T] of KL(policy || reference) from sampled tokens' log-probs.
 
     With ``log_r = ref_logprobs - logprobs`` (tokens sampled from the policy):
@@ -221,7 +234,9 @@ class LossSettings:
 
     @classmethod
     def from_recipe(cls, algo) -> LossSettings:
-        return cls(algo.clip_ratio_low, algo.clip_ratio_high, algo.kl_coef, algo.kl_kind, algo.entropy_coef, algo.loss_agg)
+        return cls(
+            algo.clip_ratio_low, algo.clip_ratio_high, algo.kl_coef, algo.kl_kind, algo.entropy_coef, algo.loss_agg
+        )
 
 
 def grpo_loss(logprobs, tensors: dict, settings: LossSettings):
@@ -233,7 +248,9 @@ def grpo_loss(logprobs, tensors: dict, settings: LossSettings):
     ``-stop_grad(log p) * log p``, whose gradient is the entropy's (on-policy, in expectation)."""
     mask = tensors["loss_mask"]
     old = tensors["old_logprobs"] if "old_logprobs" in tensors else tensors["rollout_logprobs"]
-    loss, metrics = policy_loss(logprobs, old, tensors["advantages"], mask, settings.clip_low, settings.clip_high, settings.agg)
+    loss, metrics = policy_loss(
+        logprobs, old, tensors["advantages"], mask, settings.clip_low, settings.clip_high, settings.agg
+    )
     metrics["pg_loss"] = loss.item()
     if settings.kl_coef > 0:
         kl = aggregate(kl_penalty(logprobs, tensors["ref_logprobs"], settings.kl_kind, mask), mask, settings.agg)

@@ -23,6 +23,7 @@ lays them out; ``M`` metrics):
    (``mode="fixed"``, the ablation) or adaptive (``AdaptiveWeights``, below).
 4. ``reward[i] = q[i] - format_penalty * format_errors[i] - tool_cost * tool_calls[i]``.
 """
+
 from __future__ import annotations
 
 import math
@@ -36,17 +37,39 @@ import numpy as np
 # Copied rather than imported so the reward does not load pyiqa or the pool; pass
 # ``lower_better=`` for a metric not listed.
 LOWER_BETTER = {
-    "psnr": False, "psnry": False, "ssim": False, "ms_ssim": False, "fsim": False, "vif": False,
-    "vsi": False, "cw_ssim": False, "gmsd": True, "lpips": True, "dists": True, "mad": True, "nlpd": True,
-    "niqe": True, "ilniqe": True, "piqe": True, "brisque": True, "musiq": False, "maniqa": False,
-    "clipiqa": False, "nrqm": False, "entropy": False,
+    "psnr": False,
+    "psnry": False,
+    "ssim": False,
+    "ms_ssim": False,
+    "fsim": False,
+    "vif": False,
+    "vsi": False,
+    "cw_ssim": False,
+    "gmsd": True,
+    "lpips": True,
+    "dists": True,
+    "mad": True,
+    "nlpd": True,
+    "niqe": True,
+    "ilniqe": True,
+    "piqe": True,
+    "brisque": True,
+    "musiq": False,
+    "maniqa": False,
+    "clipiqa": False,
+    "nrqm": False,
+    "entropy": False,
 }
 MODES = ("adaptive", "fixed")
 
 
 # ------------------------------------------------------------------------------ pure steps
-def metric_gains(final_scores: Sequence[Mapping[str, float]], input_scores: Sequence[Mapping[str, float]],
-                 metrics: Sequence[str], lower_better: Mapping[str, bool]) -> np.ndarray:
+def metric_gains(
+    final_scores: Sequence[Mapping[str, float]],
+    input_scores: Sequence[Mapping[str, float]],
+    metrics: Sequence[str],
+    lower_better: Mapping[str, bool],
+) -> np.ndarray:
     """[N, M] gains of each final image over its degraded input; positive is better."""
     if len(final_scores) != len(input_scores):
         raise ValueError(f"final_scores has {len(final_scores)} rows but input_scores has {len(input_scores)}")
@@ -72,7 +95,7 @@ def normalize_gains(gains: np.ndarray, group_size: int, eps: float = 1e-8) -> np
         raise ValueError(f"{n} trajectories do not split into groups of group_size={group_size}")
     groups = gains.reshape(n // group_size, group_size, -1)
     centred = (groups - groups.mean(axis=1, keepdims=True)).reshape(n, -1)
-    spread = np.sqrt((centred ** 2).mean(axis=0))
+    spread = np.sqrt((centred**2).mean(axis=0))
     return np.where(spread > eps, centred / np.maximum(spread, eps), 0.0)
 
 
@@ -151,9 +174,15 @@ class AdaptiveWeights:
     agreement is undefined in a batch keeps its agreement EMA.
     """
 
-    def __init__(self, metrics: Sequence[str], base_weights: Mapping[str, float] | None = None,
-                 decay: float = 0.9, agreement_scale: float = 4.0, improvement_scale: float = 1.0,
-                 min_weight: float = 0.02):
+    def __init__(
+        self,
+        metrics: Sequence[str],
+        base_weights: Mapping[str, float] | None = None,
+        decay: float = 0.9,
+        agreement_scale: float = 4.0,
+        improvement_scale: float = 1.0,
+        min_weight: float = 0.02,
+    ):
         if not metrics or len(set(metrics)) != len(metrics):
             raise ValueError(f"metrics: expected distinct metric names, got {list(metrics)}")
         if not 0.0 <= decay < 1.0:
@@ -179,7 +208,9 @@ class AdaptiveWeights:
         """One training step's evidence: [N, M] normalised gains and raw gains."""
         for name, arr in (("normalized", normalized), ("gains", gains)):
             if arr.ndim != 2 or arr.shape[1] != len(self.metrics):
-                raise ValueError(f"{name}: expected [N, {len(self.metrics)}] for metrics {self.metrics}, got {arr.shape}")
+                raise ValueError(
+                    f"{name}: expected [N, {len(self.metrics)}] for metrics {self.metrics}, got {arr.shape}"
+                )
         agreement = consensus_agreement(normalized)
         known = np.isfinite(agreement)
         self.agreement[known] = self.decay * self.agreement[known] + (1 - self.decay) * agreement[known]
@@ -194,13 +225,17 @@ class AdaptiveWeights:
             "agreement": dict(zip(self.metrics, self.agreement.tolist())),
             "improvement": dict(zip(self.metrics, self.improvement.tolist())),
             "steps": self.steps,
-            "decay": self.decay, "agreement_scale": self.agreement_scale,
-            "improvement_scale": self.improvement_scale, "min_weight": self.min_weight,
+            "decay": self.decay,
+            "agreement_scale": self.agreement_scale,
+            "improvement_scale": self.improvement_scale,
+            "min_weight": self.min_weight,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if list(state.get("metrics", [])) != self.metrics:
-            raise ValueError(f"reward weight state is for metrics {state.get('metrics')}, this reward uses {self.metrics}")
+            raise ValueError(
+                f"reward weight state is for metrics {state.get('metrics')}, this reward uses {self.metrics}"
+            )
         self.base = np.array([state["base_weights"][m] for m in self.metrics], dtype=float)
         self.agreement = np.array([state["agreement"][m] for m in self.metrics], dtype=float)
         self.improvement = np.array([state["improvement"][m] for m in self.metrics], dtype=float)
@@ -219,17 +254,21 @@ class RewardOutput:
     quality: np.ndarray
     format_term: np.ndarray
     tool_term: np.ndarray
-    gains: dict[str, np.ndarray]          # raw gains over the input, in the metric's units (+ = better)
-    normalized: dict[str, np.ndarray]     # group-centred, spread-normalised gains
+    gains: dict[str, np.ndarray]  # raw gains over the input, in the metric's units (+ = better)
+    normalized: dict[str, np.ndarray]  # group-centred, spread-normalised gains
     contributions: dict[str, np.ndarray]  # weight * normalised gain: the quality term per metric
     weights: dict[str, float]
-    agreement: dict[str, float]           # this batch's consensus correlation (NaN: undefined)
+    agreement: dict[str, float]  # this batch's consensus correlation (NaN: undefined)
 
     def log_dict(self, prefix: str = "reward/") -> dict[str, float]:
         """Flat scalars for the step's log: every weight, mean raw gain, improvement rate, and
         agreement per metric (agreement left out where this batch leaves it undefined)."""
-        out = {f"{prefix}mean": float(self.rewards.mean()), f"{prefix}quality_mean": float(self.quality.mean()),
-               f"{prefix}format_mean": float(self.format_term.mean()), f"{prefix}tool_mean": float(self.tool_term.mean())}
+        out = {
+            f"{prefix}mean": float(self.rewards.mean()),
+            f"{prefix}quality_mean": float(self.quality.mean()),
+            f"{prefix}format_mean": float(self.format_term.mean()),
+            f"{prefix}tool_mean": float(self.tool_term.mean()),
+        }
         for name in self.weights:
             out[f"{prefix}weight/{name}"] = self.weights[name]
             out[f"{prefix}gain/{name}"] = float(self.gains[name].mean())
@@ -246,9 +285,16 @@ class MultiMetricReward:
     step that shows a disagreement already feels it, damped by the EMA); ``mode="fixed"`` uses
     ``weights`` (equal if empty) as they are: the fixed-weight ablation."""
 
-    def __init__(self, metrics: Sequence[str], mode: str = "adaptive", weights: Mapping[str, float] | None = None,
-                 lower_better: Mapping[str, bool] | None = None, format_penalty: float = 0.5,
-                 tool_cost: float = 0.05, **adaptive_options: float):
+    def __init__(
+        self,
+        metrics: Sequence[str],
+        mode: str = "adaptive",
+        weights: Mapping[str, float] | None = None,
+        lower_better: Mapping[str, bool] | None = None,
+        format_penalty: float = 0.5,
+        tool_cost: float = 0.05,
+        **adaptive_options: float,
+    ):
         if mode not in MODES:
             raise ValueError(f"reward mode {mode!r} unknown; expected one of {MODES}")
         directions = {**LOWER_BETTER, **(lower_better or {})}
@@ -270,17 +316,28 @@ class MultiMetricReward:
         for key in ("decay", "agreement_scale", "improvement_scale", "min_weight"):
             if key in reward_cfg and key not in adaptive_options:
                 adaptive_options[key] = reward_cfg[key]
-        return cls(list(reward_cfg.metrics), mode="adaptive" if reward_cfg.adaptive else "fixed",
-                   weights=dict(reward_cfg.weights), format_penalty=reward_cfg.format_penalty,
-                   tool_cost=reward_cfg.tool_cost, **adaptive_options)
+        return cls(
+            list(reward_cfg.metrics),
+            mode="adaptive" if reward_cfg.adaptive else "fixed",
+            weights=dict(reward_cfg.weights),
+            format_penalty=reward_cfg.format_penalty,
+            tool_cost=reward_cfg.tool_cost,
+            **adaptive_options,
+        )
 
     def current_weights(self) -> dict[str, float]:
         w = self.adaptive.weights() if self.mode == "adaptive" else self.fixed_weights
         return dict(zip(self.metrics, w.tolist()))
 
-    def __call__(self, final_scores: Sequence[Mapping[str, float]], input_scores: Sequence[Mapping[str, float]],
-                 tool_calls: Sequence[int], format_errors: Sequence[int], group_size: int,
-                 update: bool = True) -> RewardOutput:
+    def __call__(
+        self,
+        final_scores: Sequence[Mapping[str, float]],
+        input_scores: Sequence[Mapping[str, float]],
+        tool_calls: Sequence[int],
+        format_errors: Sequence[int],
+        group_size: int,
+        update: bool = True,
+    ) -> RewardOutput:
         """Rewards of one step's trajectories. ``update=False`` scores without moving the
         adaptive weights (evaluation, or re-scoring a dump)."""
         n = len(final_scores)
@@ -300,11 +357,15 @@ class MultiMetricReward:
         tool_term = -self.tool_cost * np.asarray(tool_calls, dtype=float)
         agreement = consensus_agreement(normalized)
         return RewardOutput(
-            rewards=quality + format_term + tool_term, quality=quality, format_term=format_term, tool_term=tool_term,
+            rewards=quality + format_term + tool_term,
+            quality=quality,
+            format_term=format_term,
+            tool_term=tool_term,
             gains={m: gains[:, j] for j, m in enumerate(self.metrics)},
             normalized={m: normalized[:, j] for j, m in enumerate(self.metrics)},
             contributions={m: w[j] * normalized[:, j] for j, m in enumerate(self.metrics)},
-            weights=weights, agreement={m: float(agreement[j]) for j, m in enumerate(self.metrics)},
+            weights=weights,
+            agreement={m: float(agreement[j]) for j, m in enumerate(self.metrics)},
         )
 
     def state_dict(self) -> dict[str, Any]:

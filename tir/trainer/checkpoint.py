@@ -23,6 +23,7 @@ driver pushes the restored actor weights to them.
 Every rank of the actor group writes its own shards: on several nodes ``run.output_dir`` must
 be storage that every node sees.
 """
+
 from __future__ import annotations
 
 import json
@@ -152,7 +153,9 @@ def checkpoint_to_resume(out_dir: str | Path, how: str) -> Path | None:
         return latest_checkpoint(out_dir)
     path = Path(how)
     if not (path / "state.json").is_file():
-        raise FileNotFoundError(f"trainer.resume={how!r}: not a checkpoint (no state.json); expected 'auto', 'never' or a checkpoint folder")
+        raise FileNotFoundError(
+            f"trainer.resume={how!r}: not a checkpoint (no state.json); expected 'auto', 'never' or a checkpoint folder"
+        )
     return path
 
 
@@ -171,5 +174,7 @@ def load_checkpoint(path: str | Path, actors, state_type: type = TrainState):
 def check_resumable(state: TrainState, data: DataStream, path: Path) -> None:
     """A checkpoint continues only the data it was trained on (else the order means nothing)."""
     if state.data_fingerprint and data.fingerprint and state.data_fingerprint != data.fingerprint:
-        raise ValueError(f"checkpoint {path} was trained on other data (fingerprint {state.data_fingerprint}, this run's data "
-                         f"{data.fingerprint}); use trainer.resume=never to start over")  # fmt: skip
+        raise ValueError(
+            f"checkpoint {path} was trained on other data (fingerprint {state.data_fingerprint}, this run's data "
+            f"{data.fingerprint}); use trainer.resume=never to start over"
+        )

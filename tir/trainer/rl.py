@@ -21,6 +21,7 @@ any engine mismatch). At a temperature other than 1 they are not (the engines re
 Outputs in <run.output_dir>/rl/: config.yaml, placement.json (the node of every worker and pool
 replica), metrics.jsonl, tensorboard/, dumps/step_NNNNNN.parquet, checkpoints/, hf/, summary.json.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -35,9 +36,9 @@ from typing import Any
 
 import numpy as np
 
-from tir.rl import algos
 from tir.config import value_or
 from tir.dumps.writer import DumpWriter, step_dump
+from tir.rl import algos
 from tir.trainer import checkpoint
 from tir.trainer.run_log import (
     RunLogger,
@@ -73,10 +74,10 @@ def rl_main(cli_args: list[str]) -> int:
 
 def train_rl(cfg) -> dict:
     """The whole run (see the module docstring); the summary it writes to ``summary.json``."""
-    from tir.agent.loop import pool_tool_schemas
-    from tir.config import save_resolved
-    from tir.agent.prompts import policy_schemas
     from tir.agent.env import recipe_cues
+    from tir.agent.loop import pool_tool_schemas
+    from tir.agent.prompts import policy_schemas
+    from tir.config import save_resolved
     from tir.rl.reward import MultiMetricReward
     from tool_pool.client import make_pool
     from workers.actor import actor_group, reference_group
@@ -88,9 +89,18 @@ def train_rl(cfg) -> dict:
     pool = make_pool(cfg.pool)
     schemas = policy_schemas(asyncio.run(pool_tool_schemas(pool, list(cfg.pool.tools) or None)), cfg.model.tool_prompt)
     check_metrics(pool, samples, list(cfg.reward.metrics))
-    run = Run(cfg=cfg, out=out, samples=samples, stream=stream, pool=pool, schemas=schemas,
-              processor=load_processor(model_path), cues=recipe_cues(cfg.model),
-              reward_fn=MultiMetricReward.from_config(cfg.reward), loss_fn=functools.partial(algos.grpo_loss, settings=algos.LossSettings.from_recipe(cfg.algo)))  # fmt: skip
+    run = Run(
+        cfg=cfg,
+        out=out,
+        samples=samples,
+        stream=stream,
+        pool=pool,
+        schemas=schemas,
+        processor=load_processor(model_path),
+        cues=recipe_cues(cfg.model),
+        reward_fn=MultiMetricReward.from_config(cfg.reward),
+        loss_fn=functools.partial(algos.grpo_loss, settings=algos.LossSettings.from_recipe(cfg.algo)),
+    )
     print(f"[rl] policy {model_path}; {len(samples)} training samples; {len(schemas)} tools; out: {out}")
 
     with contextlib.ExitStack() as stack:
@@ -103,8 +113,10 @@ def train_rl(cfg) -> dict:
         state = resume(run, cfg.trainer.resume)
         if state.step:
             sync_weights(run.actors, run.engine)  # the engines started from model.path
-        print(f"[rl] worker groups ready in {time.perf_counter() - started:.1f}s: actor and reference {cfg.actor.engine} x "
-              f"{cfg.actor.num_workers}{'' if run.reference else ' (reference off: algo.kl_coef=0)'}, rollout {type(run.engine).__name__}")  # fmt: skip
+        print(
+            f"[rl] worker groups ready in {time.perf_counter() - started:.1f}s: actor and reference {cfg.actor.engine} x "
+            f"{cfg.actor.num_workers}{'' if run.reference else ' (reference off: algo.kl_coef=0)'}, rollout {type(run.engine).__name__}"
+        )
         record_placement(run)
         dumps = stack.enter_context(DumpWriter(out / "dumps")) if cfg.trainer.dump_rollouts else None
         log = stack.enter_context(RunLogger(out, cfg.trainer.total_steps, state.step + 1, cfg.trainer.log_every))
@@ -116,7 +128,9 @@ def train_rl(cfg) -> dict:
                 metrics["time/dump"] = time.perf_counter() - started  # waiting for the writer only
             if step % max(1, cfg.trainer.save_every) == 0 or step == cfg.trainer.total_steps:
                 started = time.perf_counter()
-                checkpoint.save_checkpoint(out, run.actors, state, keep=int(value_or(cfg, "trainer.keep_checkpoints", 2)))
+                checkpoint.save_checkpoint(
+                    out, run.actors, state, keep=int(value_or(cfg, "trainer.keep_checkpoints", 2))
+                )
                 metrics["time/checkpoint"] = time.perf_counter() - started
             log.step(step, metrics)
         hf = run.actors.save_hf(str(out / "hf"))[0]
@@ -135,7 +149,9 @@ def progress_line(summary: dict) -> str:
     parts = [f"reward {start.get('reward/mean', math.nan):+.3f} -> {end.get('reward/mean', math.nan):+.3f}"]
     for key in sorted(k for k in end if k.startswith("reward/gain/")):
         parts.append(f"{key.split('/')[-1]} gain {start.get(key, math.nan):+.3f} -> {end[key]:+.3f}")
-    parts.append(f"tool calls {start.get('episode/tool_calls', math.nan):.2f} -> {end.get('episode/tool_calls', math.nan):.2f}")
+    parts.append(
+        f"tool calls {start.get('episode/tool_calls', math.nan):.2f} -> {end.get('episode/tool_calls', math.nan):.2f}"
+    )
     return f"over {summary['steps']} steps (means of the first and last {summary['window']}): " + ", ".join(parts)
 
 
@@ -169,13 +185,26 @@ def rl_step(run: Run, state: checkpoint.TrainState, step: int) -> tuple[checkpoi
     rows = run.stream.indices(state.data_position, cfg.trainer.batch_size)
     groups = run.samples.take(rows).repeat(n)
     with timer("rollout"):
-        trajectories = run_rollout(run.engine, run.processor, run.pool, groups, loop_settings(cfg, step),
-                                   tool_schemas=run.schemas, cues=run.cues)  # fmt: skip
+        trajectories = run_rollout(
+            run.engine,
+            run.processor,
+            run.pool,
+            groups,
+            loop_settings(cfg, step),
+            tool_schemas=run.schemas,
+            cues=run.cues,
+        )
     with timer("score"):
-        finals, inputs = asyncio.run(score_trajectories(run.pool, trajectories, run.reward_fn, n, cfg.rollout.concurrency))
+        finals, inputs = asyncio.run(
+            score_trajectories(run.pool, trajectories, run.reward_fn, n, cfg.rollout.concurrency)
+        )
     with timer("reward"):
-        reward = run.reward_fn(finals, inputs, trajectories.column("num_tool_calls"), trajectories.column("format_errors"), group_size=n)
-        advantages = algos.group_advantages(torch.tensor(reward.rewards), n, cfg.algo.adv_eps, cfg.algo.adv_normalize_std)
+        reward = run.reward_fn(
+            finals, inputs, trajectories.column("num_tool_calls"), trajectories.column("format_errors"), group_size=n
+        )
+        advantages = algos.group_advantages(
+            torch.tensor(reward.rewards), n, cfg.algo.adv_eps, cfg.algo.adv_normalize_std
+        )
     batch = trajectories.select(TRAIN_COLUMNS).with_column("advantages", advantages.tolist())
     if run.reference is not None:
         with timer("reference"):
@@ -188,11 +217,23 @@ def rl_step(run: Run, state: checkpoint.TrainState, step: int) -> tuple[checkpoi
     with timer("weight_sync"):
         sync_weights(run.actors, run.engine)
 
-    state = checkpoint.TrainState(step=step, data_position=state.data_position + len(rows), reward=run.reward_fn.state_dict(),
-                                  data_fingerprint=state.data_fingerprint, config_hash=state.config_hash)  # fmt: skip
-    metrics = {**reward.log_dict("reward/"), **episode_metrics(trajectories), **{f"actor/{k}": v for k, v in update.items()},
-               **advantage_metrics(reward.rewards, advantages.numpy(), n), **timer.breakdown(trajectories)}  # fmt: skip
-    dump = step_dump(trajectories, batch, reward, advantages.tolist(), finals, inputs).with_meta(step=step, config_hash=state.config_hash)
+    state = checkpoint.TrainState(
+        step=step,
+        data_position=state.data_position + len(rows),
+        reward=run.reward_fn.state_dict(),
+        data_fingerprint=state.data_fingerprint,
+        config_hash=state.config_hash,
+    )
+    metrics = {
+        **reward.log_dict("reward/"),
+        **episode_metrics(trajectories),
+        **{f"actor/{k}": v for k, v in update.items()},
+        **advantage_metrics(reward.rewards, advantages.numpy(), n),
+        **timer.breakdown(trajectories),
+    }
+    dump = step_dump(trajectories, batch, reward, advantages.tolist(), finals, inputs).with_meta(
+        step=step, config_hash=state.config_hash
+    )
     return state, metrics, dump
 
 
@@ -205,8 +246,10 @@ def policy_path(path: str) -> str:
         return str(folder / "hf")
     hub_name = re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", str(path)) and not str(path).startswith("runs/")
     if not folder.exists() and not hub_name:
-        raise FileNotFoundError(f"no policy checkpoint at {path}: make one with `tir model tiny --out {path}` or "
-                                f"`tir train sft`, or point model.path at a checkpoint or hub name")  # fmt: skip
+        raise FileNotFoundError(
+            f"no policy checkpoint at {path}: make one with `tir model tiny --out {path}` or "
+            f"`tir train sft`, or point model.path at a checkpoint or hub name"
+        )
     return str(path)
 
 
@@ -221,20 +264,30 @@ def load_processor(model_path: str):
 def training_data(cfg):
     """The training samples (``data.train_path``, synthesized from ``data.*`` when absent), less
     the photos SFT holds out for evaluation, and the DataStream that orders them."""
-    from tir.data.synth import read_synth, synthesize
     from tir.data.sft_rows import split_by_image
+    from tir.data.synth import read_synth, synthesize
     from tir.trainer.sft import DEFAULT_HELDOUT
 
     path = Path(cfg.data.train_path)
     if not path.exists():
-        print(f"[rl] no training data at {path}: synthesizing it from {cfg.data.hq!r} ({', '.join(cfg.data.train_combos)})")
-        synthesize(cfg.data.hq, ",".join(cfg.data.train_combos), per_image=cfg.data.per_image, seed=cfg.run.seed,
-                   crop=cfg.data.crop, crop_mode=value_or(cfg, "data.crop_mode", "center")).to_parquet(path)  # fmt: skip
+        print(
+            f"[rl] no training data at {path}: synthesizing it from {cfg.data.hq!r} ({', '.join(cfg.data.train_combos)})"
+        )
+        synthesize(
+            cfg.data.hq,
+            ",".join(cfg.data.train_combos),
+            per_image=cfg.data.per_image,
+            seed=cfg.run.seed,
+            crop=cfg.data.crop,
+            crop_mode=value_or(cfg, "data.crop_mode", "center"),
+        ).to_parquet(path)
     samples, _ = split_by_image(read_synth(path), value_or(cfg, "sft.heldout_images", DEFAULT_HELDOUT))
     if not len(samples):
         raise FileNotFoundError(f"{path} holds no samples outside the held-out photos")
     samples = samples.select(SAMPLE_COLUMNS)
-    fingerprint = checkpoint.data_fingerprint(samples.column("image_id"), samples.column("combo"), samples.column("seed"))
+    fingerprint = checkpoint.data_fingerprint(
+        samples.column("image_id"), samples.column("combo"), samples.column("seed")
+    )
     return samples, checkpoint.DataStream(len(samples), cfg.run.seed, fingerprint)
 
 
@@ -283,8 +336,11 @@ def record_placement(run: Run) -> dict:
 def node_summary(node: dict) -> dict:
     """One node of ``ray.nodes()``: its IP, whether it is the head, its custom resources."""
     resources = node["Resources"]
-    custom = {k: v for k, v in resources.items()
-              if k not in ("CPU", "GPU", "memory", "object_store_memory") and not k.startswith(("node:", "accelerator_type:"))}  # fmt: skip
+    custom = {
+        k: v
+        for k, v in resources.items()
+        if k not in ("CPU", "GPU", "memory", "object_store_memory") and not k.startswith(("node:", "accelerator_type:"))
+    }
     return {"ip": node["NodeManagerAddress"], "head": "node:__internal_head__" in resources, "resources": custom}
 
 
@@ -332,7 +388,9 @@ def loop_settings(cfg, step: int):
     from tir.agent.loop import LoopSettings
 
     choices = value_or(cfg, "rollout.choices", None)  # replies constrained to these texts (smoke runs)
-    return LoopSettings.from_recipe(cfg.rollout, seed=step_seed(cfg.run.seed, step), choices=tuple(choices) if choices else None)
+    return LoopSettings.from_recipe(
+        cfg.rollout, seed=step_seed(cfg.run.seed, step), choices=tuple(choices) if choices else None
+    )
 
 
 def recompute_old_logprobs(cfg) -> bool:
@@ -361,7 +419,9 @@ def check_metrics(pool, samples, metrics) -> None:
         raise SetupError(f"reward metric(s) the pool cannot score: {'; '.join(failed)}")
 
 
-async def score_trajectories(pool, trajectories, reward_fn, group_size: int, concurrency: int) -> tuple[list[dict], list[dict]]:
+async def score_trajectories(
+    pool, trajectories, reward_fn, group_size: int, concurrency: int
+) -> tuple[list[dict], list[dict]]:
     """Scores of every final image and of its degraded input (once per group), per row; a
     score that failed is filled in (``fill_missing``)."""
     from tool_pool.client import score_against
@@ -374,8 +434,10 @@ async def score_trajectories(pool, trajectories, reward_fn, group_size: int, con
             return await score_against(pool, reward_fn.metrics, image, hq)
 
     firsts = range(0, len(trajectories), group_size)
-    inputs, final_scores = await asyncio.gather(asyncio.gather(*(score(lqs[i], hqs[i]) for i in firsts)),
-                                                asyncio.gather(*(score(im, hq) for im, hq in zip(finals, hqs))))  # fmt: skip
+    inputs, final_scores = await asyncio.gather(
+        asyncio.gather(*(score(lqs[i], hqs[i]) for i in firsts)),
+        asyncio.gather(*(score(im, hq) for im, hq in zip(finals, hqs))),
+    )
     input_scores = [inputs[i // group_size] for i in range(len(trajectories))]
     return fill_missing(final_scores, input_scores, reward_fn.metrics, reward_fn.lower_better, group_size)
 
@@ -394,10 +456,6 @@ def fill_missing(finals: list[dict], inputs: list[dict], metrics, lower_better: 
                 finals[i].setdefault(m, worst)
                 inputs[i].setdefault(m, worst)
     return finals, inputs
-
-
-
-
 
 
 def with_logprobs(batch, group, column: str):

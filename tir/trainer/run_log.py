@@ -12,6 +12,7 @@ starts it empty), and TensorBoard purges events from ``start_step`` on: each ste
 TensorBoard goes through ``torch.utils.tensorboard``, which needs the ``tensorboard`` package;
 without it the run logs to the console and JSONL and says what to install.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -37,7 +38,18 @@ CONSOLE = (
     ("grad_norm", "grad norm", "{:.2f}"),
     ("lr", "lr", "{:.2e}"),
 )
-TIMES = ("generate", "tools", "score", "reward", "reference", "old_logprobs", "update", "weight_sync", "dump", "checkpoint")
+TIMES = (
+    "generate",
+    "tools",
+    "score",
+    "reward",
+    "reference",
+    "old_logprobs",
+    "update",
+    "weight_sync",
+    "dump",
+    "checkpoint",
+)
 
 
 def _number(value: Any) -> float | None:
@@ -50,7 +62,9 @@ def _number(value: Any) -> float | None:
 
 def console_line(step: int, total: int, metrics: dict[str, Any]) -> str:
     """``step 3/10 | reward +0.120 psnr +1.52dB ... | 12.3s: rollout 8.1 (generate 5.0, tools 4.2) ...``"""
-    parts = [f"{label} {fmt.format(metrics[key])}" for key, label, fmt in CONSOLE if _number(metrics.get(key)) is not None]
+    parts = [
+        f"{label} {fmt.format(metrics[key])}" for key, label, fmt in CONSOLE if _number(metrics.get(key)) is not None
+    ]
     line = f"step {step}/{total} | " + " ".join(parts)
     if "time/step" in metrics:
         times = [f"{name} {metrics[f'time/{name}']:.1f}" for name in TIMES if _number(metrics.get(f"time/{name}"))]
@@ -93,14 +107,23 @@ def open_tensorboard(folder: Path, purge_step: int):
 class RunLogger:
     """Console (progress bar + a line every ``every`` steps), JSONL and TensorBoard."""
 
-    def __init__(self, out_dir: str | Path, total_steps: int, start_step: int = 1, every: int = 1,
-                 tensorboard: bool = True, prefix: str = "rl"):  # fmt: skip
+    def __init__(
+        self,
+        out_dir: str | Path,
+        total_steps: int,
+        start_step: int = 1,
+        every: int = 1,
+        tensorboard: bool = True,
+        prefix: str = "rl",
+    ):
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.total, self.every, self.prefix = total_steps, max(1, every), prefix
         self.jsonl = self.out_dir / "metrics.jsonl"
         keep_records_before(self.jsonl, start_step)
-        self.writer, why_not = open_tensorboard(self.out_dir / "tensorboard", start_step) if tensorboard else (None, None)
+        self.writer, why_not = (
+            open_tensorboard(self.out_dir / "tensorboard", start_step) if tensorboard else (None, None)
+        )
         self.bar = tqdm(total=total_steps, initial=start_step - 1, desc=prefix, unit="step", dynamic_ncols=True)
         if why_not:
             self.print(why_not)
@@ -187,8 +210,15 @@ def episode_metrics(trajectories) -> dict[str, float]:
         return float(np.mean(trajectories.column(column)))
 
     stops = trajectories.column("stop_reason")
-    out = {f"episode/{name}": mean(column) for name, column in (("tool_calls", "num_tool_calls"), ("format_errors", "format_errors"),
-                                                                 ("tool_errors", "tool_errors"), ("turns", "num_turns"))}  # fmt: skip
+    out = {
+        f"episode/{name}": mean(column)
+        for name, column in (
+            ("tool_calls", "num_tool_calls"),
+            ("format_errors", "format_errors"),
+            ("tool_errors", "tool_errors"),
+            ("turns", "num_turns"),
+        )
+    }
     out["episode/tokens"] = float(np.mean([len(ids) for ids in trajectories.column("input_ids")]))
     out["episode/policy_tokens"] = float(np.mean([sum(mask) for mask in trajectories.column("loss_mask")]))
     out["episode/crashed"] = float(np.mean([bool(e) for e in trajectories.column("error")]))
@@ -198,9 +228,12 @@ def episode_metrics(trajectories) -> dict[str, float]:
 
 def advantage_metrics(rewards: np.ndarray, advantages: np.ndarray, group_size: int) -> dict[str, float]:
     groups = rewards.reshape(-1, group_size)
-    return {"advantage/abs_mean": float(np.abs(advantages).mean()), "reward/std": float(rewards.std()),
-            # groups whose trajectories all scored the same carry no learning signal
-            "advantage/flat_groups": float(np.mean(groups.max(axis=1) - groups.min(axis=1) < 1e-9))}  # fmt: skip
+    return {
+        "advantage/abs_mean": float(np.abs(advantages).mean()),
+        "reward/std": float(rewards.std()),
+        # groups whose trajectories all scored the same carry no learning signal
+        "advantage/flat_groups": float(np.mean(groups.max(axis=1) - groups.min(axis=1) < 1e-9)),
+    }
 
 
 def summarize(out: Path, hf: str) -> dict:
@@ -210,10 +243,19 @@ def summarize(out: Path, hf: str) -> dict:
     window = max(1, min(max(3, len(records) // 10), len(records) // 2))
 
     def mean_of(rows):
-        keys = [k for k in rows[0] if k.startswith(("reward/", "episode/", "actor/")) and isinstance(rows[0][k], (int, float))]
+        keys = [
+            k
+            for k in rows[0]
+            if k.startswith(("reward/", "episode/", "actor/")) and isinstance(rows[0][k], (int, float))
+        ]
         return {k: float(np.mean([r[k] for r in rows if k in r])) for k in keys}
 
     times = sorted({k for r in records for k in r if k.startswith("time/")})
-    return {"steps": len(records), "window": window, "start": mean_of(records[:window]) if records else {},
-            "end": mean_of(records[-window:]) if records else {},
-            "mean_times": {k: float(np.mean([r.get(k, 0.0) for r in records])) for k in times}, "hf_checkpoint": hf}  # fmt: skip
+    return {
+        "steps": len(records),
+        "window": window,
+        "start": mean_of(records[:window]) if records else {},
+        "end": mean_of(records[-window:]) if records else {},
+        "mean_times": {k: float(np.mean([r.get(k, 0.0) for r in records])) for k in times},
+        "hf_checkpoint": hf,
+    }

@@ -17,6 +17,7 @@ evaluation; a resumed run drops the records of the steps it repeats), tensorboar
 checkpoints/ (``tir.trainer.checkpoint``: engine state + ``state.json`` holding the
 ``Progress``, written atomically; ``latest.json`` names the newest), hf/, summary.json.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -35,8 +36,6 @@ from tir.trainer.run_log import RunLogger
 DEFAULT_HELDOUT = ("chelsea", "stereo_motorcycle")  # 2 of the 8 built-in photos: never trained on
 
 
-
-
 def sft_main(cli_args: list[str]) -> int:
     """``tir train sft recipe=... key=value ...``; exit status."""
     from tir.cluster import ray_session
@@ -49,14 +48,14 @@ def sft_main(cli_args: list[str]) -> int:
 
 
 def run_sft(cfg) -> int:
-    from tir.agent.loop import LoopSettings, pool_tool_schemas
-    from tir.config import save_resolved
-    from tir.agent.prompts import policy_schemas
     from tir.agent.env import recipe_cues
-    from tir.data.expert import ExpertSettings
+    from tir.agent.loop import LoopSettings, pool_tool_schemas
     from tir.agent.models import load_policy
-    from tir.protocol import Batch
+    from tir.agent.prompts import policy_schemas
+    from tir.config import save_resolved
+    from tir.data.expert import ExpertSettings
     from tir.data.sft_rows import TRAIN_COLUMNS, sft_rows, split_by_image
+    from tir.protocol import Batch
     from tool_pool.client import make_pool
     from workers.actor import actor_group
     from workers.rollout.hf_engine import HFEngine
@@ -74,15 +73,21 @@ def run_sft(cfg) -> int:
 
     data_path = value_or(cfg, "sft.data_path", f"{cfg.run.output_dir}/data/sft.parquet")
     if not Path(data_path).exists():
-        print(f"[sft] error: no expert trajectories at {data_path}; make them with `tir data expert --in ... --out {data_path}`")
+        print(
+            f"[sft] error: no expert trajectories at {data_path}; make them with `tir data expert --in ... --out {data_path}`"
+        )
         return 2
-    train_expert, heldout = split_by_image(Batch.from_parquet(data_path), value_or(cfg, "sft.heldout_images", DEFAULT_HELDOUT))
+    train_expert, heldout = split_by_image(
+        Batch.from_parquet(data_path), value_or(cfg, "sft.heldout_images", DEFAULT_HELDOUT)
+    )
     heldout = evaluation_subset(heldout, value_or(cfg, "sft.eval_samples", 64), cfg.run.seed)
     started = time.perf_counter()
     train = sft_rows(processor, train_expert, schemas, loop, cues).select(TRAIN_COLUMNS)
     tokens = sum(len(ids) for ids in train.column("input_ids"))
-    print(f"[sft] {len(train)} training trajectories ({tokens} tokens, cues {'on' if cues else 'off'}) tokenized in "
-          f"{time.perf_counter() - started:.1f}s; {len(heldout)} held-out samples")  # fmt: skip
+    print(
+        f"[sft] {len(train)} training trajectories ({tokens} tokens, cues {'on' if cues else 'off'}) tokenized in "
+        f"{time.perf_counter() - started:.1f}s; {len(heldout)} held-out samples"
+    )
 
     epochs, batch_size = int(cfg.sft.epochs), int(value_or(cfg, "sft.batch_size", cfg.trainer.batch_size))
     eval_every = max(1, int(value_or(cfg, "sft.eval_every", 1)))  # epochs between held-out evaluations
@@ -90,10 +95,16 @@ def run_sft(cfg) -> int:
     train_s = 0.0  # seconds in train steps (this process's share of the run)
     keep = int(value_or(cfg, "trainer.keep_checkpoints", 2))
     with contextlib.ExitStack() as stack:
-        actors = stack.enter_context(actor_group(cfg, name="sft_actor", lr=cfg.sft.lr, total_steps=max(1, steps_per_epoch * epochs)))
+        actors = stack.enter_context(
+            actor_group(cfg, name="sft_actor", lr=cfg.sft.lr, total_steps=max(1, steps_per_epoch * epochs))
+        )
         progress = resume(actors, out, cfg.trainer.resume, steps_per_epoch)
-        log = stack.enter_context(RunLogger(out, steps_per_epoch * epochs, progress.step + 1, cfg.trainer.log_every, prefix="sft"))
-        engine = HFEngine(model=model, processor=processor, max_batch_size=cfg.rollout.max_batch_size, seed=cfg.run.seed)
+        log = stack.enter_context(
+            RunLogger(out, steps_per_epoch * epochs, progress.step + 1, cfg.trainer.log_every, prefix="sft")
+        )
+        engine = HFEngine(
+            model=model, processor=processor, max_batch_size=cfg.rollout.max_batch_size, seed=cfg.run.seed
+        )
 
         def evaluate(epoch: int) -> None:
             push_weights(actors, engine)
@@ -101,13 +112,17 @@ def run_sft(cfg) -> int:
             progress.evaluations.append({"epoch": epoch, **accuracy})
             log.record(progress.step, {"kind": "eval", "epoch": epoch, **accuracy})
             tie = f" (ties the sample's best: {accuracy['first_call_tie']:.0%})" if "first_call_tie" in accuracy else ""
-            log.print(f"epoch {epoch} held-out: first call {accuracy['first_call']:.0%}{tie}, subtask {accuracy['first_subtask']:.0%}, "
-                  f"sequence {accuracy['sequence']:.0%}, well-formed {accuracy['format_ok']:.0%} ({accuracy['samples']} samples)")  # fmt: skip
+            log.print(
+                f"epoch {epoch} held-out: first call {accuracy['first_call']:.0%}{tie}, subtask {accuracy['first_subtask']:.0%}, "
+                f"sequence {accuracy['sequence']:.0%}, well-formed {accuracy['format_ok']:.0%} ({accuracy['samples']} samples)"
+            )
 
         if not progress.evaluations:
             evaluate(0)  # the policy before SFT
         if progress.epoch >= epochs:
-            log.print(f"all {epochs} epochs were already trained (checkpoint {checkpoint.latest_checkpoint(out)}); writing the HF checkpoint only")
+            log.print(
+                f"all {epochs} epochs were already trained (checkpoint {checkpoint.latest_checkpoint(out)}); writing the HF checkpoint only"
+            )
         for epoch in range(progress.epoch, epochs):
             batches = epoch_batches(len(train), batch_size, cfg.actor.num_workers, cfg.run.seed, epoch)
             for index in range(progress.step_in_epoch, len(batches)):
@@ -124,11 +139,21 @@ def run_sft(cfg) -> int:
             checkpoint.save_checkpoint(out, actors, progress, keep)
 
         hf = actors.save_hf(str(out / "hf"))[0]
-    summary = {"before": progress.evaluations[0], "after": progress.evaluations[-1], "epochs": epochs, "steps": progress.step,
-               "train_rows": len(train), "cues": bool(cues), "train_s": train_s, "hf_checkpoint": hf}  # fmt: skip
+    summary = {
+        "before": progress.evaluations[0],
+        "after": progress.evaluations[-1],
+        "epochs": epochs,
+        "steps": progress.step,
+        "train_rows": len(train),
+        "cues": bool(cues),
+        "train_s": train_s,
+        "hf_checkpoint": hf,
+    }
     checkpoint.write_json(out / "summary.json", summary)
-    print(f"[sft] first-call accuracy {summary['before']['first_call']:.0%} -> {summary['after']['first_call']:.0%} "
-          f"({progress.step} steps, {train_s:.0f}s training); HF checkpoint: {hf}")  # fmt: skip
+    print(
+        f"[sft] first-call accuracy {summary['before']['first_call']:.0%} -> {summary['after']['first_call']:.0%} "
+        f"({progress.step} steps, {train_s:.0f}s training); HF checkpoint: {hf}"
+    )
     return 0
 
 
@@ -190,7 +215,9 @@ def resume(actors, out: Path, how: str, steps_per_epoch: int) -> Progress:
         return Progress(steps_per_epoch=steps_per_epoch)
     progress = checkpoint.load_checkpoint(path, actors, Progress)
     if progress.steps_per_epoch != steps_per_epoch:
-        raise ValueError(f"checkpoint {path} was trained with {progress.steps_per_epoch} steps per epoch, this run has "
-                         f"{steps_per_epoch}: the data or sft batch size changed (use trainer.resume=never to start over)")  # fmt: skip
+        raise ValueError(
+            f"checkpoint {path} was trained with {progress.steps_per_epoch} steps per epoch, this run has "
+            f"{steps_per_epoch}: the data or sft batch size changed (use trainer.resume=never to start over)"
+        )
     print(f"[sft] resumed from {path}: {progress.epoch} epoch(s) and {progress.step_in_epoch} step(s) done")
     return progress

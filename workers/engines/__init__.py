@@ -2,7 +2,8 @@
 
 Importing this package registers all three; each imports its heavy framework only when built.
 """
-from workers.engines.base import ENGINES, EngineOptions, TrainingEngine, make_engine, token_logprobs
+
 from workers.engines import deepspeed_engine, fsdp2, plain  # noqa: F401  - register
+from workers.engines.base import ENGINES, EngineOptions, TrainingEngine, make_engine, token_logprobs
 
 __all__ = ["ENGINES", "EngineOptions", "TrainingEngine", "make_engine", "token_logprobs"]

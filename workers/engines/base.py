@@ -16,6 +16,7 @@ It must be a plain picklable function (module level): it travels to Ray workers.
 weighs each micro-batch's mean by its share of the whole (all ranks') batch, so that N ranks x
 B/N rows give the same loss and gradient as 1 rank x B rows.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,9 +25,9 @@ import os
 import shutil
 from abc import ABC, abstractmethod
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Callable
 
 import pyarrow as pa
 import torch
@@ -62,12 +63,14 @@ class EngineOptions:
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule {self.lr_schedule!r} unknown; expected one of {LR_SCHEDULES}")
         if self.lr_schedule == "cosine" and self.total_steps <= self.warmup_steps:
-            raise ValueError(f"a cosine schedule needs total_steps > warmup_steps, got {self.total_steps} and {self.warmup_steps}")
+            raise ValueError(
+                f"a cosine schedule needs total_steps > warmup_steps, got {self.total_steps} and {self.warmup_steps}"
+            )
         if self.micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be >= 1, got {self.micro_batch_size}")
 
     @classmethod
-    def from_recipe(cls, recipe, **overrides) -> "EngineOptions":
+    def from_recipe(cls, recipe, **overrides) -> EngineOptions:
         """Options from a recipe's ``actor`` section (plus ``trainer.total_steps``, ``model.dtype``
         and ``run.seed``); keyword overrides win (e.g. ``lr=recipe.sft.lr``)."""
         actor = recipe.actor
@@ -79,7 +82,7 @@ class EngineOptions:
         return cls(**values)
 
     @classmethod
-    def coerce(cls, options: "EngineOptions | dict | None") -> "EngineOptions":
+    def coerce(cls, options: EngineOptions | dict | None) -> EngineOptions:
         if isinstance(options, cls):
             return options
         return cls(**dict(options or {}))
@@ -119,8 +122,9 @@ def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tenso
     return torch.nn.functional.pad(picked, (1, 0))
 
 
-def make_engine(name: str, model_path: str | os.PathLike, options: EngineOptions | dict | None = None,
-                trainable: bool = True) -> "TrainingEngine":  # fmt: skip
+def make_engine(
+    name: str, model_path: str | os.PathLike, options: EngineOptions | dict | None = None, trainable: bool = True
+) -> TrainingEngine:
     """The engine registered as ``name`` ("fsdp2", "deepspeed", "plain"), built on ``model_path``."""
     import workers.engines  # noqa: F401  - registers every engine
 
@@ -144,7 +148,9 @@ class TrainingEngine(ABC):
         self.options, self.trainable = options, trainable
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
-        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        self.device = (
+            torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        )
         torch.manual_seed(options.seed)
         model, self.processor = load_policy(model_path, dtype=self._load_dtype())
         self.hf_config, self.generation_config = model.config, model.generation_config
@@ -199,7 +205,9 @@ class TrainingEngine(ABC):
                 inputs = self._inputs(micro)
                 logprobs = token_logprobs(self._forward(inputs), inputs["input_ids"])
                 if real:
-                    pieces.append(micro.select(["input_ids"]).with_padded(column, logprobs.cpu(), inputs["attention_mask"].cpu()))
+                    pieces.append(
+                        micro.select(["input_ids"]).with_padded(column, logprobs.cpu(), inputs["attention_mask"].cpu())
+                    )
         return Batch.concat(pieces).select([column])
 
     def train_step(self, batch: Batch, loss_fn: LossFn, loss_weight: str = "tokens") -> dict[str, float]:
@@ -254,8 +262,16 @@ class TrainingEngine(ABC):
             if self.rank == 0:
                 scheduler = self.scheduler.state_dict() if self.scheduler is not None else None
                 torch.save({"step": self.step, "scheduler": scheduler}, tmp / "trainer_state.pt")
-                (tmp / "engine.json").write_text(json.dumps({"engine": self.name, "world_size": self.world_size,
-                                                             "step": self.step, "options": asdict(self.options)}))  # fmt: skip
+                (tmp / "engine.json").write_text(
+                    json.dumps(
+                        {
+                            "engine": self.name,
+                            "world_size": self.world_size,
+                            "step": self.step,
+                            "options": asdict(self.options),
+                        }
+                    )
+                )
 
         return str(self._atomically(final, write))
 
@@ -305,10 +321,14 @@ class TrainingEngine(ABC):
             kind = field.type
             if field.name in tensors or micro.kind(field.name) != "auto":
                 continue
-            if pa.types.is_list(kind) and (pa.types.is_integer(kind.value_type) or pa.types.is_floating(kind.value_type)):
+            if pa.types.is_list(kind) and (
+                pa.types.is_integer(kind.value_type) or pa.types.is_floating(kind.value_type)
+            ):
                 values, mask = micro.to_padded(field.name, dtype=torch.float32)
                 if values.shape != input_ids.shape or not torch.equal(mask, attention_mask):
-                    raise ValueError(f"column {field.name!r} is not aligned with input_ids (one value per token in every row)")
+                    raise ValueError(
+                        f"column {field.name!r} is not aligned with input_ids (one value per token in every row)"
+                    )
                 tensors[field.name] = values
             elif pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind):
                 tensors[field.name] = torch.as_tensor(micro.numpy(field.name).astype("float32"))

@@ -7,6 +7,7 @@ micro-batches. Checkpoints are DeepSpeed's own folders (each rank writes its par
 
 The first run on a CPU machine JIT-compiles a small op (about a minute; cached under ~/.cache).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -52,7 +53,9 @@ class DeepSpeedEngine(TrainingEngine):
             self.engine, *_ = deepspeed.initialize(model=model, config=config)
             return self.engine
         optimizer = make_optimizer(model.parameters(), self.options)
-        scheduler = make_scheduler(optimizer, self.options)  # ZeRO's optimizer wraps this one and shares its param groups
+        scheduler = make_scheduler(
+            optimizer, self.options
+        )  # ZeRO's optimizer wraps this one and shares its param groups
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config
         )
@@ -85,7 +88,8 @@ class DeepSpeedEngine(TrainingEngine):
         if not hasattr(self, "engine"):
             self.model.load_state_dict(torch.load(path / "model.pt", map_location=self.device))
             return
-        loaded, _ = self.engine.load_checkpoint(str(path), tag=_TAG, load_optimizer_states=self.trainable,
-                                                load_lr_scheduler_states=self.trainable)  # fmt: skip
+        loaded, _ = self.engine.load_checkpoint(
+            str(path), tag=_TAG, load_optimizer_states=self.trainable, load_lr_scheduler_states=self.trainable
+        )
         if loaded is None:
             raise FileNotFoundError(f"DeepSpeed found no checkpoint in {path}")

@@ -4,6 +4,7 @@ sharded over the data-parallel ranks; parameters are DTensors, gathered per bloc
 Checkpoints are torch.distributed.checkpoint (DCP) folders: each rank writes its own shards, and
 a checkpoint loads on any number of ranks. Gloo on CPU, NCCL on GPU (the WorkerGroup's backend).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -56,7 +57,7 @@ class FSDP2Engine(TrainingEngine):
         return weights if self.rank == 0 else None
 
     def _sharded_state(self) -> dict:
-        from torch.distributed.checkpoint.state_dict import get_state_dict, get_model_state_dict
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
         if self.optimizer is None:
             return {"model": get_model_state_dict(self.model)}
@@ -77,4 +78,6 @@ class FSDP2Engine(TrainingEngine):
         if self.optimizer is None:
             set_model_state_dict(self.model, state["model"])
         else:
-            set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+            set_state_dict(
+                self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"]
+            )

@@ -1,5 +1,6 @@
 """The plain engine: one process, no sharding. The reference the sharded engines must match,
 and the simplest way to train a tiny policy in a test or a notebook."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -18,7 +19,9 @@ class PlainEngine(TrainingEngine):
 
     def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         if self.world_size > 1:
-            raise ValueError(f"the plain engine runs in one process; use fsdp2 or deepspeed for {self.world_size} ranks")
+            raise ValueError(
+                f"the plain engine runs in one process; use fsdp2 or deepspeed for {self.world_size} ranks"
+            )
         if self.trainable:
             self.optimizer = make_optimizer(model.parameters(), self.options)
             self.scheduler = make_scheduler(self.optimizer, self.options)
@@ -38,8 +41,10 @@ class PlainEngine(TrainingEngine):
         return {name: tensor.detach().to("cpu", copy=True) for name, tensor in self.model.state_dict().items()}
 
     def _save_state(self, path: Path) -> None:
-        torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict() if self.optimizer else None},
-                   path / "state.pt")  # fmt: skip
+        torch.save(
+            {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict() if self.optimizer else None},
+            path / "state.pt",
+        )
 
     def _load_state(self, path: Path) -> None:
         state = torch.load(path / "state.pt", map_location=self.device, weights_only=False)

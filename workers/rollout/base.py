@@ -20,6 +20,7 @@ forward pass (logits / T, log_softmax, gather) recomputes, so importance ratios 
 Engines register here by name, as an import path, so that naming one in a recipe imports only
 that backend (vLLM is heavy and absent on some machines).
 """
+
 from __future__ import annotations
 
 import importlib
@@ -71,7 +72,7 @@ class RolloutEngine(ABC):
         in-flight generation ends; the next ``generate`` uses the new weights. Unknown names
         raise ValueError (nothing is loaded)."""
 
-    async def shutdown(self) -> None:
+    async def shutdown(self) -> None:  # noqa: B027 - optional: a backend with nothing to release keeps it
         """Release the backend's resources (processes, memory). Idempotent."""
 
 
@@ -80,8 +81,21 @@ def check_sampling(sampling: Mapping[str, Any], extra_keys: Sequence[str] = ()) 
     unknown = sorted(set(sampling) - set(SAMPLING_KEYS) - set(extra_keys))
     if unknown:
         hint = closest(unknown[0], SAMPLING_KEYS)
-        raise ValueError(f"unknown sampling key {unknown[0]!r}" + (f"; did you mean {hint!r}?" if hint else "") + f" (known: {', '.join(SAMPLING_KEYS)})")
-    out = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "max_tokens": 64, "seed": None, "stop_token_ids": (), "choices": None, **sampling}
+        raise ValueError(
+            f"unknown sampling key {unknown[0]!r}"
+            + (f"; did you mean {hint!r}?" if hint else "")
+            + f" (known: {', '.join(SAMPLING_KEYS)})"
+        )
+    out = {
+        "temperature": 1.0,
+        "top_p": 1.0,
+        "top_k": 0,
+        "max_tokens": 64,
+        "seed": None,
+        "stop_token_ids": (),
+        "choices": None,
+        **sampling,
+    }
     for key in ("temperature", "top_p"):
         if isinstance(out[key], bool) or not isinstance(out[key], (int, float)):
             raise ValueError(f"sampling {key} must be a number, got {out[key]!r}")
@@ -95,7 +109,9 @@ def check_sampling(sampling: Mapping[str, Any], extra_keys: Sequence[str] = ()) 
         raise ValueError(f"sampling top_p must be in (0, 1], got {out['top_p']!r}")
     if not (isinstance(out["max_tokens"], int) and out["max_tokens"] >= 1):
         raise ValueError(f"sampling max_tokens must be an integer >= 1, got {out['max_tokens']!r}")
-    if out["choices"] is not None and (isinstance(out["choices"], str) or not out["choices"] or not all(isinstance(c, str) for c in out["choices"])):
+    if out["choices"] is not None and (
+        isinstance(out["choices"], str) or not out["choices"] or not all(isinstance(c, str) for c in out["choices"])
+    ):
         raise ValueError(f"sampling choices must be a non-empty list of strings, got {out['choices']!r}")
     return out
 
@@ -111,7 +127,11 @@ def engine_class(name: str) -> type[RolloutEngine]:
     """The engine class registered as ``name`` (imported now)."""
     if name not in ENGINES:
         hint = closest(name, ENGINES)
-        raise KeyError(f"unknown rollout engine {name!r}" + (f"; did you mean {hint!r}?" if hint else "") + f" (known: {', '.join(sorted(ENGINES))})")
+        raise KeyError(
+            f"unknown rollout engine {name!r}"
+            + (f"; did you mean {hint!r}?" if hint else "")
+            + f" (known: {', '.join(sorted(ENGINES))})"
+        )
     module_name, class_name = ENGINES[name].split(":")
     return getattr(importlib.import_module(module_name), class_name)
 

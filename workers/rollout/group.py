@@ -17,6 +17,7 @@ rank 0 holds the full state dict its ``state_dict_for_rollout`` gathers). Each r
 generation from the first bucket to the last (in-flight requests finish first, new ones wait),
 so no reply mixes weights.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -39,7 +40,9 @@ TRANSPORTS = ("object_store", "broadcast")
 class RolloutReplica(Worker):
     """One engine in a Ray actor (an async actor: many requests at once)."""
 
-    def __init__(self, rank: int, world_size: int, group_name: str, engine: str, model_path: str, options: dict | None = None):
+    def __init__(
+        self, rank: int, world_size: int, group_name: str, engine: str, model_path: str, options: dict | None = None
+    ):
         super().__init__(rank, world_size, group_name)
         for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):  # these describe the group, not a process group:
             os.environ.pop(name, None)  # vLLM would take them for its own
@@ -103,7 +106,9 @@ class RolloutReplica(Worker):
         if self.streams:
             await self.engine.join_weight_group(host, port, rank_offset, world_size, backend)
         else:
-            self._weight_group = await asyncio.to_thread(weight_sync.open_weight_group, host, port, rank_offset, world_size, backend)
+            self._weight_group = await asyncio.to_thread(
+                weight_sync.open_weight_group, host, port, rank_offset, world_size, backend
+            )
         self._weight_backend = backend
 
     async def receive_weight_bucket(self, specs: list) -> int:
@@ -132,13 +137,25 @@ class RolloutGroup(RolloutEngine):
     """``num_replicas`` replicas of one registered engine; ``resources`` is each replica's bundle
     (e.g. ``{"CPU": 1}`` or ``{"CPU": 2, "GPU": 4}`` for tensor parallel 4)."""
 
-    def __init__(self, engine: str, model_path: str, num_replicas: int = 1, resources: Mapping[str, float] | None = None,
-                 options: Mapping[str, Any] | None = None, name: str = "rollout", bucket_mb: float = 256):  # fmt: skip
+    def __init__(
+        self,
+        engine: str,
+        model_path: str,
+        num_replicas: int = 1,
+        resources: Mapping[str, float] | None = None,
+        options: Mapping[str, Any] | None = None,
+        name: str = "rollout",
+        bucket_mb: float = 256,
+    ):
         self.name, self.bucket_bytes = name, int(bucket_mb * 2**20)
         self.workers = WorkerGroup(
-            RolloutReplica, num_workers=num_replicas, name=name, resources=dict(resources or {"CPU": 1}), backend=None,
+            RolloutReplica,
+            num_workers=num_replicas,
+            name=name,
+            resources=dict(resources or {"CPU": 1}),
+            backend=None,
             init_kwargs={"engine": engine, "model_path": os.fspath(model_path), "options": dict(options or {})},
-        )  # fmt: skip
+        )
         self.replicas = self.workers.workers
         try:
             self._get([r.ready.remote() for r in self.replicas], "__init__")  # surfaces start-up errors now
@@ -200,10 +217,14 @@ class RolloutGroup(RolloutEngine):
         if transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
         sender = actors.workers[0]
-        staged = self._get([w.__ray_call__.remote(weight_sync.stage_weights, self.bucket_bytes) for w in actors.workers], "stage_weights")
+        staged = self._get(
+            [w.__ray_call__.remote(weight_sync.stage_weights, self.bucket_bytes) for w in actors.workers],
+            "stage_weights",
+        )
         plan = staged[0]
         try:
             if transport == "object_store":
+
                 def load(index: int) -> list:
                     ref = sender.__ray_call__.remote(weight_sync.staged_bucket, [name for name, _, _ in plan[index]])
                     return [r.load_weight_bucket.remote(ref) for r in self.replicas]
@@ -241,7 +262,9 @@ class RolloutGroup(RolloutEngine):
         host, port = ray.get(sender.master_address.remote())
         world = 1 + sum(sizes)
         offsets = [1 + sum(sizes[:i]) for i in range(len(sizes))]
-        joins = [r.join_weight_group.remote(host, port, offset, world, backend) for r, offset in zip(self.replicas, offsets)]
+        joins = [
+            r.join_weight_group.remote(host, port, offset, world, backend) for r, offset in zip(self.replicas, offsets)
+        ]
         joins.append(sender.__ray_call__.remote(weight_sync.join_as_sender, host, port, world, backend))
         self._get(joins, "join_weight_group")
         self._weight_group = {"sender": sender._actor_id, "backend": backend}
@@ -283,16 +306,27 @@ def rollout_group(recipe, model_path: str | None = None, name: str = "rollout", 
     cfg = recipe.rollout
     gpus = float(cfg.num_gpus_per_replica)
     if gpus and gpus < cfg.tensor_parallel_size:
-        raise ValueError(f"rollout.tensor_parallel_size {cfg.tensor_parallel_size} needs as many GPUs per replica, got {gpus}")
+        raise ValueError(
+            f"rollout.tensor_parallel_size {cfg.tensor_parallel_size} needs as many GPUs per replica, got {gpus}"
+        )
     engine_options = {"dtype": recipe.model.dtype, "seed": recipe.run.seed}
     if cfg.engine == "vllm":
-        engine_options.update(tensor_parallel_size=cfg.tensor_parallel_size, gpu_memory_utilization=cfg.gpu_memory_utilization,
-                              max_images=cfg.max_turns + 1)  # the photo, then one per tool call  # fmt: skip
+        engine_options.update(
+            tensor_parallel_size=cfg.tensor_parallel_size,
+            gpu_memory_utilization=cfg.gpu_memory_utilization,
+            max_images=cfg.max_turns + 1,
+        )  # the photo, then one per tool call
     elif cfg.engine == "hf" and gpus:
         engine_options["device"] = "cuda"
     engine_options.update(options)
-    return RolloutGroup(cfg.engine, model_path or recipe.model.path, num_replicas=cfg.num_replicas, resources=replica_bundle(cfg),
-                        options=engine_options, name=name)  # fmt: skip
+    return RolloutGroup(
+        cfg.engine,
+        model_path or recipe.model.path,
+        num_replicas=cfg.num_replicas,
+        resources=replica_bundle(cfg),
+        options=engine_options,
+        name=name,
+    )
 
 
 def replica_bundle(rollout) -> dict[str, float]:

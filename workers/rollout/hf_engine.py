@@ -11,6 +11,7 @@ request is reproducible on its own only when it carries ``sampling["seed"]`` (it
 batch of one, seeded with it). Other batches are seeded from the engine's ``seed`` and a batch
 counter: a run is reproducible when its batches form the same way (always, at concurrency 1).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -34,13 +35,24 @@ class HFEngine(RolloutEngine):
     """``HFEngine("runs/tiny_policy")``, or ``HFEngine(model=..., processor=...)`` to share a
     loaded policy."""
 
-    def __init__(self, model_path: str | None = None, *, model=None, processor=None, dtype: str = "float32",
-                 device: str = "cpu", max_batch_size: int = 8, seed: int = 0):  # fmt: skip
+    def __init__(
+        self,
+        model_path: str | None = None,
+        *,
+        model=None,
+        processor=None,
+        dtype: str = "float32",
+        device: str = "cpu",
+        max_batch_size: int = 8,
+        seed: int = 0,
+    ):
         if (model is None) != (processor is None):
             raise ValueError("HFEngine: pass model and processor together, or a model_path")
         if model is None:
             if model_path is None:
-                raise ValueError("HFEngine needs a model_path (a checkpoint folder or hub name) or model= and processor=")
+                raise ValueError(
+                    "HFEngine needs a model_path (a checkpoint folder or hub name) or model= and processor="
+                )
             model, processor = models.load_policy(model_path, dtype=dtype, device=device)
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -49,7 +61,9 @@ class HFEngine(RolloutEngine):
         self.max_batch_size, self.seed = max_batch_size, seed
         self.forbidden = models.forbidden_token_ids(processor)
         eos = model.generation_config.eos_token_id
-        self.stop_ids = sorted({self.tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos] if eos is not None else [])})
+        self.stop_ids = sorted(
+            {self.tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos] if eos is not None else [])}
+        )
         self.image_token_id = model.config.image_token_id
         self.stats = {"batches": 0, "requests": 0, "busy_s": 0.0, "generated_tokens": 0}
         self._lock = threading.Lock()  # one generate or weight update at a time
@@ -79,10 +93,14 @@ class HFEngine(RolloutEngine):
             updates = list(named_tensors)
             unknown = [name for name, _ in updates if name not in params]
             if unknown:
-                raise ValueError(f"update_weights: {len(unknown)} unknown parameter name(s), e.g. {unknown[0]!r} (expected HF names such as {next(iter(params))!r})")
+                raise ValueError(
+                    f"update_weights: {len(unknown)} unknown parameter name(s), e.g. {unknown[0]!r} (expected HF names such as {next(iter(params))!r})"
+                )
             for name, tensor in updates:
                 if tuple(tensor.shape) != tuple(params[name].shape):
-                    raise ValueError(f"update_weights: {name!r} has shape {tuple(tensor.shape)}, the model's is {tuple(params[name].shape)}")
+                    raise ValueError(
+                        f"update_weights: {name!r} has shape {tuple(tensor.shape)}, the model's is {tuple(params[name].shape)}"
+                    )
             with torch.no_grad():
                 for name, tensor in updates:
                     params[name].copy_(tensor)
@@ -148,10 +166,15 @@ class HFEngine(RolloutEngine):
         """Token ids, pixel inputs and checked sampling settings of one request."""
         unknown = sorted(set(request) - {"prompt_token_ids", "messages", "images", "sampling"})
         if unknown:
-            raise ValueError(f"generate: unknown request key {unknown[0]!r} (expected prompt_token_ids or messages, images, sampling)")
+            raise ValueError(
+                f"generate: unknown request key {unknown[0]!r} (expected prompt_token_ids or messages, images, sampling)"
+            )
         sampling = check_sampling(request.get("sampling") or {})
         # Read-only arrays (zero-copy views of a Batch, Ray objects) make torch warn: copy those.
-        images = [im.copy() if isinstance(im, np.ndarray) and not im.flags.writeable else im for im in request.get("images") or []]
+        images = [
+            im.copy() if isinstance(im, np.ndarray) and not im.flags.writeable else im
+            for im in request.get("images") or []
+        ]
         from_messages = "prompt_token_ids" not in request
         if from_messages:
             if "messages" not in request:
@@ -162,16 +185,27 @@ class HFEngine(RolloutEngine):
         else:
             ids = [int(i) for i in request["prompt_token_ids"]]
         vision = self.processor.image_processor(images=images, return_tensors="pt") if images else None
-        expected = 0 if vision is None else int(vision["image_grid_thw"].prod(-1).sum()) // self.processor.image_processor.merge_size**2
+        expected = (
+            0
+            if vision is None
+            else int(vision["image_grid_thw"].prod(-1).sum()) // self.processor.image_processor.merge_size**2
+        )
         found = ids.count(self.image_token_id)
         if found != expected:
-            raise ValueError(f"generate: the prompt holds {found} image tokens but its {len(images)} image(s) need {expected}")
+            raise ValueError(
+                f"generate: the prompt holds {found} image tokens but its {len(images)} image(s) need {expected}"
+            )
         choices = None
         if sampling["choices"] is not None:
-            choices = [self.tokenizer(c, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id] for c in sampling["choices"]]
+            choices = [
+                self.tokenizer(c, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
+                for c in sampling["choices"]
+            ]
             bad = next((c for c, ids in zip(sampling["choices"], choices) if set(ids) & set(self.forbidden)), None)
             if bad is not None:
-                raise ValueError(f"sampling choices: {bad[:60]!r} holds a token replies may never hold (vision or turn tokens)")
+                raise ValueError(
+                    f"sampling choices: {bad[:60]!r} holds a token replies may never hold (vision or turn tokens)"
+                )
         return {"ids": ids, "vision": vision, "sampling": sampling, "choices": choices, "from_messages": from_messages}
 
     def _generate(self, batch: list[dict]) -> list[dict]:
@@ -182,17 +216,36 @@ class HFEngine(RolloutEngine):
         inputs = self._pad(batch)
         prompt_length = inputs["input_ids"].shape[1]
         greedy = sampling["temperature"] == 0
-        options = {"do_sample": False} if greedy else {"do_sample": True, "temperature": sampling["temperature"], "top_p": sampling["top_p"], "top_k": sampling["top_k"]}
+        options = (
+            {"do_sample": False}
+            if greedy
+            else {
+                "do_sample": True,
+                "temperature": sampling["temperature"],
+                "top_p": sampling["top_p"],
+                "top_k": sampling["top_k"],
+            }
+        )
         stop_ids = sorted({*self.stop_ids, *sampling["stop_token_ids"]})
-        processors = LogitsProcessorList([Choices([p["choices"] for p in batch], prompt_length, self.tokenizer.eos_token_id)]) if any(p["choices"] for p in batch) else None
+        processors = (
+            LogitsProcessorList([Choices([p["choices"] for p in batch], prompt_length, self.tokenizer.eos_token_id)])
+            if any(p["choices"] for p in batch)
+            else None
+        )
         seed = sampling["seed"] if sampling["seed"] is not None else self.seed * 1_000_003 + self.stats["batches"]
         with torch.random.fork_rng(devices=[]), torch.inference_mode():
             torch.manual_seed(seed)
             out = self.model.generate(
-                **inputs, **options, max_new_tokens=max(p["sampling"]["max_tokens"] for p in batch), suppress_tokens=self.forbidden or None,
-                eos_token_id=stop_ids, pad_token_id=self.tokenizer.pad_token_id, logits_processor=processors,
-                output_logits=True, return_dict_in_generate=True,
-            )  # fmt: skip
+                **inputs,
+                **options,
+                max_new_tokens=max(p["sampling"]["max_tokens"] for p in batch),
+                suppress_tokens=self.forbidden or None,
+                eos_token_id=stop_ids,
+                pad_token_id=self.tokenizer.pad_token_id,
+                logits_processor=processors,
+                output_logits=True,
+                return_dict_in_generate=True,
+            )
         # The documented convention: log_softmax(raw logits / T), T = 1 when greedy.
         logits = torch.stack(out.logits, dim=1).float() / (1.0 if greedy else sampling["temperature"])
         new_ids = out.sequences[:, prompt_length:]
@@ -210,7 +263,11 @@ class HFEngine(RolloutEngine):
         pad = self.tokenizer.pad_token_id
         ids = torch.tensor([[pad] * (width - len(p["ids"])) + p["ids"] for p in batch])
         mask = torch.tensor([[0] * (width - len(p["ids"])) + [1] * len(p["ids"]) for p in batch])
-        inputs = {"input_ids": ids, "attention_mask": mask, "mm_token_type_ids": models.mm_token_type_ids(self.processor, ids) * mask}
+        inputs = {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "mm_token_type_ids": models.mm_token_type_ids(self.processor, ids) * mask,
+        }
         visions = [p["vision"] for p in batch if p["vision"] is not None]
         if visions:
             inputs["pixel_values"] = torch.cat([v["pixel_values"] for v in visions]).to(self.model.dtype)
@@ -225,7 +282,12 @@ class HFEngine(RolloutEngine):
         ids, logprobs = ids[:end], logprobs[:end]
         self.stats["generated_tokens"] += len(ids)
         body = ids[:-1] if ids and ids[-1] == self.tokenizer.eos_token_id else ids
-        result = {"token_ids": ids, "logprobs": logprobs, "text": self.tokenizer.decode(body, skip_special_tokens=False), "finish_reason": finish}
+        result = {
+            "token_ids": ids,
+            "logprobs": logprobs,
+            "text": self.tokenizer.decode(body, skip_special_tokens=False),
+            "finish_reason": finish,
+        }
         if prepared["from_messages"]:
             result["prompt_token_ids"] = prepared["ids"]
         return result
@@ -247,12 +309,14 @@ class Choices:
         self.row_choices, self.prompt_length, self.eos_id = row_choices, prompt_length, eos_id
 
     def __call__(self, input_ids, scores):
-        generated = input_ids[:, self.prompt_length:].tolist()
+        generated = input_ids[:, self.prompt_length :].tolist()
         for row, sequences in enumerate(self.row_choices):
             if sequences is None:
                 continue
             done = generated[row]
-            allowed = {s[len(done)] for s in sequences if len(s) > len(done) and s[: len(done)] == done} or {self.eos_id}
+            allowed = {s[len(done)] for s in sequences if len(s) > len(done) and s[: len(done)] == done} or {
+                self.eos_id
+            }
             keep = scores[row, sorted(allowed)].clone()
             scores[row] = float("-inf")
             scores[row, sorted(allowed)] = keep

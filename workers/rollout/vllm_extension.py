@@ -14,6 +14,7 @@ that make vLLM follow tir's log-prob convention (see ``workers.rollout.base``).
 - ``ReplyConstraints``: forbidden token ids and ``choices``, applied after the log-probs are taken
   (vLLM's ``allowed_token_ids`` would also do, but costs a vocabulary-long list per request).
 """
+
 from __future__ import annotations
 
 import torch

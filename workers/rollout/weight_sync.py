@@ -13,6 +13,7 @@ The trainer-side functions take an actor worker (``workers.actor.ActorWorker``) 
 argument: the rollout group runs them inside the actor processes with Ray's ``__ray_call__``,
 so the tensors go from the trainer's memory straight to the object store or the wire.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -45,7 +46,9 @@ def spec(name: str, tensor: torch.Tensor) -> Spec:
 
 def shm_dir() -> str:
     """Where weight files go: RAM-backed when the OS has /dev/shm."""
-    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else os.environ.get("TMPDIR", "/tmp")
+    return (
+        "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else os.environ.get("TMPDIR", "/tmp")
+    )
 
 
 # ---------------------------------------------------------------- the broadcast group (both ends)
