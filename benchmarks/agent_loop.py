@@ -22,7 +22,7 @@ import tempfile
 import time
 
 import tir  # noqa: F401  - shims before transformers
-from tir.agent import models, prompts
+from tir.agent import prompts, tiny_policy
 from tir.agent.loop import LoopSettings, rollout, sequential
 from tir.data.synth import synthesize
 from tool_pool.tools import tool_schemas
@@ -115,7 +115,9 @@ def main():
     )
     samples = photos.take([i % len(photos) for i in range(args.episodes)])
     with tempfile.TemporaryDirectory() as folder:
-        engine = HFEngine(models.build_tiny_policy(folder, tool_schemas(TOOLS)), max_batch_size=args.max_batch_size)
+        engine = HFEngine(
+            tiny_policy.build_tiny_policy(folder, tool_schemas(TOOLS)), max_batch_size=args.max_batch_size
+        )
     calls = tuple(prompts.format_call(prompts.ToolCall(name, {})) for name in TOOLS)
     settings = LoopSettings(max_turns=args.max_turns, max_new_tokens=32, choices=calls, concurrency=args.episodes)
     pool, close = open_pool(args.pool)

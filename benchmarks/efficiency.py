@@ -86,7 +86,8 @@ def summary_line(label: str, cells: dict) -> str:
 
 def agents_benchmark(args, cfg, pool) -> dict:
     from tir.data.synth import read_synth, synthesize
-    from tir.eval.agents import EvalSettings, evaluate_agents, parse_agent
+    from tir.eval.agent_specs import parse_agent
+    from tir.eval.agents import EvalSettings, evaluate_agents
     from tir.eval.cli import subset
 
     if args.test:

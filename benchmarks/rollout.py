@@ -21,7 +21,7 @@ import tempfile
 import time
 
 import tir  # noqa: F401  - shims before transformers
-from tir.agent import models, prompts
+from tir.agent import models, prompts, tiny_policy
 from tir.agent.loop import LoopSettings, rollout
 from tir.data.synth import synthesize
 from tool_pool.client import LocalPool
@@ -95,7 +95,7 @@ def main():
         max_turns=args.max_turns, max_new_tokens=32, choices=calls, concurrency=args.episodes, seed=0
     )
     with tempfile.TemporaryDirectory(prefix="tir_bench_policy_") as folder:
-        path = str(models.build_tiny_policy(os.path.join(folder, "tiny"), tool_schemas(TOOLS)))
+        path = str(tiny_policy.build_tiny_policy(os.path.join(folder, "tiny"), tool_schemas(TOOLS)))
         results, updates, vllm_start = run_all(args, path, samples, settings)
     report(args, results, updates, vllm_start)
 

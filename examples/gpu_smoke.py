@@ -7,7 +7,7 @@ Checks, each timed, printed as one table (check, ok, value, seconds):
 
 - process_group: a one-rank torch.distributed group (NCCL on GPU, gloo with --cpu) initialised
   from env vars (MASTER_ADDR/MASTER_PORT: a TCP store), an all_reduce and a broadcast;
-- fsdp2_train_step: a tiny random Qwen2.5-VL (``tir.agent.models.build_tiny_policy``) sharded with FSDP2
+- fsdp2_train_step: a tiny random Qwen2.5-VL (``tir.agent.tiny_policy.build_tiny_policy``) sharded with FSDP2
   (``fully_shard`` on each decoder/vision block and the root, bf16 compute, fp32 reduce, as
   ``workers/engines/fsdp2.py`` does), one AdamW step on two image+text rows, the loss before/after;
 - neural_tool_batch: a neural restoration tool (``tool_pool.neural.NeuralTool``, SRVGGNetCompact x2

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import tir  # noqa: F401  - shims before transformers
-from tir.agent import models, prompts
+from tir.agent import models, prompts, tiny_policy
 from tir.agent.loop import LoopSettings, Transcript, rollout, run_rollout, sequential, tokenize
 from tir.data.synth import synthesize
 from tir.protocol import Batch
@@ -31,7 +31,7 @@ CALLS_OR_ANSWER = CALLS + (prompts.format_stop(),)
 
 @pytest.fixture(scope="module")
 def policy(tmp_path_factory):
-    path = models.build_tiny_policy(tmp_path_factory.mktemp("policy") / "tiny", SCHEMAS, seed=0)
+    path = tiny_policy.build_tiny_policy(tmp_path_factory.mktemp("policy") / "tiny", SCHEMAS, seed=0)
     model, processor = models.load_policy(path)
     return path, model, processor
 

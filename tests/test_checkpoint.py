@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import tir  # noqa: F401  - shims before transformers
-from tir.agent import models, prompts
+from tir.agent import models, prompts, tiny_policy
 from tir.agent.multimodal import assistant_mask
 from tir.protocol import Batch
 from tir.rl import algos
@@ -73,7 +73,7 @@ class InProcessActors:
 
 @pytest.fixture(scope="module")
 def policy(tmp_path_factory):
-    return models.build_tiny_policy(tmp_path_factory.mktemp("ckpt") / "tiny", TOOLS, seed=0)
+    return tiny_policy.build_tiny_policy(tmp_path_factory.mktemp("ckpt") / "tiny", TOOLS, seed=0)
 
 
 @pytest.fixture(scope="module")

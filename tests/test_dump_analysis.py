@@ -17,13 +17,14 @@ import pyarrow.parquet as pq
 import pytest
 
 import tir  # noqa: F401  - shims before transformers
-from tir.agent import models, prompts
+from tir.agent import models, prompts, tiny_policy
 from tir.agent.loop import LoopSettings, run_rollout
 from tir.data.synth import synthesize
 from tir.dumps import reader
 from tir.dumps import summary as dump_analysis
+from tir.dumps.cli import add_dumps_arguments, dumps_main
 from tir.dumps.reader import DumpError, list_dumps, load_episodes
-from tir.dumps.summary import add_dumps_arguments, dumps_main, summarize
+from tir.dumps.summary import summarize
 from tir.dumps.viewer import pick_rows
 from tir.dumps.writer import DumpWriter, step_dump
 from tir.rl.reward import MultiMetricReward
@@ -51,7 +52,7 @@ def dumps(tmp_path_factory):
     from workers.rollout.hf_engine import HFEngine
 
     root = tmp_path_factory.mktemp("dumps")
-    path = models.build_tiny_policy(root / "policy", SCHEMAS, seed=0)
+    path = tiny_policy.build_tiny_policy(root / "policy", SCHEMAS, seed=0)
     model, processor = models.load_policy(path)
     engine = HFEngine(model=model, processor=processor, max_batch_size=8, seed=0)
     samples = synthesize("builtin", "noise,noise+jpeg", per_image=1, seed=0, crop=64, progress=False).slice(0, 2)

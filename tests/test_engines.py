@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import tir  # noqa: F401  - shims before transformers
-from tir.agent import models, prompts
+from tir.agent import models, prompts, tiny_policy
 from tir.agent.multimodal import TrajectoryError, assistant_mask, model_inputs
 from tir.protocol import Batch
 from tir.rl import algos
@@ -82,7 +82,7 @@ def trajectories(processor, count=5):
 
 @pytest.fixture(scope="module")
 def policy(tmp_path_factory):
-    path = models.build_tiny_policy(tmp_path_factory.mktemp("engines") / "tiny", TOOLS, seed=0)
+    path = tiny_policy.build_tiny_policy(tmp_path_factory.mktemp("engines") / "tiny", TOOLS, seed=0)
     _, processor = models.load_policy(path)
     return path, processor
 

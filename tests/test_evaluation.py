@@ -13,18 +13,14 @@ import numpy as np
 import pytest
 
 import tir  # noqa: F401  - shims before transformers
-from tir.agent import models
+from tir.agent import tiny_policy
 from tir.agent.loop import LoopSettings
 from tir.data.expert import ExpertSettings
 from tir.data.synth import synthesize
 from tir.eval import agents as evaluation
 from tir.eval import cli as eval_cli
-from tir.eval.agents import (
-    EvalError,
-    EvalSettings,
-    evaluate_agents,
-    parse_agents,
-)
+from tir.eval.agent_specs import EvalError, parse_agents
+from tir.eval.agents import EvalSettings, evaluate_agents
 from tir.eval.report import aggregate, render_markdown
 from tir.protocol import Batch
 from tool_pool.client import LocalPool
@@ -86,7 +82,7 @@ def test_set():
 
 @pytest.fixture(scope="module")
 def policy(tmp_path_factory):
-    return str(models.build_tiny_policy(tmp_path_factory.mktemp("policy") / "tiny", tool_schemas(TOOLS), seed=0))
+    return str(tiny_policy.build_tiny_policy(tmp_path_factory.mktemp("policy") / "tiny", tool_schemas(TOOLS), seed=0))
 
 
 @pytest.fixture(scope="module")

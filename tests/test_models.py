@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import tir  # noqa: F401  - shims before transformers
-from tir.agent import models, prompts
+from tir.agent import models, prompts, tiny_policy
 
 torch = pytest.importorskip("torch")
 from PIL import Image  # noqa: E402
@@ -41,7 +41,7 @@ SCHEMAS = [
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    path = models.build_tiny_policy(tmp_path_factory.mktemp("policy") / "tiny", SCHEMAS, seed=0)
+    path = tiny_policy.build_tiny_policy(tmp_path_factory.mktemp("policy") / "tiny", SCHEMAS, seed=0)
     model, processor = models.load_policy(path)
     return path, model, processor
 
@@ -68,7 +68,7 @@ def test_checkpoint_is_a_complete_qwen2_5_vl_with_head_dim_64(tiny):
     assert sum(text["rope_parameters"]["mrope_section"]) == 32
     assert text["vocab_size"] == len(processor.tokenizer)
     assert type(processor).__name__ == "Qwen2_5_VLProcessor"
-    assert processor.chat_template == models.CHAT_TEMPLATE
+    assert processor.chat_template == tiny_policy.CHAT_TEMPLATE
     # Nothing in the loaded objects points back at how they were made: the same door as a real model.
     assert type(model).__name__ == "Qwen2_5_VLForConditionalGeneration" and not model.training
     assert 0.5e6 < sum(p.numel() for p in model.parameters()) < 3e6
@@ -78,7 +78,7 @@ def test_checkpoint_is_a_complete_qwen2_5_vl_with_head_dim_64(tiny):
 
 def test_special_tokens_and_tags_are_single_tokens(tiny):
     tokenizer = tiny[2].tokenizer
-    for token in models.SPECIAL_TOKENS + prompts.PROTOCOL_TAGS:
+    for token in tiny_policy.SPECIAL_TOKENS + prompts.PROTOCOL_TAGS:
         assert len(tokenizer(token, add_special_tokens=False)["input_ids"]) == 1, token
     assert tokenizer.image_token == "<|image_pad|>" and tokenizer.video_token == "<|video_pad|>"
     assert tiny[1].config.image_token_id == tokenizer.convert_tokens_to_ids("<|image_pad|>")
@@ -182,7 +182,7 @@ def test_incremental_turns_tokenize_like_the_whole_chat(tiny):
 
 
 def test_build_is_deterministic_per_seed(tiny, tmp_path):
-    again = models.build_tiny_policy(tmp_path / "again", SCHEMAS, seed=0)
+    again = tiny_policy.build_tiny_policy(tmp_path / "again", SCHEMAS, seed=0)
     assert (again / "tokenizer.json").read_text() == (tiny[0] / "tokenizer.json").read_text()
     assert (again / "model.safetensors").read_bytes() == (tiny[0] / "model.safetensors").read_bytes()
 
@@ -216,21 +216,21 @@ def test_load_policy_in_bfloat16(tiny):
 
 def test_bad_builder_arguments_are_named(tmp_path):
     with pytest.raises(ValueError, match="hidden_size"):
-        models.build_tiny_policy(tmp_path / "x", ["a_tool"], hidden_size=100)
+        tiny_policy.build_tiny_policy(tmp_path / "x", ["a_tool"], hidden_size=100)
     with pytest.raises(ValueError, match="at least one tool"):
-        models.build_tiny_policy(tmp_path / "x", [])
+        tiny_policy.build_tiny_policy(tmp_path / "x", [])
     with pytest.raises(ValueError, match="a name or a schema"):
-        models.build_tiny_policy(tmp_path / "x", [42])
+        tiny_policy.build_tiny_policy(tmp_path / "x", [42])
 
 
 def test_tiny_cli_uses_the_tool_registry(tmp_path, capsys):
     tools = pytest.importorskip("tool_pool.tools", exc_type=ImportError)  # being written in parallel
     import argparse
 
-    parser = models.add_tiny_arguments(argparse.ArgumentParser())
+    parser = tiny_policy.add_tiny_arguments(argparse.ArgumentParser())
     name = tools.TOOLS.names()[0]
-    assert models.tiny_main(parser.parse_args(["--out", str(tmp_path / "cli"), "--tools", name])) == 0
+    assert tiny_policy.tiny_main(parser.parse_args(["--out", str(tmp_path / "cli"), "--tools", name])) == 0
     assert (tmp_path / "cli" / "model.safetensors").is_file() and (tmp_path / "cli" / "tokenizer.json").is_file()
     assert "wrote a tiny Qwen2.5-VL policy (1 tool(s)" in capsys.readouterr().out
-    assert models.tiny_main(parser.parse_args(["--out", str(tmp_path / "bad"), "--tools", name + "x"])) == 2
+    assert tiny_policy.tiny_main(parser.parse_args(["--out", str(tmp_path / "bad"), "--tools", name + "x"])) == 2
     assert "unknown tool" in capsys.readouterr().err

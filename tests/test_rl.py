@@ -15,13 +15,13 @@ import pytest
 from omegaconf import OmegaConf
 
 import tir  # noqa: F401  - shims before transformers
-from tir.agent import models, prompts
+from tir.agent import models, prompts, tiny_policy
 from tir.config import load_recipe
 from tir.data.synth import synthesize
 from tir.dumps.reader import list_dumps, read_dump
 from tir.dumps.writer import DumpWriter
 from tir.protocol import Batch
-from tir.trainer import rl
+from tir.trainer import rl, rl_setup
 from tir.trainer.checkpoint import DataStream, latest_checkpoint
 from tir.trainer.run_log import busy_seconds, read_records
 from tool_pool.client import LocalPool
@@ -63,9 +63,9 @@ def test_each_step_samples_with_its_own_reproducible_seed():
 
 def test_a_metric_the_pool_cannot_score_stops_the_run_at_start_up():
     samples = synthesize("builtin", "noise", per_image=1, seed=0, crop=64, progress=False)
-    rl.check_metrics(LocalPool(), samples, ["psnr", "ssim"])
-    with pytest.raises(rl.SetupError, match=r"musiq \(\[unavailable\].*nosuch \(\[unknown_metric\]"):
-        rl.check_metrics(
+    rl_setup.check_metrics(LocalPool(), samples, ["psnr", "ssim"])
+    with pytest.raises(rl_setup.SetupError, match=r"musiq \(\[unavailable\].*nosuch \(\[unknown_metric\]"):
+        rl_setup.check_metrics(
             LocalPool(), samples, ["psnr", "musiq", "nosuch"]
         )  # musiq: its weights are not on this machine
 
@@ -73,10 +73,10 @@ def test_a_metric_the_pool_cannot_score_stops_the_run_at_start_up():
 def test_policy_path_takes_an_sft_run_folders_hf_checkpoint(tmp_path):
     (tmp_path / "sft" / "hf").mkdir(parents=True)
     (tmp_path / "sft" / "hf" / "config.json").write_text("{}")
-    assert rl.policy_path(str(tmp_path / "sft")) == str(tmp_path / "sft" / "hf")
-    assert rl.policy_path("Qwen/Qwen2.5-VL-3B-Instruct") == "Qwen/Qwen2.5-VL-3B-Instruct"
+    assert rl_setup.policy_path(str(tmp_path / "sft")) == str(tmp_path / "sft" / "hf")
+    assert rl_setup.policy_path("Qwen/Qwen2.5-VL-3B-Instruct") == "Qwen/Qwen2.5-VL-3B-Instruct"
     with pytest.raises(FileNotFoundError, match="tir model tiny"):
-        rl.policy_path(str(tmp_path / "nothing_here"))
+        rl_setup.policy_path(str(tmp_path / "nothing_here"))
 
 
 def test_the_closing_line_reports_the_reward_and_each_metrics_raw_gain():
@@ -122,7 +122,7 @@ def test_a_failed_dump_is_reported_to_the_driver(tmp_path):
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     root = tmp_path_factory.mktemp("rl")
-    models.build_tiny_policy(root / "tiny", tool_schemas(TOOLS), seed=0)
+    tiny_policy.build_tiny_policy(root / "tiny", tool_schemas(TOOLS), seed=0)
     # 2 photos x 2 degradations (chelsea and stereo_motorcycle are held out for evaluation)
     samples = synthesize("builtin", "dark,noise", per_image=1, seed=0, crop=96, progress=False)
     samples.take(

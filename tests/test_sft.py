@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import tir  # noqa: F401  - shims before transformers
-from tir.agent import models, prompts
+from tir.agent import models, prompts, tiny_policy
 from tir.agent.env import perception_cues
 from tir.agent.loop import LoopSettings, tokenize
 from tir.agent.multimodal import assistant_mask
@@ -45,7 +45,7 @@ PHOTOS = ("astronaut", "coffee", "chelsea")  # chelsea: held out
 def root(tmp_path_factory):
     """A tiny policy and expert data (perturbed, real tools) in a run folder."""
     root = tmp_path_factory.mktemp("sft")
-    models.build_tiny_policy(root / "tiny_policy", SCHEMAS, seed=0)
+    tiny_policy.build_tiny_policy(root / "tiny_policy", SCHEMAS, seed=0)
     samples = synthesize("builtin", "noise+jpeg,dark+noise", per_image=1, seed=0, crop=64, progress=False)
     samples = samples.take([i for i, image_id in enumerate(samples.column("image_id")) if image_id in PHOTOS])
     settings = expert.ExpertSettings(metrics=("psnr", "ssim"), reorder_prob=0.5, swap_tool_prob=0.5, seed=1)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import tir  # noqa: F401  - shims before transformers
-from tir.agent import models, prompts
+from tir.agent import models, prompts, tiny_policy
 from tir.agent.loop import LoopSettings, rollout
 from tir.config import load_recipe
 from tir.data.synth import synthesize
@@ -33,7 +33,7 @@ ATOL = 1e-4  # float32 on both sides; measured differences are ~5e-7
 
 @pytest.fixture(scope="module")
 def policy(tmp_path_factory):
-    path = models.build_tiny_policy(tmp_path_factory.mktemp("policy") / "tiny", SCHEMAS, seed=0)
+    path = tiny_policy.build_tiny_policy(tmp_path_factory.mktemp("policy") / "tiny", SCHEMAS, seed=0)
     model, processor = models.load_policy(path)
     return path, model, processor
 

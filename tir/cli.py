@@ -58,13 +58,13 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _dumps(args: argparse.Namespace) -> int:
-    from tir.dumps.summary import dumps_main
+    from tir.dumps.cli import dumps_main
 
     return dumps_main(args)
 
 
 def _model_tiny(args: argparse.Namespace) -> int:
-    from tir.agent.models import tiny_main
+    from tir.agent.tiny_policy import tiny_main
 
     return tiny_main(args)
 
@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     model = commands.add_parser("model", help="policy checkpoints").add_subparsers(dest="action", required=True)
     tiny = model.add_parser("tiny", help="write a tiny random Qwen2.5-VL policy offline")
-    from tir.agent.models import add_tiny_arguments
+    from tir.agent.tiny_policy import add_tiny_arguments
 
     add_tiny_arguments(tiny)
     tiny.set_defaults(run=_model_tiny)
@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     dumps = commands.add_parser(
         "dumps", help="analyse rollout dumps: summary tables and plots, an HTML trajectory viewer"
     )
-    from tir.dumps.summary import add_dumps_arguments
+    from tir.dumps.cli import add_dumps_arguments
 
     add_dumps_arguments(dumps)
     dumps.set_defaults(run=_dumps)

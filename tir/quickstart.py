@@ -104,7 +104,7 @@ class Stages:
 
 
 def make_policy(cfg, folder: Path) -> Path:
-    from tir.agent.models import build_tiny_policy
+    from tir.agent.tiny_policy import build_tiny_policy
     from tool_pool.tools import tool_schemas
 
     if (folder / "config.json").exists():
@@ -199,7 +199,7 @@ def evaluate(cfg, pool, test, checkpoints: dict, folder: Path) -> dict:
 def write_report(cfg, out: Path, report: dict, clock: Stages) -> Path:
     """<out>/report/: README.md (the tables and timings), the eval plot, the reward curve,
     before/after strips, the dump summary and the trajectory viewer."""
-    from tir.dumps.summary import dumps_main
+    from tir.dumps.cli import dumps_main
 
     folder = out / "report"
     folder.mkdir(parents=True, exist_ok=True)
@@ -258,7 +258,7 @@ def write_report(cfg, out: Path, report: dict, clock: Stages) -> Path:
 def _namespace(**values):
     import argparse
 
-    from tir.dumps.summary import add_dumps_arguments
+    from tir.dumps.cli import add_dumps_arguments
 
     parser = add_dumps_arguments(argparse.ArgumentParser())
     args = [values["command"], values["folder"], "--out", values["out"]]

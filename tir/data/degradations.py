@@ -14,6 +14,7 @@ uses, with the signature ``(image, rng, **params) -> (image, applied_params)``:
 Parameter ranges (PROTOCOL.md, as in AgenticIR's synthesis code) are closed intervals unless the
 protocol says otherwise (JPEG quality is in [10, 30)).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -42,7 +43,11 @@ SUBTASK_FOR_DEGRADATION = {
 }
 MOTION_KERNELS = ((10, 3), (15, 5), (15, 8))  # (radius, sigma) choices
 DEFOCUS_ALIAS_SIGMA = {3: 0.1, 4: 0.5, 6: 0.5}  # disk radius -> anti-aliasing Gaussian sigma
-DARK_VARIANTS = {"constant_shift": ("shift", 30, 50), "gamma": ("gamma", 0.5, 0.7), "linear_compress": ("max_value", 100, 150)}
+DARK_VARIANTS = {
+    "constant_shift": ("shift", 30, 50),
+    "gamma": ("gamma", 0.5, 0.7),
+    "linear_compress": ("max_value", 100, 150),
+}
 SEED_LIMIT = 2**32  # noise_seed in [0, 2**32)
 
 
@@ -63,11 +68,23 @@ def _reject_unknown(degradation: str, params: dict, known: Sequence[str]) -> Non
         if name not in known:
             hint = closest(name, known)
             raise DegradationError(
-                f"{degradation}: unknown param {name!r}" + (f"; did you mean {hint!r}?" if hint else "") + f" (known: {', '.join(known)})"
+                f"{degradation}: unknown param {name!r}"
+                + (f"; did you mean {hint!r}?" if hint else "")
+                + f" (known: {', '.join(known)})"
             )
 
 
-def _number(degradation: str, params: dict, name: str, lo: float, hi: float, draw: Callable[[], Any], *, integer: bool = False, hi_open: bool = False):
+def _number(
+    degradation: str,
+    params: dict,
+    name: str,
+    lo: float,
+    hi: float,
+    draw: Callable[[], Any],
+    *,
+    integer: bool = False,
+    hi_open: bool = False,
+):
     """``params[name]`` checked to lie in [lo, hi] (or [lo, hi)), else ``draw()`` when missing."""
     if params.get(name) is None:
         value = draw()
@@ -86,12 +103,16 @@ def _choice(degradation: str, params: dict, name: str, choices: Sequence[Any], r
     if params.get(name) is None:
         return choices[int(rng.integers(len(choices)))]
     if params[name] not in choices:
-        raise DegradationError(f"{degradation}: param {name!r}={params[name]!r} is not allowed; choose one of {list(choices)}")
+        raise DegradationError(
+            f"{degradation}: param {name!r}={params[name]!r} is not allowed; choose one of {list(choices)}"
+        )
     return params[name]
 
 
 def _noise_seed(degradation: str, params: dict, rng: np.random.Generator) -> int:
-    return _number(degradation, params, "noise_seed", 0, SEED_LIMIT, lambda: rng.integers(SEED_LIMIT), integer=True, hi_open=True)
+    return _number(
+        degradation, params, "noise_seed", 0, SEED_LIMIT, lambda: rng.integers(SEED_LIMIT), integer=True, hi_open=True
+    )
 
 
 def _to_uint8(image: np.ndarray) -> np.ndarray:
@@ -105,7 +126,9 @@ def noise(image: np.ndarray, rng: np.random.Generator, **params) -> tuple[np.nda
     kind = _choice("noise", params, "kind", ("gaussian", "poisson"), rng)
     strength = ("sigma", 20, 50) if kind == "gaussian" else ("scale", 1, 3)
     _reject_unknown("noise", params, ("kind", strength[0], "noise_seed"))
-    value = _number("noise", params, strength[0], strength[1], strength[2], lambda: rng.uniform(strength[1], strength[2]))
+    value = _number(
+        "noise", params, strength[0], strength[1], strength[2], lambda: rng.uniform(strength[1], strength[2])
+    )
     seed = _noise_seed("noise", params, rng)
     field = np.random.default_rng(seed)
     x = image.astype(np.float64) / 255.0
@@ -121,7 +144,7 @@ def motion_kernel(radius: int, sigma: float, angle: float) -> np.ndarray:
     """A line of 2*radius+1 taps with Gaussian weights decaying from the centre along ``angle``
     (degrees), as imagecorruptions' motion blur (which AgenticIR uses), as a correlation kernel."""
     width = 2 * radius + 1
-    weights = np.exp(-np.arange(width) ** 2 / (2 * sigma**2))
+    weights = np.exp(-(np.arange(width) ** 2) / (2 * sigma**2))
     weights /= weights.sum()
     kernel = np.zeros((2 * width + 1, 2 * width + 1), np.float64)
     sin, cos = math.sin(math.radians(angle)), math.cos(math.radians(angle))
@@ -141,7 +164,9 @@ def motion_blur(image: np.ndarray, rng: np.random.Generator, **params) -> tuple[
     elif given in MOTION_KERNELS:
         radius, sigma = given
     else:
-        raise DegradationError(f"motion_blur: params ('radius', 'sigma')={given} are not allowed; give both, one of {list(MOTION_KERNELS)}")
+        raise DegradationError(
+            f"motion_blur: params ('radius', 'sigma')={given} are not allowed; give both, one of {list(MOTION_KERNELS)}"
+        )
     angle = _number("motion_blur", params, "angle", -90, 90, lambda: rng.uniform(-90, 90))
     kernel = motion_kernel(int(radius), float(sigma), angle)
     out = cv2.filter2D(image.astype(np.float32), -1, kernel.astype(np.float32), borderType=cv2.BORDER_REPLICATE)
@@ -292,7 +317,9 @@ def combo_name(combo: str | Sequence[str]) -> str:
     return "+".join(parse_combo(combo))
 
 
-def degrade_chain(image: np.ndarray, names: str | Sequence[str], rng: np.random.Generator, params=None) -> tuple[np.ndarray, list[dict]]:
+def degrade_chain(
+    image: np.ndarray, names: str | Sequence[str], rng: np.random.Generator, params=None
+) -> tuple[np.ndarray, list[dict]]:
     """Apply several degradations in order. ``params``: None, a list aligned with ``names``
     (entries may be None), or a dict name -> params. Returns the image and the applied params."""
     names = parse_combo(names)
@@ -326,11 +353,23 @@ def sample_rng(image_id: str, combo: str | Sequence[str], seed: int) -> np.rando
 
 # ------------------------------------------------------------------------------ combinations
 GROUPS = {
-    "groupA": [("rain", "haze"), ("motion_blur", "lowres"), ("dark", "noise"), ("defocus_blur", "jpeg"),
-               ("noise", "jpeg"), ("rain", "lowres"), ("motion_blur", "dark"), ("defocus_blur", "haze")],
+    "groupA": [
+        ("rain", "haze"),
+        ("motion_blur", "lowres"),
+        ("dark", "noise"),
+        ("defocus_blur", "jpeg"),
+        ("noise", "jpeg"),
+        ("rain", "lowres"),
+        ("motion_blur", "dark"),
+        ("defocus_blur", "haze"),
+    ],
     "groupB": [("motion_blur", "jpeg"), ("haze", "noise"), ("defocus_blur", "lowres"), ("rain", "dark")],
-    "groupC": [("haze", "motion_blur", "lowres"), ("rain", "noise", "lowres"), ("dark", "defocus_blur", "jpeg"),
-               ("motion_blur", "defocus_blur", "noise")],
+    "groupC": [
+        ("haze", "motion_blur", "lowres"),
+        ("rain", "noise", "lowres"),
+        ("dark", "defocus_blur", "jpeg"),
+        ("motion_blur", "defocus_blur", "noise"),
+    ],
 }
 # Order of application for combinations the protocol does not list, following how a photo is
 # made: the scene (haze, then rain in front of it), the camera's motion and optics, exposure,
@@ -357,7 +396,11 @@ COMBINATIONS["ood"] = COMBINATIONS["ood2"] + COMBINATIONS["ood3"]
 def combinations(name: str) -> list[tuple[str, ...]]:
     if name not in COMBINATIONS:
         hint = closest(name, COMBINATIONS)
-        raise KeyError(f"unknown combination set {name!r}" + (f"; did you mean {hint!r}?" if hint else "") + f" (known: {', '.join(COMBINATIONS)})")
+        raise KeyError(
+            f"unknown combination set {name!r}"
+            + (f"; did you mean {hint!r}?" if hint else "")
+            + f" (known: {', '.join(COMBINATIONS)})"
+        )
     return list(COMBINATIONS[name])
 
 
@@ -375,7 +418,8 @@ def parse_combos(spec: str | Sequence[str]) -> list[tuple[str, tuple[str, ...]]]
         else:
             hint = closest(entry, list(COMBINATIONS) + list(NAMES))
             raise KeyError(
-                f"unknown combination set or degradation {entry!r}" + (f"; did you mean {hint!r}?" if hint else "")
+                f"unknown combination set or degradation {entry!r}"
+                + (f"; did you mean {hint!r}?" if hint else "")
                 + f" (sets: {', '.join(COMBINATIONS)}; degradations: {', '.join(NAMES)})"
             )
         for group, combo in pairs:

@@ -10,6 +10,7 @@ not. Three sources, recorded in the data as ``depth_source``:
   pixel sits in the frame and how bright its neighbourhood is. It is deterministic (a function
   of the image only), so a haze sample with a synthetic depth is reproducible from its params.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -29,18 +29,15 @@ samples at a time, writing shards of searched samples as it goes (``<out>.parts/
 same command after a kill and only unsearched shards are computed. Steps 2 and 3 then run over
 the whole set (a few tool calls per sample).
 """
+
 from __future__ import annotations
 
-import argparse
 import asyncio
 import itertools
-import json
 import math
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
 
@@ -51,17 +48,40 @@ from tool_pool.client import PoolError, score_against
 
 # Columns a row gains (beside the sample's own), and their Batch kinds.
 EXPERT_KINDS = {
-    "expert_tools": "auto", "expert_scores": "json", "tools": "auto", "step_images": "images",
-    "final_image": "image", "input_scores": "json", "final_scores": "json", "perturbed": "auto",
-    "perturbation": "json", "search_mode": "auto", "search_candidates": "json", "search_tool_calls": "auto",
-    "search_score_calls": "auto", "search_s": "auto", "perturb_tool_calls": "auto", "expert_rule": "auto",
-    "sample_expert_tools": "auto", "sample_expert_scores": "json",
+    "expert_tools": "auto",
+    "expert_scores": "json",
+    "tools": "auto",
+    "step_images": "images",
+    "final_image": "image",
+    "input_scores": "json",
+    "final_scores": "json",
+    "perturbed": "auto",
+    "perturbation": "json",
+    "search_mode": "auto",
+    "search_candidates": "json",
+    "search_tool_calls": "auto",
+    "search_score_calls": "auto",
+    "search_s": "auto",
+    "perturb_tool_calls": "auto",
+    "expert_rule": "auto",
+    "sample_expert_tools": "auto",
+    "sample_expert_scores": "json",
 }
 EXPERT_RULES = ("combination", "sample")
 NOT_PERTURBED = {"reordered": False, "swapped": []}
 # Score differences too small to prefer one schedule over another (per metric, its own units): a
 # few tenths of a dB moves with the crop and the noise draw (tir.data.expert.ties).
-TIE_TOLERANCE = {"psnr": 0.3, "ssim": 0.01, "ms_ssim": 0.01, "fsim": 0.01, "vif": 0.02, "gmsd": 0.005, "lpips": 0.01, "niqe": 0.3, "piqe": 2.0}
+TIE_TOLERANCE = {
+    "psnr": 0.3,
+    "ssim": 0.01,
+    "ms_ssim": 0.01,
+    "fsim": 0.01,
+    "vif": 0.02,
+    "gmsd": 0.005,
+    "lpips": 0.01,
+    "niqe": 0.3,
+    "piqe": 2.0,
+}
 
 
 @dataclass(frozen=True)
@@ -71,7 +91,9 @@ class ExpertSettings:
     beam_width: int = 4
     exhaustive_up_to: int = 2  # degradations searched exhaustively; more use the beam
     tie_margin: float = 1.0  # schedules within this many TIE_TOLERANCEs of the best, on every metric, tie
-    expert_rule: str = "combination"  # "combination": one order of subtasks per combination; "sample": each sample's best
+    expert_rule: str = (
+        "combination"  # "combination": one order of subtasks per combination; "sample": each sample's best
+    )
     perturb: bool = True
     reorder_prob: float = 0.3
     swap_tool_prob: float = 0.3
@@ -87,20 +109,29 @@ class ExpertSettings:
             raise ValueError(f"expert_rule {self.expert_rule!r} unknown; expected one of {EXPERT_RULES}")
         unknown = [m for m in self.metrics if m not in LOWER_BETTER]
         if unknown or not self.metrics:
-            raise ValueError(f"metrics {list(self.metrics)}: need at least one, each with a known direction (unknown: {unknown})")
+            raise ValueError(
+                f"metrics {list(self.metrics)}: need at least one, each with a known direction (unknown: {unknown})"
+            )
 
     @classmethod
-    def from_recipe(cls, cfg, **overrides) -> "ExpertSettings":
+    def from_recipe(cls, cfg, **overrides) -> ExpertSettings:
         """The reward's metrics and weights, the ``sft`` section's perturbation, beam width, tie
         margin and expert rule (``sft.tie_margin``, ``sft.expert_rule``; these defaults where unset)."""
         from omegaconf import OmegaConf
 
         tie_margin = OmegaConf.select(cfg, "sft.tie_margin", default=None)
         rule = OmegaConf.select(cfg, "sft.expert_rule", default=None)
-        values = {"metrics": tuple(cfg.reward.metrics), "weights": dict(cfg.reward.weights), "beam_width": cfg.sft.beam_width,
-                  "perturb": cfg.sft.perturb, "reorder_prob": cfg.sft.reorder_prob, "swap_tool_prob": cfg.sft.swap_tool_prob,
-                  "seed": cfg.run.seed, "tie_margin": cls.tie_margin if tie_margin is None else float(tie_margin),
-                  "expert_rule": cls.expert_rule if rule is None else str(rule)}
+        values = {
+            "metrics": tuple(cfg.reward.metrics),
+            "weights": dict(cfg.reward.weights),
+            "beam_width": cfg.sft.beam_width,
+            "perturb": cfg.sft.perturb,
+            "reorder_prob": cfg.sft.reorder_prob,
+            "swap_tool_prob": cfg.sft.swap_tool_prob,
+            "seed": cfg.run.seed,
+            "tie_margin": cls.tie_margin if tie_margin is None else float(tie_margin),
+            "expert_rule": cls.expert_rule if rule is None else str(rule),
+        }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
@@ -184,8 +215,16 @@ def needed_subtasks(degradations: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(SUBTASK_FOR_DEGRADATION[d] for d in degradations))
 
 
-async def search_expert(pool, lq: np.ndarray, hq: np.ndarray, degradations: Sequence[str], tools_by_subtask: Mapping[str, Sequence[str]],
-                        settings: ExpertSettings, cost: Cost, input_scores: Mapping) -> tuple[Schedule, list[Schedule], str]:
+async def search_expert(
+    pool,
+    lq: np.ndarray,
+    hq: np.ndarray,
+    degradations: Sequence[str],
+    tools_by_subtask: Mapping[str, Sequence[str]],
+    settings: ExpertSettings,
+    cost: Cost,
+    input_scores: Mapping,
+) -> tuple[Schedule, list[Schedule], str]:
     """The expert schedule for this sample (``pick_expert``), every complete schedule scored
     (best first), and the search mode ("exhaustive" or "beam"). Partial schedules share their
     prefix's executions."""
@@ -197,8 +236,13 @@ async def search_expert(pool, lq: np.ndarray, hq: np.ndarray, degradations: Sequ
     exhaustive = len(subtasks) <= settings.exhaustive_up_to
     frontier = [Schedule((), (), lq)]
     for depth in range(len(subtasks)):
-        moves = [(schedule, tool) for schedule in frontier for subtask in subtasks
-                 if subtask not in {subtask_of[t] for t in schedule.tools} for tool in tools_by_subtask[subtask]]
+        moves = [
+            (schedule, tool)
+            for schedule in frontier
+            for subtask in subtasks
+            if subtask not in {subtask_of[t] for t in schedule.tools}
+            for tool in tools_by_subtask[subtask]
+        ]
         children = await asyncio.gather(*(extend(pool, schedule, tool, cost) for schedule, tool in moves))
         frontier = [child for child in children if child is not None]
         if not frontier:
@@ -208,10 +252,16 @@ async def search_expert(pool, lq: np.ndarray, hq: np.ndarray, degradations: Sequ
             frontier = await best_first(pool, frontier, hq, input_scores, settings, cost)
             if not last:
                 frontier = frontier[: settings.beam_width]
-    return pick_expert(frontier, tools_by_subtask, settings.tie_margin), frontier, "exhaustive" if exhaustive else "beam"
+    return (
+        pick_expert(frontier, tools_by_subtask, settings.tie_margin),
+        frontier,
+        "exhaustive" if exhaustive else "beam",
+    )
 
 
-async def best_first(pool, schedules: list[Schedule], hq: np.ndarray, input_scores: Mapping, settings: ExpertSettings, cost: Cost) -> list[Schedule]:
+async def best_first(
+    pool, schedules: list[Schedule], hq: np.ndarray, input_scores: Mapping, settings: ExpertSettings, cost: Cost
+) -> list[Schedule]:
     """``schedules`` scored against HQ and sorted best first (ties: the order they came in)."""
     scores = await asyncio.gather(*(score(pool, s.image, hq, settings.metrics, cost) for s in schedules))
     for schedule, values, value in zip(schedules, scores, quality(scores, input_scores, settings)):
@@ -242,7 +292,11 @@ def unconventional(tools: Sequence[str], tools_by_subtask: Mapping[str, Sequence
     from tir.agent.baselines import FIXED_TOOLS
 
     subtask_of = {tool: s for s, names in tools_by_subtask.items() for tool in names}
-    usual = {s: FIXED_TOOLS[s] if FIXED_TOOLS.get(s) in names else sorted(names)[0] for s, names in tools_by_subtask.items() if names}
+    usual = {
+        s: FIXED_TOOLS[s] if FIXED_TOOLS.get(s) in names else sorted(names)[0]
+        for s, names in tools_by_subtask.items()
+        if names
+    }
     return int(departs_from_prior(subtask_order(tools, subtask_of))), sum(usual[subtask_of[t]] != t for t in tools)
 
 
@@ -258,8 +312,13 @@ def departs_from_prior(subtasks: Sequence[str]) -> bool:
 # ---------------------------------------------------------------- perturbation
 
 
-def perturb_tools(tools: Sequence[str], tools_by_subtask: Mapping[str, Sequence[str]], rng: np.random.Generator,
-                  reorder_prob: float, swap_tool_prob: float) -> tuple[list[str], dict]:
+def perturb_tools(
+    tools: Sequence[str],
+    tools_by_subtask: Mapping[str, Sequence[str]],
+    rng: np.random.Generator,
+    reorder_prob: float,
+    swap_tool_prob: float,
+) -> tuple[list[str], dict]:
     """A perturbed copy of a schedule and what was done, each with its probability per
     trajectory: ``reordered`` (another order of the same steps) and ``swapped`` (the index, in
     the new order, of the one step whose tool became another tool of its subtask). A schedule of
@@ -270,7 +329,9 @@ def perturb_tools(tools: Sequence[str], tools_by_subtask: Mapping[str, Sequence[
     if reordered:
         orders = [p for p in itertools.permutations(range(len(out))) if list(p) != list(range(len(out)))]
         out = [out[i] for i in orders[int(rng.integers(len(orders)))]]
-    alternatives = {i: [t for t in tools_by_subtask.get(subtask_of.get(tool), []) if t != tool] for i, tool in enumerate(out)}
+    alternatives = {
+        i: [t for t in tools_by_subtask.get(subtask_of.get(tool), []) if t != tool] for i, tool in enumerate(out)
+    }
     swappable = [i for i, others in alternatives.items() if others]
     swapped = []
     if swappable and rng.random() < swap_tool_prob:
@@ -283,7 +344,14 @@ def perturb_tools(tools: Sequence[str], tools_by_subtask: Mapping[str, Sequence[
 def sample_generator(seed: int, row: Mapping) -> np.random.Generator:
     """The perturbation's generator of one row: a function of the run seed and the sample only,
     so that a resumed or re-sharded run perturbs every sample the same way."""
-    return np.random.default_rng([int(seed), stable_hash(str(row.get("image_id", ""))), stable_hash(str(row.get("combo", ""))), int(row.get("seed", 0))])
+    return np.random.default_rng(
+        [
+            int(seed),
+            stable_hash(str(row.get("image_id", ""))),
+            stable_hash(str(row.get("combo", ""))),
+            int(row.get("seed", 0)),
+        ]
+    )
 
 
 # ---------------------------------------------------------------- one expert per combination
@@ -298,7 +366,9 @@ def combination_orders(rows: Sequence[Mapping], subtask_of: Mapping[str, str]) -
     quality over the combination's searched rows (quality is standardised within each sample,
     so every sample weighs the same). An order the beam pruned in a sample counts as that
     sample's worst candidate. Equal means go to the order prior."""
-    per_row: dict[str, list[tuple[dict[tuple, float], float]]] = {}  # combo -> [(best quality per order, worst quality)]
+    per_row: dict[
+        str, list[tuple[dict[tuple, float], float]]
+    ] = {}  # combo -> [(best quality per order, worst quality)]
     for row in rows:
         best: dict[tuple, float] = {}
         for candidate in row["search_candidates"]:
@@ -314,13 +384,18 @@ def combination_orders(rows: Sequence[Mapping], subtask_of: Mapping[str, str]) -
     return orders
 
 
-def choose_expert(row: Mapping, order: Sequence[str] | None, tools_by_subtask: Mapping[str, Sequence[str]], margin: float) -> tuple[list[str], str]:
+def choose_expert(
+    row: Mapping, order: Sequence[str] | None, tools_by_subtask: Mapping[str, Sequence[str]], margin: float
+) -> tuple[list[str], str]:
     """(the expert's tools, the rule that chose them): the best candidate in ``order``
     (``pick_expert`` among them), or, with no order or none of its candidates searched, the
     sample's own expert."""
     subtask_of = {tool: s for s, names in tools_by_subtask.items() for tool in names}
     if order is not None:
-        ranked = sorted((c for c in row["search_candidates"] if list(subtask_order(c["tools"], subtask_of)) == list(order)), key=lambda c: -c["quality"])
+        ranked = sorted(
+            (c for c in row["search_candidates"] if list(subtask_order(c["tools"], subtask_of)) == list(order)),
+            key=lambda c: -c["quality"],
+        )
         if ranked:
             schedules = [Schedule(tuple(c["tools"]), (), None, c["scores"], c["quality"]) for c in ranked]
             return list(pick_expert(schedules, tools_by_subtask, margin).tools), "combination"
@@ -330,51 +405,94 @@ def choose_expert(row: Mapping, order: Sequence[str] | None, tools_by_subtask: M
 # ---------------------------------------------------------------- one sample, many samples
 
 
-async def search_row(pool, row: Mapping, tools_by_subtask: Mapping[str, Sequence[str]], settings: ExpertSettings) -> dict:
+async def search_row(
+    pool, row: Mapping, tools_by_subtask: Mapping[str, Sequence[str]], settings: ExpertSettings
+) -> dict:
     """The sample's row with the search's columns: every complete schedule scored
     (``search_candidates``), its cost, and the sample's own expert (``pick_expert``) executed."""
     started, cost = time.perf_counter(), Cost()
     lq, hq = row["lq"], row["hq"]
     input_scores = await score(pool, lq, hq, settings.metrics, cost)
-    best, candidates, mode = await search_expert(pool, lq, hq, row["degradations"], tools_by_subtask, settings, cost, input_scores)
+    best, candidates, mode = await search_expert(
+        pool, lq, hq, row["degradations"], tools_by_subtask, settings, cost, input_scores
+    )
     return {
-        **row, "sample_expert_tools": list(best.tools), "sample_expert_scores": best.scores, "step_images": list(best.images),
-        "final_image": best.image, "input_scores": input_scores, "search_mode": mode,
+        **row,
+        "sample_expert_tools": list(best.tools),
+        "sample_expert_scores": best.scores,
+        "step_images": list(best.images),
+        "final_image": best.image,
+        "input_scores": input_scores,
+        "search_mode": mode,
         "search_candidates": [{"tools": list(c.tools), "quality": c.quality, "scores": c.scores} for c in candidates],
-        "search_tool_calls": cost.tool_calls, "search_score_calls": cost.score_calls, "search_s": time.perf_counter() - started,
+        "search_tool_calls": cost.tool_calls,
+        "search_score_calls": cost.score_calls,
+        "search_s": time.perf_counter() - started,
     }
 
 
-async def trajectory_row(pool, row: Mapping, expert_tools: Sequence[str], rule: str, tools_by_subtask: Mapping[str, Sequence[str]],
-                         settings: ExpertSettings) -> dict:
+async def trajectory_row(
+    pool,
+    row: Mapping,
+    expert_tools: Sequence[str],
+    rule: str,
+    tools_by_subtask: Mapping[str, Sequence[str]],
+    settings: ExpertSettings,
+) -> dict:
     """A searched row with its expert (``expert_tools``, chosen by ``rule``) and the trajectory to
     train on: the expert's, or its perturbation; each executed for real where the search's
     images are not already its own (``perturb_tool_calls`` counts those calls)."""
     cost = Cost()
     scores_of = {tuple(c["tools"]): c["scores"] for c in row["search_candidates"]}
-    expert = Schedule(tuple(row["sample_expert_tools"]), tuple(row["step_images"]), row["final_image"], row["sample_expert_scores"])
+    expert = Schedule(
+        tuple(row["sample_expert_tools"]), tuple(row["step_images"]), row["final_image"], row["sample_expert_scores"]
+    )
     if list(expert_tools) != list(expert.tools):
         expert = await execute(pool, row["lq"], expert_tools, cost)
         if expert is None:
-            raise RuntimeError(f"the expert schedule {list(expert_tools)} of {row.get('image_id')}/{row.get('combo')} failed when run again")
+            raise RuntimeError(
+                f"the expert schedule {list(expert_tools)} of {row.get('image_id')}/{row.get('combo')} failed when run again"
+            )
         expert.scores = scores_of[tuple(expert_tools)]
     chosen, info = expert, NOT_PERTURBED
     if settings.perturb:
-        tools, info = perturb_tools(expert.tools, tools_by_subtask, sample_generator(settings.seed, row), settings.reorder_prob, settings.swap_tool_prob)
+        tools, info = perturb_tools(
+            expert.tools,
+            tools_by_subtask,
+            sample_generator(settings.seed, row),
+            settings.reorder_prob,
+            settings.swap_tool_prob,
+        )
         if tools != list(expert.tools):
             executed = await execute(pool, row["lq"], tools, cost)
             if executed is not None:  # a failing perturbed schedule falls back to the expert
-                executed.scores = scores_of.get(tuple(tools)) or await score(pool, executed.image, row["hq"], settings.metrics, cost)
+                executed.scores = scores_of.get(tuple(tools)) or await score(
+                    pool, executed.image, row["hq"], settings.metrics, cost
+                )
                 chosen = executed
     return {
-        **row, "expert_tools": list(expert.tools), "expert_scores": expert.scores, "expert_rule": rule, "tools": list(chosen.tools),
-        "step_images": list(chosen.images), "final_image": chosen.image, "final_scores": chosen.scores, "perturbed": chosen is not expert,
-        "perturbation": info if chosen is not expert else NOT_PERTURBED, "perturb_tool_calls": cost.tool_calls,
+        **row,
+        "expert_tools": list(expert.tools),
+        "expert_scores": expert.scores,
+        "expert_rule": rule,
+        "tools": list(chosen.tools),
+        "step_images": list(chosen.images),
+        "final_image": chosen.image,
+        "final_scores": chosen.scores,
+        "perturbed": chosen is not expert,
+        "perturbation": info if chosen is not expert else NOT_PERTURBED,
+        "perturb_tool_calls": cost.tool_calls,
     }
 
 
-async def search_batch(pool, samples: Batch, settings: ExpertSettings, tools_by_subtask: Mapping[str, Sequence[str]],
-                       concurrency: int = 8, progress=None) -> Batch:
+async def search_batch(
+    pool,
+    samples: Batch,
+    settings: ExpertSettings,
+    tools_by_subtask: Mapping[str, Sequence[str]],
+    concurrency: int = 8,
+    progress=None,
+) -> Batch:
     """``search_row`` of every row of ``samples`` (a ``tir data synth`` batch), in order.
     ``progress``: called once per finished sample (e.g. a tqdm bar's ``update``)."""
     rows, slots = samples.rows(), asyncio.Semaphore(concurrency)
@@ -390,8 +508,14 @@ async def search_batch(pool, samples: Batch, settings: ExpertSettings, tools_by_
     return Batch.from_rows(done, meta={**samples.meta, "kind": "expert_search"}, kinds=_kinds(samples, done))
 
 
-async def trajectory_batch(pool, searched: Batch, settings: ExpertSettings, tools_by_subtask: Mapping[str, Sequence[str]],
-                           concurrency: int = 8, progress=None) -> Batch:
+async def trajectory_batch(
+    pool,
+    searched: Batch,
+    settings: ExpertSettings,
+    tools_by_subtask: Mapping[str, Sequence[str]],
+    concurrency: int = 8,
+    progress=None,
+) -> Batch:
     """Every searched row's expert (by ``settings.expert_rule``) and trajectory (``trajectory_row``)."""
     rows, slots = searched.rows(), asyncio.Semaphore(concurrency)
     subtask_of = {tool: s for s, names in tools_by_subtask.items() for tool in names}
@@ -416,8 +540,13 @@ def _kinds(source: Batch, rows: Sequence[Mapping]) -> dict[str, str]:
     return {name: source.kind(name) for name in source.columns} | {n: k for n, k in EXPERT_KINDS.items() if n in names}
 
 
-async def expert_batch(pool, samples: Batch, settings: ExpertSettings, tools_by_subtask: Mapping[str, Sequence[str]] | None = None,
-                       concurrency: int = 8) -> Batch:
+async def expert_batch(
+    pool,
+    samples: Batch,
+    settings: ExpertSettings,
+    tools_by_subtask: Mapping[str, Sequence[str]] | None = None,
+    concurrency: int = 8,
+) -> Batch:
     """Expert trajectories of every row of ``samples``, in order (the combination rule's orders
     come from these samples)."""
     if tools_by_subtask is None:
@@ -441,19 +570,4 @@ def settings_dict(settings: ExpertSettings) -> dict:
 # ---------------------------------------------------------------- resumable runs: shards
 
 
-
-
-
-
-
-
 # ---------------------------------------------------------------- CLI: tir data expert
-
-
-
-
-
-
-
-
-

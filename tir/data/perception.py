@@ -35,6 +35,7 @@ numbers written as digits (with numbers alone a tiny SFT'd policy stayed near ch
 ``tests/test_perception.py`` measures how well each cue separates its degradation from clean
 crops of the built-in photos (and reports where a cue also fires on another degradation).
 """
+
 from __future__ import annotations
 
 import math
@@ -52,10 +53,28 @@ HALVE_FROM = 64  # sharpness works on a half-size copy of images at least this l
 JPEG_BLOCK = 8  # JPEG's block size, on a grid at the image's origin
 MIN_SIDE = 8  # below this the directional and block statistics have nothing to measure
 # Decimals each cue is rendered with: enough to separate its degradation, few enough tokens.
-DECIMALS = {"noise_sigma": 0, "sharpness": 2, "motion": 2, "brightness": 2, "haze": 2, "blockiness": 1, "rain": 1, "width": 0, "height": 0}
+DECIMALS = {
+    "noise_sigma": 0,
+    "sharpness": 2,
+    "motion": 2,
+    "brightness": 2,
+    "haze": 2,
+    "blockiness": 1,
+    "rain": 1,
+    "width": 0,
+    "height": 0,
+}
 # Cue thresholds, measured on 128 px crops of the built-in photos (the best single threshold
 # between clean and degraded crops; tests/test_perception.py checks how often each guess is right).
-THRESHOLDS = {"noise_sigma": 5.0, "blockiness": 1.3, "rain": 2.3, "haze": 0.3, "brightness": 0.35, "sharpness": 0.41, "motion": 1.1}
+THRESHOLDS = {
+    "noise_sigma": 5.0,
+    "blockiness": 1.3,
+    "rain": 2.3,
+    "haze": 0.3,
+    "brightness": 0.35,
+    "sharpness": 0.41,
+    "motion": 1.1,
+}
 LOWRES_SIDE = 96  # a photo whose short side is below this is treated as low resolution
 # The four directions (dy, dx) that directional statistics look along: 0, 45, 90, 135 degrees.
 DIRECTIONS = ((0, 1), (1, 1), (1, 0), (1, -1))
@@ -70,7 +89,9 @@ def check_image(image: Any, where: str = "image") -> np.ndarray:
         got = f"{type(image).__name__} {getattr(image, 'dtype', '')} {getattr(image, 'shape', '')}".strip()
         raise ValueError(f"{where}: expected an RGB uint8 HxWx3 numpy array, got {got}")
     if min(image.shape[:2]) < MIN_SIDE:
-        raise ValueError(f"{where}: {image.shape[0]}x{image.shape[1]} is too small for perception cues (need at least {MIN_SIDE}x{MIN_SIDE})")
+        raise ValueError(
+            f"{where}: {image.shape[0]}x{image.shape[1]} is too small for perception cues (need at least {MIN_SIDE}x{MIN_SIDE})"
+        )
     return image
 
 
@@ -287,11 +308,17 @@ def likely_degradations(cues: Mapping[str, float]) -> list[str]:
     from tir.data.degradations import NAMES
 
     t = THRESHOLDS
-    found = {name for name, cue, hit in (
-        ("noise", "noise_sigma", lambda v: v > t["noise_sigma"]), ("jpeg", "blockiness", lambda v: v > t["blockiness"]),
-        ("rain", "rain", lambda v: v > t["rain"]), ("haze", "haze", lambda v: v > t["haze"]),
-        ("dark", "brightness", lambda v: v < t["brightness"]),
-    ) if cue in cues and hit(cues[cue])}
+    found = {
+        name
+        for name, cue, hit in (
+            ("noise", "noise_sigma", lambda v: v > t["noise_sigma"]),
+            ("jpeg", "blockiness", lambda v: v > t["blockiness"]),
+            ("rain", "rain", lambda v: v > t["rain"]),
+            ("haze", "haze", lambda v: v > t["haze"]),
+            ("dark", "brightness", lambda v: v < t["brightness"]),
+        )
+        if cue in cues and hit(cues[cue])
+    }
     small = "width" in cues and "height" in cues and min(cues["width"], cues["height"]) < LOWRES_SIDE
     if small:
         found.add("lowres")
@@ -322,7 +349,11 @@ def render_cues(cues: Mapping[str, float]) -> str:
     if not isinstance(cues, Mapping):
         raise TypeError(f"cues: expected a mapping of cue name -> number, got {type(cues).__name__}")
     for name, value in cues.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or not math.isfinite(value):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float, np.integer, np.floating))
+            or not math.isfinite(value)
+        ):
             raise ValueError(f"cues: {name!r} must be a finite number, got {value!r}")
     order = [n for n in DEFAULT_CUES if n in cues] + sorted(n for n in cues if n not in DEFAULT_CUES)
     parts = []

@@ -8,6 +8,7 @@ observation and every image token are exactly what the policy reads at rollout t
 loss mask is the loop's own: 1 on the policy's replies (with their end-of-turn), 0 elsewhere.
 It is checked against ``tir.agent.multimodal.assistant_mask`` on every row.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -16,8 +17,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from tir.agent import prompts
-from tir.agent.loop import LoopSettings, run_episode
 from tir.agent.env import Cues, RestorationEnv
+from tir.agent.loop import LoopSettings, run_episode
 from tir.agent.multimodal import assistant_mask
 from tir.protocol import Batch
 
@@ -41,7 +42,9 @@ class ScriptedEngine:
             ids = self.tokenizer.encode(text, add_special_tokens=False) + [self.tokenizer.eos_token_id]
             limit = request["sampling"]["max_tokens"]
             if len(ids) > limit:  # the policy could never write it: SFT on it would teach nothing usable
-                raise ValueError(f"the reply {text!r} takes {len(ids)} tokens, more than rollout.max_new_tokens={limit}")
+                raise ValueError(
+                    f"the reply {text!r} takes {len(ids)} tokens, more than rollout.max_new_tokens={limit}"
+                )
             results.append({"token_ids": ids, "logprobs": [0.0] * len(ids), "text": text, "finish_reason": "stop"})
         return results
 
@@ -57,7 +60,9 @@ class ReplayPool:
     async def run(self, tool: str, image: np.ndarray, **arguments) -> np.ndarray:
         expected, output = self.steps.pop(0)
         if tool != expected:
-            raise RuntimeError(f"replay out of step: the trajectory called {expected!r}, the episode asked for {tool!r}")
+            raise RuntimeError(
+                f"replay out of step: the trajectory called {expected!r}, the episode asked for {tool!r}"
+            )
         return output
 
 
@@ -66,10 +71,14 @@ def expert_replies(tools: Sequence[str]) -> list[str]:
     return [prompts.format_call(prompts.ToolCall(name, {})) for name in tools] + [prompts.format_stop()]
 
 
-async def replay(processor, row: Mapping, schemas: Sequence[Mapping], settings: LoopSettings, cues: Cues | None) -> dict:
+async def replay(
+    processor, row: Mapping, schemas: Sequence[Mapping], settings: LoopSettings, cues: Cues | None
+) -> dict:
     """The trajectory row (agent-loop columns) of one expert row."""
     engine = ScriptedEngine(processor, expert_replies(row["tools"]))
-    env = RestorationEnv(ReplayPool(row["tools"], row["step_images"]), schemas, settings.max_turns, settings.max_format_errors, cues)
+    env = RestorationEnv(
+        ReplayPool(row["tools"], row["step_images"]), schemas, settings.max_turns, settings.max_format_errors, cues
+    )
     out = await run_episode(engine, processor, env, row["lq"], settings)
     if out["error"]:
         raise RuntimeError(f"replaying {row.get('image_id')}/{row.get('combo')} failed: {out['error']}")
@@ -78,8 +87,14 @@ async def replay(processor, row: Mapping, schemas: Sequence[Mapping], settings: 
     return out
 
 
-def sft_rows(processor, expert: Batch, schemas: Sequence[Mapping], settings: LoopSettings, cues: Cues | None = None,
-             concurrency: int = 16) -> Batch:
+def sft_rows(
+    processor,
+    expert: Batch,
+    schemas: Sequence[Mapping],
+    settings: LoopSettings,
+    cues: Cues | None = None,
+    concurrency: int = 16,
+) -> Batch:
     """One tokenized SFT row per expert row: ``TRAIN_COLUMNS`` plus ``KEEP_COLUMNS`` (those the
     expert batch has) and ``num_tokens``."""
     rows = expert.rows()
@@ -94,8 +109,12 @@ def sft_rows(processor, expert: Batch, schemas: Sequence[Mapping], settings: Loo
         return await asyncio.gather(*(one(row) for row in rows))
 
     episodes = asyncio.run(all_rows())
-    columns = {"input_ids": [e["input_ids"] for e in episodes], "loss_mask": [e["loss_mask"] for e in episodes],
-               "images": [e["images"] for e in episodes], "num_tokens": [len(e["input_ids"]) for e in episodes]}
+    columns = {
+        "input_ids": [e["input_ids"] for e in episodes],
+        "loss_mask": [e["loss_mask"] for e in episodes],
+        "images": [e["images"] for e in episodes],
+        "num_tokens": [len(e["input_ids"]) for e in episodes],
+    }
     for name in KEEP_COLUMNS:
         if name in expert.columns:
             columns[name] = expert.column(name)

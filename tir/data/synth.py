@@ -10,6 +10,7 @@ optional random crop is drawn from it first, then the degradation chain.
 as one file (atomic) or, with ``--shard-size``, as a folder of shards so that an interrupted run
 loses at most one shard and resumes where it stopped.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,7 +29,16 @@ from tir.data.degradations import combo_name, degrade_chain, parse_combos, sampl
 from tir.data.depth import depth_from_disparity, find_depth, load_depth, resize_depth
 from tir.protocol import Batch
 
-BUILTIN_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "retina", "immunohistochemistry", "stereo_motorcycle")
+BUILTIN_PHOTOS = (
+    "astronaut",
+    "coffee",
+    "chelsea",
+    "rocket",
+    "hubble_deep_field",
+    "retina",
+    "immunohistochemistry",
+    "stereo_motorcycle",
+)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 CROP_MODES = ("center", "random")
 MANIFEST = "manifest.json"
@@ -71,10 +81,15 @@ def list_sources(spec: str | Path, recursive: bool = False, depth_dir: str | Pat
     photos = sorted(
         p.relative_to(folder).as_posix()
         for p in files
-        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+        if p.is_file()
+        and p.suffix.lower() in IMAGE_SUFFIXES
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
     )
     if not photos:
-        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in folder {str(folder)!r}" + ("" if recursive else " (not recursive)"))
+        raise FileNotFoundError(
+            f"no images ({', '.join(IMAGE_SUFFIXES)}) in folder {str(folder)!r}"
+            + ("" if recursive else " (not recursive)")
+        )
     return [SourceImage(rel, folder / rel, find_depth(depth_dir, rel) if depth_dir else None) for rel in photos]
 
 
@@ -114,7 +129,9 @@ def load_source(source: SourceImage) -> Loaded | None:
 
 
 # ------------------------------------------------------------------------------ crops
-def crop_box(height: int, width: int, size: int | None, mode: str, rng: np.random.Generator) -> tuple[int, int, int, int]:
+def crop_box(
+    height: int, width: int, size: int | None, mode: str, rng: np.random.Generator
+) -> tuple[int, int, int, int]:
     """(top, left, h, w): a square of ``size`` (at most the short side), or the whole image when
     size is None; both sides trimmed to a multiple of 4 so that lowres (x1/4) divides exactly."""
     if mode not in CROP_MODES:
@@ -146,22 +163,39 @@ def sample_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1)[0])
 
 
-def plan_samples(sources: Sequence[SourceImage], combos: Sequence[tuple[str, tuple[str, ...]]], per_image: int, seed: int) -> list[SampleSpec]:
+def plan_samples(
+    sources: Sequence[SourceImage], combos: Sequence[tuple[str, tuple[str, ...]]], per_image: int, seed: int
+) -> list[SampleSpec]:
     """Every (image, combo, k) in a fixed order, image by image (each photo is loaded once)."""
     if per_image < 1:
         raise ValueError(f"per_image must be >= 1, got {per_image}")
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
-    return [SampleSpec(s, group, combo, sample_seed(seed, k)) for s in sources for group, combo in combos for k in range(per_image)]
+    return [
+        SampleSpec(s, group, combo, sample_seed(seed, k))
+        for s in sources
+        for group, combo in combos
+        for k in range(per_image)
+    ]
 
 
-def make_sample(spec: SampleSpec, loaded: Loaded, crop: int | None = None, crop_mode: str = "center", resize_short: int | None = None) -> dict:
+def make_sample(
+    spec: SampleSpec,
+    loaded: Loaded,
+    crop: int | None = None,
+    crop_mode: str = "center",
+    resize_short: int | None = None,
+) -> dict:
     """One row: crop the HQ photo, degrade it along the combination, record everything used."""
     rng = sample_rng(spec.source.image_id, spec.combo, spec.seed)
     image, depth = shrink(loaded.image, loaded.depth, resize_short)
     top, left, h, w = crop_box(*image.shape[:2], crop, crop_mode, rng)
     hq = np.ascontiguousarray(image[top : top + h, left : left + w])
-    haze_params = {"depth": depth[top : top + h, left : left + w], "depth_source": loaded.depth_source} if depth is not None else None
+    haze_params = (
+        {"depth": depth[top : top + h, left : left + w], "depth_source": loaded.depth_source}
+        if depth is not None
+        else None
+    )
     lq, applied = degrade_chain(hq, spec.combo, rng, [haze_params if name == "haze" else None for name in spec.combo])
     depth_source = next((p["depth_source"] for name, p in zip(spec.combo, applied) if name == "haze"), "none")
     return {
@@ -197,7 +231,9 @@ def rows_to_batch(rows: list[dict], meta: dict) -> Batch:
 
 def _resolve(sources, combos, recursive: bool, depth_dir):
     sources = list_sources(sources, recursive, depth_dir) if isinstance(sources, (str, Path)) else list(sources)
-    return sources, parse_combos(combos) if isinstance(combos, str) or all(isinstance(c, str) for c in combos) else list(combos)
+    return sources, parse_combos(combos) if isinstance(combos, str) or all(
+        isinstance(c, str) for c in combos
+    ) else list(combos)
 
 
 def synthesize(
@@ -222,12 +258,31 @@ def synthesize(
     plan = plan_samples(sources, combos, per_image, seed)
     with tqdm(total=len(plan), desc="synth", unit="sample", disable=not progress) as bar:
         rows = _rows(plan, bar, crop=crop, crop_mode=crop_mode, resize_short=resize_short)
-    meta = {"kind": "synth", "seed": seed, "per_image": per_image, "crop": crop, "crop_mode": crop_mode, "resize_short": resize_short}
+    meta = {
+        "kind": "synth",
+        "seed": seed,
+        "per_image": per_image,
+        "crop": crop,
+        "crop_mode": crop_mode,
+        "resize_short": resize_short,
+    }
     return rows_to_batch(rows, meta)
 
 
-def synthesize_shards(out_dir: str | Path, sources, combos, shard_size: int, per_image: int = 1, seed: int = 0, crop=None,
-                      crop_mode: str = "center", resize_short=None, depth_dir=None, recursive: bool = False, progress: bool = True) -> list[Path]:
+def synthesize_shards(
+    out_dir: str | Path,
+    sources,
+    combos,
+    shard_size: int,
+    per_image: int = 1,
+    seed: int = 0,
+    crop=None,
+    crop_mode: str = "center",
+    resize_short=None,
+    depth_dir=None,
+    recursive: bool = False,
+    progress: bool = True,
+) -> list[Path]:
     """Write the samples as ``out_dir/part-NNNNN.parquet`` shards of ``shard_size`` samples.
 
     Shards already present are kept (each was written atomically): rerunning the same command
@@ -239,8 +294,16 @@ def synthesize_shards(out_dir: str | Path, sources, combos, shard_size: int, per
     out_dir = Path(out_dir)
     sources, combos = _resolve(sources, combos, recursive, depth_dir)
     plan = plan_samples(sources, combos, per_image, seed)
-    settings = {"sources": [s.image_id for s in sources], "combos": [[g, list(c)] for g, c in combos], "per_image": per_image,
-                "seed": seed, "crop": crop, "crop_mode": crop_mode, "resize_short": resize_short, "shard_size": shard_size}
+    settings = {
+        "sources": [s.image_id for s in sources],
+        "combos": [[g, list(c)] for g, c in combos],
+        "per_image": per_image,
+        "seed": seed,
+        "crop": crop,
+        "crop_mode": crop_mode,
+        "resize_short": resize_short,
+        "shard_size": shard_size,
+    }
     _check_manifest(out_dir, settings)
     paths = []
     with tqdm(total=len(plan), desc="synth", unit="sample", disable=not progress) as bar:
@@ -262,7 +325,9 @@ def _check_manifest(out_dir: Path, settings: dict) -> None:
     manifest = out_dir / MANIFEST
     if manifest.exists():
         if json.loads(manifest.read_text()) != settings:
-            raise ValueError(f"{out_dir} holds shards of a run with other settings ({manifest}); use another --out or remove it")
+            raise ValueError(
+                f"{out_dir} holds shards of a run with other settings ({manifest}); use another --out or remove it"
+            )
         return
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = manifest.with_suffix(".tmp")
@@ -284,24 +349,46 @@ def read_synth(path: str | Path) -> Batch:
 # ------------------------------------------------------------------------------ CLI
 def add_synth_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Arguments of ``tir data synth``."""
-    parser.add_argument("--hq", default="builtin", help="'builtin' (scikit-image's colour photos) or a folder of photos")
-    parser.add_argument("--combos", default="groupA", help="comma-separated sets (groupA, groupB, groupC, single, ood, ood2, ood3) and/or combinations like noise+jpeg")
+    parser.add_argument(
+        "--hq", default="builtin", help="'builtin' (scikit-image's colour photos) or a folder of photos"
+    )
+    parser.add_argument(
+        "--combos",
+        default="groupA",
+        help="comma-separated sets (groupA, groupB, groupC, single, ood, ood2, ood3) and/or combinations like noise+jpeg",
+    )
     parser.add_argument("--per-image", type=int, default=1, help="samples per photo and combination")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--crop", type=int, default=None, help="square crop size in pixels (trimmed to a multiple of 4)")
+    parser.add_argument(
+        "--crop", type=int, default=None, help="square crop size in pixels (trimmed to a multiple of 4)"
+    )
     parser.add_argument("--crop-mode", choices=CROP_MODES, default="center")
-    parser.add_argument("--resize-short", type=int, default=None, help="first downscale photos so the short side is this")
-    parser.add_argument("--depth", default=None, help="folder of depth maps for haze (<name>.npy/.png/.mat or <name>/predict_depth.mat)")
+    parser.add_argument(
+        "--resize-short", type=int, default=None, help="first downscale photos so the short side is this"
+    )
+    parser.add_argument(
+        "--depth", default=None, help="folder of depth maps for haze (<name>.npy/.png/.mat or <name>/predict_depth.mat)"
+    )
     parser.add_argument("--recursive", action="store_true", help="also read photos in sub-folders")
-    parser.add_argument("--shard-size", type=int, default=0, help="write --out as a folder of shards of this many samples (resumable)")
+    parser.add_argument(
+        "--shard-size", type=int, default=0, help="write --out as a folder of shards of this many samples (resumable)"
+    )
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--out", required=True, help="output .parquet file, or folder with --shard-size")
     return parser
 
 
 def synth_main(args: argparse.Namespace) -> int:
-    common = {"per_image": args.per_image, "seed": args.seed, "crop": args.crop, "crop_mode": args.crop_mode,
-              "resize_short": args.resize_short, "depth_dir": args.depth, "recursive": args.recursive, "progress": not args.no_progress}
+    common = {
+        "per_image": args.per_image,
+        "seed": args.seed,
+        "crop": args.crop,
+        "crop_mode": args.crop_mode,
+        "resize_short": args.resize_short,
+        "depth_dir": args.depth,
+        "recursive": args.recursive,
+        "progress": not args.no_progress,
+    }
     try:
         if args.shard_size:
             paths = synthesize_shards(args.out, args.hq, args.combos, args.shard_size, **common)
@@ -310,7 +397,9 @@ def synth_main(args: argparse.Namespace) -> int:
         else:
             batch = synthesize(args.hq, args.combos, **common)
             batch.to_parquet(args.out)
-            print(f"wrote {len(batch)} samples ({len(set(batch.column('image_id')))} photos, {len(set(batch.column('combo')))} combinations) to {args.out}")
+            print(
+                f"wrote {len(batch)} samples ({len(set(batch.column('image_id')))} photos, {len(set(batch.column('combo')))} combinations) to {args.out}"
+            )
     except (KeyError, ValueError, FileNotFoundError) as err:
         print(f"tir data synth: error: {err.args[0] if isinstance(err, KeyError) else err}", file=sys.stderr)
         return 2

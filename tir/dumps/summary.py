@@ -4,15 +4,11 @@ the ``tir dumps`` command line (``view`` is ``tir.dumps.viewer``). The dump sche
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import sys
 from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 
-from tir.dumps.reader import DumpError, load_episodes, parse_steps
+from tir.dumps.reader import DumpError
 
 # Subtasks of tools the registry does not know (neural tools from a manifest not loaded here).
 SUBTASK_PREFIXES = (
@@ -303,86 +299,6 @@ def shown_steps(steps: Sequence[int], max_rows: int) -> list[int]:
     return [steps[i] for i in sorted(picks)]
 
 
-def write_plots(summary: Mapping, out_dir: str | Path) -> list[Path]:
-    """PNG plots of the per-step statistics into ``out_dir``; their paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    steps, per = list(summary["steps"]), summary["steps"]
-    paths = []
-
-    def save(fig, name):
-        fig.tight_layout()
-        fig.savefig(out_dir / name, dpi=100)
-        plt.close(fig)
-        paths.append(out_dir / name)
-
-    metrics = list(summary["all"]["reward"]["metrics"])
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    axes[0].plot(steps, [_nan(per[s]["reward"]["reward_mean"]) for s in steps], marker="o", label="reward (mean)")
-    axes[0].set(title="reward", xlabel="step")
-    for m in metrics:
-        axes[1].plot(
-            steps, [_nan(per[s]["reward"]["metrics"].get(m, {}).get("gain")) for s in steps], marker="o", label=m
-        )
-    axes[1].axhline(0, color="grey", lw=0.5)
-    axes[1].set(title="mean gain over the input, per metric", xlabel="step")
-    for ax in axes:
-        ax.legend(fontsize=8)
-    save(fig, "reward.png")
-
-    if summary["weights"]:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        wsteps = list(summary["weights"])
-        for m in sorted({m for w in summary["weights"].values() for m in w}):
-            ax.plot(wsteps, [summary["weights"][s].get(m, math.nan) for s in wsteps], marker="o", label=m)
-        ax.set(title="reward weights", xlabel="step", ylim=(0, None))
-        ax.legend(fontsize=8)
-        save(fig, "weights.png")
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    axes[0].plot(steps, [_nan(per[s]["lengths"]["turns_mean"]) for s in steps], marker="o", label="turns")
-    axes[0].plot(steps, [_nan(per[s]["lengths"]["tool_calls_mean"]) for s in steps], marker="o", label="tool calls")
-    axes[0].set(title="episode length (mean)", xlabel="step")
-    axes[0].legend(fontsize=8)
-    axes[1].plot(
-        steps, [_nan(per[s]["format"]["per_episode"]) for s in steps], marker="o", label="format errors / episode"
-    )
-    axes[1].plot(
-        steps,
-        [per[s]["format"]["tool_errors"] / max(1, per[s]["lengths"]["episodes"]) for s in steps],
-        marker="o",
-        label="tool errors / episode",
-    )
-    axes[1].set(title="errors", xlabel="step")
-    axes[1].legend(fontsize=8)
-    save(fig, "lengths_errors.png")
-
-    subtasks = list(summary["all"]["subtasks"])
-    if subtasks:
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-        bottom, width = [0.0] * len(steps), 0.8 * min([b - a for a, b in zip(steps, steps[1:])] or [1])
-        for t in subtasks:
-            shares = [per[s]["subtasks"].get(t, 0) / max(1, sum(per[s]["subtasks"].values())) for s in steps]
-            axes[0].bar(steps, shares, width=width, bottom=bottom, label=t)
-            bottom = [b + v for b, v in zip(bottom, shares)]
-        axes[0].set(title="tool calls by subtask (share per step)", xlabel="step")
-        positions = list(summary["position_subtasks"])
-        bottom = [0.0] * len(positions)
-        for t in subtasks:
-            counts = [summary["position_subtasks"][p].get(t, 0) for p in positions]
-            axes[1].bar([str(p) for p in positions], counts, bottom=bottom, label=t)
-            bottom = [b + v for b, v in zip(bottom, counts)]
-        axes[1].set(title="tool calls by position in the episode", xlabel="position")
-        axes[1].legend(fontsize=7)
-        save(fig, "tools.png")
-    return paths
-
-
 def _table(header: Sequence, rows: Sequence[Sequence]) -> str:
     cells = [[str(c) for c in header]] + [[str(c).replace("|", "\\|") for c in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
@@ -404,103 +320,4 @@ def _metric_cell(m: Mapping | None) -> str:
     return f"{_fmt(m['input'])} -> {_fmt(m['final'])} ({'+' if (m['gain'] or 0) >= 0 else ''}{_fmt(m['gain'], 3)}, {_share(m['improved'] or 0, 1)})"
 
 
-def _nan(value) -> float:
-    return math.nan if value is None else value
-
-
 # ---------------------------------------------------------------- CLI: tir dumps summary|view
-
-
-def add_dumps_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Subcommands of ``tir dumps``: ``summary DIR`` and ``view DIR``."""
-    sub = parser.add_subparsers(dest="dumps_command", required=True, metavar="{summary,view}")
-    summary = sub.add_parser(
-        "summary",
-        help="tables and plots of a run's rollout dumps",
-        description="Per-step and overall statistics of the rollout dumps: tool usage by subtask and position, episode "
-        "lengths, reward per metric, reward weights, format errors, common tool sequences.",
-    )
-    summary.add_argument("dir", help="the dumps folder (runs/NAME/rl/dumps)")
-    summary.add_argument(
-        "--out", default=None, help="folder for summary.md, summary.json and the PNG plots (default: DIR/summary)"
-    )
-    summary.add_argument("--steps", default=None, help="steps to read: 3, 1,5,9 or 10-20 (default: all)")
-    summary.add_argument("--top", type=int, default=5, help="tool sequences listed per degradation combination")
-    summary.add_argument(
-        "--max-rows", type=int, default=30, help="steps per table, evenly spread (summary.json has all)"
-    )
-    summary.add_argument("--no-plots", action="store_true", help="tables only")
-    view = sub.add_parser(
-        "view",
-        help="a self-contained HTML page to browse the trajectories",
-        description="Write one HTML file (images embedded, no network) to browse trajectories, filter by step, "
-        "degradation combination and reward.",
-    )
-    view.add_argument("dir", help="the dumps folder (runs/NAME/rl/dumps)")
-    view.add_argument("--out", default=None, help="the HTML file to write (default: DIR/report.html)")
-    view.add_argument("--steps", default=None, help="steps to include: 3, 1,5,9 or 10-20 (default: all)")
-    view.add_argument(
-        "--max-episodes", type=int, default=500, help="at most this many trajectories (spread over the steps)"
-    )
-    view.add_argument(
-        "--image-side", type=int, default=256, help="images are shrunk to at most this many pixels a side"
-    )
-    view.add_argument("--image-format", choices=("jpeg", "png"), default="jpeg")
-    return parser
-
-
-def dumps_main(args: argparse.Namespace) -> int:
-    try:
-        if args.dumps_command == "summary":
-            return _summary_main(args)
-        return _view_main(args)
-    except DumpError as err:
-        print(f"tir dumps {args.dumps_command}: error: {err}", file=sys.stderr)
-        return 2
-
-
-def _summary_main(args) -> int:
-    episodes = load_episodes(args.dir, parse_steps(args.steps))
-    summary = summarize(episodes, top=args.top)
-    report = markdown_report(summary, args.max_rows)
-    out = Path(args.out) if args.out else Path(args.dir) / "summary"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.md").write_text(report)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
-    plots = [] if args.no_plots else write_plots(summary, out)
-    print(report)
-    print(
-        f"wrote {out / 'summary.md'}, {out / 'summary.json'}"
-        + (f" and {len(plots)} plot(s): {', '.join(p.name for p in plots)}" if plots else "")
-    )
-    return 0
-
-
-def _view_main(args) -> int:
-    from tir.dumps.viewer import write_viewer
-
-    out = Path(args.out) if args.out else Path(args.dir) / "report.html"
-    result = write_viewer(
-        args.dir,
-        out,
-        steps=parse_steps(args.steps),
-        max_episodes=args.max_episodes,
-        image_side=args.image_side,
-        image_format=args.image_format,
-    )
-    size = out.stat().st_size
-    size = f"{size / 2**20:.1f} MiB" if size >= 2**20 else f"{size / 2**10:.0f} KiB"
-    more = (
-        f" (of {result['available']}; use --steps or --max-episodes for others)"
-        if result["available"] > result["episodes"]
-        else ""
-    )
-    print(
-        f"wrote {out} ({size}): {result['episodes']} trajectories{more} from {result['steps']} step(s); open it in a browser"
-    )
-    return 0
-
-
-if __name__ == "__main__":  # python -m tir.dumps.summary summary DIR
-    _parser = add_dumps_arguments(argparse.ArgumentParser(prog="tir dumps"))
-    sys.exit(dumps_main(_parser.parse_args()))

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tir.eval.agents import KNOWN_AGENTS, AgentSpec, EvalError, EvalSettings, evaluate_agents, parse_agents
+from tir.eval.agent_specs import KNOWN_AGENTS, AgentSpec, EvalError, parse_agents
+from tir.eval.agents import EvalSettings, evaluate_agents
 from tir.protocol import Batch
 
 

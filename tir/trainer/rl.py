@@ -28,7 +28,6 @@ import asyncio
 import contextlib
 import functools
 import math
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +39,16 @@ from tir.config import value_or
 from tir.dumps.writer import DumpWriter, step_dump
 from tir.rl import algos
 from tir.trainer import checkpoint
+from tir.trainer.rl_setup import (
+    SetupError,
+    check_metrics,
+    close_engine,
+    load_processor,
+    make_rollout_engine,
+    policy_path,
+    record_placement,
+    training_data,
+)
 from tir.trainer.run_log import (
     RunLogger,
     StepTimer,
@@ -49,11 +58,6 @@ from tir.trainer.run_log import (
 )
 
 TRAIN_COLUMNS = ("input_ids", "loss_mask", "images", "rollout_logprobs")
-SAMPLE_COLUMNS = ("image_id", "combo", "degradations", "seed", "lq", "hq")
-
-
-class SetupError(RuntimeError):
-    """The run cannot start as the recipe says (the message says why)."""
 
 
 def rl_main(cli_args: list[str]) -> int:
@@ -238,117 +242,6 @@ def rl_step(run: Run, state: checkpoint.TrainState, step: int) -> tuple[checkpoi
 
 
 # ------------------------------------------------------------------------------ setup
-def policy_path(path: str) -> str:
-    """``model.path``: a checkpoint folder, a hub name, or a run's SFT output folder (its
-    ``hf/`` checkpoint is used)."""
-    folder = Path(path)
-    if not (folder / "config.json").is_file() and (folder / "hf" / "config.json").is_file():
-        return str(folder / "hf")
-    hub_name = re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", str(path)) and not str(path).startswith("runs/")
-    if not folder.exists() and not hub_name:
-        raise FileNotFoundError(
-            f"no policy checkpoint at {path}: make one with `tir model tiny --out {path}` or "
-            f"`tir train sft`, or point model.path at a checkpoint or hub name"
-        )
-    return str(path)
-
-
-def load_processor(model_path: str):
-    from transformers import AutoProcessor
-
-    import tir  # noqa: F401  - environment shims before transformers imports torchvision
-
-    return AutoProcessor.from_pretrained(model_path)
-
-
-def training_data(cfg):
-    """The training samples (``data.train_path``, synthesized from ``data.*`` when absent), less
-    the photos SFT holds out for evaluation, and the DataStream that orders them."""
-    from tir.data.sft_rows import split_by_image
-    from tir.data.synth import read_synth, synthesize
-    from tir.trainer.sft import DEFAULT_HELDOUT
-
-    path = Path(cfg.data.train_path)
-    if not path.exists():
-        print(
-            f"[rl] no training data at {path}: synthesizing it from {cfg.data.hq!r} ({', '.join(cfg.data.train_combos)})"
-        )
-        synthesize(
-            cfg.data.hq,
-            ",".join(cfg.data.train_combos),
-            per_image=cfg.data.per_image,
-            seed=cfg.run.seed,
-            crop=cfg.data.crop,
-            crop_mode=value_or(cfg, "data.crop_mode", "center"),
-        ).to_parquet(path)
-    samples, _ = split_by_image(read_synth(path), value_or(cfg, "sft.heldout_images", DEFAULT_HELDOUT))
-    if not len(samples):
-        raise FileNotFoundError(f"{path} holds no samples outside the held-out photos")
-    samples = samples.select(SAMPLE_COLUMNS)
-    fingerprint = checkpoint.data_fingerprint(
-        samples.column("image_id"), samples.column("combo"), samples.column("seed")
-    )
-    return samples, checkpoint.DataStream(len(samples), cfg.run.seed, fingerprint)
-
-
-def make_rollout_engine(cfg, model_path: str):
-    """The rollout engine the recipe names: ``rollout.engine=hf`` with one replica, no GPU and no
-    placement (``rollout.resources``) is the transformers engine in this process (no actor to
-    start: tests, small CPU runs); anything else is a rollout group (``rollout.num_replicas`` Ray
-    actors behind a router)."""
-    local = not cfg.rollout.num_gpus_per_replica and not value_or(cfg, "rollout.resources", None)
-    if cfg.rollout.engine == "hf" and cfg.rollout.num_replicas <= 1 and local:
-        from workers.rollout.hf_engine import HFEngine
-
-        return HFEngine(model_path, dtype=cfg.model.dtype, max_batch_size=cfg.rollout.max_batch_size, seed=cfg.run.seed)
-    from workers.rollout.group import rollout_group
-
-    return rollout_group(cfg, model_path=model_path)
-
-
-def record_placement(run: Run) -> dict:
-    """Where the run's parts landed, by Ray node id: the driver, each rank of each worker group,
-    each pool replica; and each node's IP and custom resources (what ``*.resources`` in a recipe
-    ask for). Written to ``placement.json`` beside the outputs: a multi-node run shows there
-    that it was placed as its recipe says."""
-    import ray
-
-    from workers.rollout.group import RolloutGroup
-
-    here = ray.get_runtime_context().get_node_id()
-    placement: dict[str, Any] = {"driver": here, "actor": run.actors.node_id()}
-    if run.reference is not None:
-        placement["reference"] = run.reference.node_id()
-    placement["rollout"] = run.engine.workers.node_id() if isinstance(run.engine, RolloutGroup) else [here]
-    placement["pool"] = [here]  # pool.backend=local: the tools run in this process
-    if run.cfg.pool.backend == "serve":
-        from tool_pool.serve_app import replica_nodes
-
-        try:
-            placement["pool"] = replica_nodes(run.cfg.pool.name)
-        except Exception as err:  # noqa: BLE001 - no dashboard (state API) is no reason to stop a run
-            placement["pool"] = f"unknown ({type(err).__name__}: {err})"
-    placement["nodes"] = {node["NodeID"]: node_summary(node) for node in ray.nodes() if node["Alive"]}
-    checkpoint.write_json(run.out / "placement.json", placement)
-    return placement
-
-
-def node_summary(node: dict) -> dict:
-    """One node of ``ray.nodes()``: its IP, whether it is the head, its custom resources."""
-    resources = node["Resources"]
-    custom = {
-        k: v
-        for k, v in resources.items()
-        if k not in ("CPU", "GPU", "memory", "object_store_memory") and not k.startswith(("node:", "accelerator_type:"))
-    }
-    return {"ip": node["NodeManagerAddress"], "head": "node:__internal_head__" in resources, "resources": custom}
-
-
-def close_engine(engine) -> None:
-    if hasattr(engine, "close"):
-        engine.close()
-    else:
-        asyncio.run(engine.shutdown())
 
 
 def sync_weights(actors, engine) -> None:
@@ -398,25 +291,6 @@ def recompute_old_logprobs(cfg) -> bool:
 
 
 # ------------------------------------------------------------------------------ scoring
-def check_metrics(pool, samples, metrics) -> None:
-    """Score one training photo with every reward metric: a metric the pool cannot run (its
-    weights missing, say) stops the run here, by name, instead of scoring nothing every step."""
-    from tool_pool.client import PoolError, at_reference_size
-
-    lq, hq = samples.column("lq")[0], samples.column("hq")[0]
-
-    async def probe(metric):
-        try:
-            await pool.score([metric], at_reference_size(lq, hq), hq)
-        except PoolError as err:
-            return f"{metric} ({err})"
-
-    async def probe_all():
-        return await asyncio.gather(*(probe(m) for m in metrics))
-
-    failed = [f for f in asyncio.run(probe_all()) if f]
-    if failed:
-        raise SetupError(f"reward metric(s) the pool cannot score: {'; '.join(failed)}")
 
 
 async def score_trajectories(
