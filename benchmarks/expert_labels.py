@@ -6,7 +6,7 @@ script measures that ceiling on held-out photos from a `tir data expert` file (w
 scored schedule in ``search_candidates``), for both expert rules:
 
 - ``sample``: each sample's own best schedule (near ties to the conventional one);
-- ``combination``: one order of subtasks per combination (``tir.data.expert.combination_orders``).
+- ``combination``: one order of subtasks per combination (``tir.data.expert_rules.combination_orders``).
 
 For each rule: the accuracy of a lookup table learned on the training photos, keyed by the true
 combination (perfect perception) or by the perception guess (``tir.data.perception``), and what the

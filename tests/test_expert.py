@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import tir  # noqa: F401  - shims before pyiqa
-from tir.data import expert, expert_run
+from tir.data import expert, expert_rules, expert_run
 from tir.data.synth import synthesize
 from tir.protocol import Batch
 from tool_pool.client import LocalPool
@@ -118,19 +118,21 @@ def test_near_ties_go_to_the_conventional_schedule():
         schedule(["jpeg_deblock_dct", "denoise_tv"], 0.9, 24.8, 5.2),
         schedule(["jpeg_reapply", "denoise_tv"], 0.2, 22.0, 5.0),
     ]
-    assert expert.pick_expert(ranked, BY_SUBTASK, margin=0.0).tools == ("denoise_dct", "jpeg_deblock_dct")
+    assert expert_rules.pick_expert(ranked, BY_SUBTASK, margin=0.0).tools == ("denoise_dct", "jpeg_deblock_dct")
     # within one tolerance (0.3 dB, 0.3 NIQE): the order prior (undo jpeg first) and the usual tools win
-    assert expert.pick_expert(ranked, BY_SUBTASK, margin=1.0).tools == ("jpeg_deblock_dct", "denoise_tv")
+    assert expert_rules.pick_expert(ranked, BY_SUBTASK, margin=1.0).tools == ("jpeg_deblock_dct", "denoise_tv")
     # 0.2 dB apart but NIQE 0.2 worse: a tie only once the margin covers NIQE's difference too
-    assert expert.pick_expert(ranked, BY_SUBTASK, margin=0.5).tools == ("denoise_dct", "jpeg_deblock_dct")
+    assert expert_rules.pick_expert(ranked, BY_SUBTASK, margin=0.5).tools == ("denoise_dct", "jpeg_deblock_dct")
 
 
 def test_ties_are_judged_in_each_metrics_own_units_and_direction():
     best = {"psnr": 25.0, "niqe": 5.0, "unlisted": 1.0}
-    assert expert.ties({"psnr": 24.8, "niqe": 5.2, "unlisted": -9.0}, best, 1.0)  # unlisted metrics never break a tie
-    assert not expert.ties({"psnr": 24.6, "niqe": 5.0}, best, 1.0)  # 0.4 dB worse
-    assert expert.ties({"psnr": 30.0, "niqe": 2.0}, best, 0.0)  # better on both: never "worse than a tie"
-    assert not expert.ties({"psnr": 25.0, "niqe": 5.4}, best, 1.0)  # NIQE: lower is better
+    assert expert_rules.ties(
+        {"psnr": 24.8, "niqe": 5.2, "unlisted": -9.0}, best, 1.0
+    )  # unlisted metrics never break a tie
+    assert not expert_rules.ties({"psnr": 24.6, "niqe": 5.0}, best, 1.0)  # 0.4 dB worse
+    assert expert_rules.ties({"psnr": 30.0, "niqe": 2.0}, best, 0.0)  # better on both: never "worse than a tie"
+    assert not expert_rules.ties({"psnr": 25.0, "niqe": 5.4}, best, 1.0)  # NIQE: lower is better
 
 
 def test_a_metric_that_cannot_score_a_candidate_counts_as_its_worst():
@@ -162,7 +164,7 @@ def test_each_combination_gets_the_order_that_is_best_on_average():
     ]
     rows = [{"combo": "noise+jpeg", "search_candidates": c} for c in (narrow_jpeg_win, narrow_jpeg_win, big_noise_win)]
     # a sample's quality is standardised among its own candidates, but not clipped: 3 vs 1 wins here
-    assert expert.combination_orders(rows, SUBTASK_OF) == {"noise+jpeg": NOISE_FIRST}
+    assert expert_rules.combination_orders(rows, SUBTASK_OF) == {"noise+jpeg": NOISE_FIRST}
     rows.append(
         {
             "combo": "dark+noise",
@@ -172,7 +174,7 @@ def test_each_combination_gets_the_order_that_is_best_on_average():
             ],
         }
     )
-    assert expert.combination_orders(rows[:2] + rows[3:], SUBTASK_OF) == {
+    assert expert_rules.combination_orders(rows[:2] + rows[3:], SUBTASK_OF) == {
         "noise+jpeg": JPEG_FIRST,
         "dark+noise": ["denoising", "brightening"],
     }
@@ -186,13 +188,13 @@ def test_an_order_the_beam_pruned_counts_as_that_samples_worst_and_equal_means_g
     close = [candidate(["denoise_tv", "jpeg_deblock_dct"], 1.0), candidate(["jpeg_deblock_dct", "denoise_tv"], 0.8)]
     rows = [{"combo": "noise+jpeg", "search_candidates": c} for c in (pruned, close)]
     # counting only where searched, noise-first (1.0) would beat jpeg-first (0.9); as the worst it is (-1 + 1) / 2 = 0
-    assert expert.combination_orders(rows, SUBTASK_OF) == {"noise+jpeg": JPEG_FIRST}
+    assert expert_rules.combination_orders(rows, SUBTASK_OF) == {"noise+jpeg": JPEG_FIRST}
     mirrored = [candidate(["denoise_tv", "jpeg_deblock_dct"], 1.0), candidate(["jpeg_deblock_dct", "denoise_tv"], -1.0)]
     rows = [
         {"combo": "noise+jpeg", "search_candidates": c}
         for c in (mirrored, [candidate(c["tools"], -c["quality"]) for c in mirrored])
     ]
-    assert expert.combination_orders(rows, SUBTASK_OF) == {
+    assert expert_rules.combination_orders(rows, SUBTASK_OF) == {
         "noise+jpeg": JPEG_FIRST
     }  # the order prior: undo compression first
 
@@ -207,20 +209,23 @@ def test_the_expert_is_the_samples_best_schedule_in_its_combinations_order():
             candidate(["jpeg_deblock_dct", "denoise_tv"], -1.0),
         ],
     }
-    assert expert.choose_expert(row, JPEG_FIRST, BY_SUBTASK, margin=0.0) == (
+    assert expert_rules.choose_expert(row, JPEG_FIRST, BY_SUBTASK, margin=0.0) == (
         ["jpeg_reapply", "denoise_dct"],
         "combination",
     )
     # 0.1 dB apart is a tie at margin 1: the subtask's usual tool (jpeg_deblock_dct) wins it
-    assert expert.choose_expert(row, JPEG_FIRST, BY_SUBTASK, margin=1.0) == (
+    assert expert_rules.choose_expert(row, JPEG_FIRST, BY_SUBTASK, margin=1.0) == (
         ["jpeg_deblock_dct", "denoise_dct"],
         "combination",
     )
-    assert expert.choose_expert(row, ["denoising", "brightening"], BY_SUBTASK, margin=0.0) == (
+    assert expert_rules.choose_expert(row, ["denoising", "brightening"], BY_SUBTASK, margin=0.0) == (
         ["denoise_dct", "jpeg_deblock_dct"],
         "sample",
     )
-    assert expert.choose_expert(row, None, BY_SUBTASK, margin=0.0) == (["denoise_dct", "jpeg_deblock_dct"], "sample")
+    assert expert_rules.choose_expert(row, None, BY_SUBTASK, margin=0.0) == (
+        ["denoise_dct", "jpeg_deblock_dct"],
+        "sample",
+    )
 
 
 def test_the_combination_rule_labels_every_sample_alike_with_true_images():
@@ -254,12 +259,12 @@ def test_the_combination_rule_labels_every_sample_alike_with_true_images():
 
 def test_perturbation_reorders_and_swaps_within_subtasks():
     tools = ["jpeg_deblock_dct", "denoise_tv", "dehaze_dcp"]
-    same, info = expert.perturb_tools(tools, BY_SUBTASK, np.random.default_rng(0), 0.0, 0.0)
+    same, info = expert_rules.perturb_tools(tools, BY_SUBTASK, np.random.default_rng(0), 0.0, 0.0)
     assert same == tools and info == {"reordered": False, "swapped": []}
     for seed in range(20):
-        out, info = expert.perturb_tools(tools, BY_SUBTASK, np.random.default_rng(seed), 1.0, 0.0)
+        out, info = expert_rules.perturb_tools(tools, BY_SUBTASK, np.random.default_rng(seed), 1.0, 0.0)
         assert out != tools and sorted(out) == sorted(tools) and info["reordered"]
-        out, info = expert.perturb_tools(tools, BY_SUBTASK, np.random.default_rng(seed), 0.0, 1.0)
+        out, info = expert_rules.perturb_tools(tools, BY_SUBTASK, np.random.default_rng(seed), 0.0, 1.0)
         [step] = info["swapped"]
         assert [i for i, (new, old) in enumerate(zip(out, tools)) if new != old] == [step]
         assert get_tool(out[step]).subtask == get_tool(tools[step]).subtask
@@ -268,12 +273,12 @@ def test_perturbation_reorders_and_swaps_within_subtasks():
 def test_perturbation_rates_follow_the_probabilities():
     tools = ["jpeg_deblock_dct", "denoise_tv"]
     outcomes = [
-        expert.perturb_tools(tools, BY_SUBTASK, np.random.default_rng(seed), 0.3, 0.5)[1] for seed in range(2000)
+        expert_rules.perturb_tools(tools, BY_SUBTASK, np.random.default_rng(seed), 0.3, 0.5)[1] for seed in range(2000)
     ]
     assert np.mean([o["reordered"] for o in outcomes]) == pytest.approx(0.3, abs=0.04)
     assert np.mean([bool(o["swapped"]) for o in outcomes]) == pytest.approx(0.5, abs=0.04)
     single = [
-        expert.perturb_tools(["dehaze_dcp"], {"dehazing": ["dehaze_dcp"]}, np.random.default_rng(s), 1.0, 1.0)[0]
+        expert_rules.perturb_tools(["dehaze_dcp"], {"dehazing": ["dehaze_dcp"]}, np.random.default_rng(s), 1.0, 1.0)[0]
         for s in range(5)
     ]
     assert single == [["dehaze_dcp"]] * 5  # nothing to reorder, nothing to swap to

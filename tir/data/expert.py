@@ -33,15 +33,21 @@ the whole set (a few tool calls per sample).
 from __future__ import annotations
 
 import asyncio
-import itertools
-import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from tir.data.degradations import SUBTASK_FOR_DEGRADATION, stable_hash
+from tir.data.degradations import SUBTASK_FOR_DEGRADATION
+from tir.data.expert_rules import (
+    Schedule,
+    choose_expert,
+    combination_orders,
+    perturb_tools,
+    pick_expert,
+    sample_generator,
+)
 from tir.protocol import Batch
 from tir.rl.reward import LOWER_BETTER, metric_gains, normalize_gains
 from tool_pool.client import PoolError, score_against
@@ -69,19 +75,6 @@ EXPERT_KINDS = {
 }
 EXPERT_RULES = ("combination", "sample")
 NOT_PERTURBED = {"reordered": False, "swapped": []}
-# Score differences too small to prefer one schedule over another (per metric, its own units): a
-# few tenths of a dB moves with the crop and the noise draw (tir.data.expert.ties).
-TIE_TOLERANCE = {
-    "psnr": 0.3,
-    "ssim": 0.01,
-    "ms_ssim": 0.01,
-    "fsim": 0.01,
-    "vif": 0.02,
-    "gmsd": 0.005,
-    "lpips": 0.01,
-    "niqe": 0.3,
-    "piqe": 2.0,
-}
 
 
 @dataclass(frozen=True)
@@ -134,17 +127,6 @@ class ExpertSettings:
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
-
-
-@dataclass
-class Schedule:
-    """A (partial) tool schedule executed on one LQ photo: its tools and their true outputs."""
-
-    tools: tuple[str, ...]
-    images: tuple[np.ndarray, ...]
-    image: np.ndarray  # the current image: the last output, or the LQ photo
-    scores: dict[str, float] | None = None
-    quality: float = 0.0  # the combined score among the candidates it was ranked with
 
 
 @dataclass
@@ -269,137 +251,10 @@ async def best_first(
     return sorted(schedules, key=lambda s: -s.quality)
 
 
-def pick_expert(ranked: Sequence[Schedule], tools_by_subtask: Mapping[str, Sequence[str]], margin: float) -> Schedule:
-    """The best schedule, except that near ties (``ties`` the best within ``margin``) go to the
-    conventional schedule: the order prior of the training-free agents first, then each
-    subtask's usual tool. Near ties are measurement noise; breaking them the same way every time
-    keeps the expert's choices learnable (with margin 0: the plain best)."""
-    near = [s for s in ranked if ties(s.scores, ranked[0].scores, margin)]
-    return min(near, key=lambda s: (*unconventional(s.tools, tools_by_subtask), -s.quality))
-
-
-def ties(scores: Mapping[str, float], best: Mapping[str, float], margin: float) -> bool:
-    """Whether ``scores`` are as good as ``best`` up to ``margin`` x ``TIE_TOLERANCE`` on every
-    metric both have (metrics without a tolerance do not break ties). Absolute units, not the
-    search's standardised quality: with two candidates standardised gains are always +-1, so a
-    margin in those units could never see a tie."""
-    common = [m for m in best if m in scores and m in TIE_TOLERANCE]
-    return all((best[m] - scores[m]) * (-1 if LOWER_BETTER[m] else 1) <= margin * TIE_TOLERANCE[m] for m in common)
-
-
-def unconventional(tools: Sequence[str], tools_by_subtask: Mapping[str, Sequence[str]]) -> tuple[int, int]:
-    """(1 if the order departs from the order prior, number of steps not using their subtask's usual tool)."""
-    from tir.agent.baselines import FIXED_TOOLS
-
-    subtask_of = {tool: s for s, names in tools_by_subtask.items() for tool in names}
-    usual = {
-        s: FIXED_TOOLS[s] if FIXED_TOOLS.get(s) in names else sorted(names)[0]
-        for s, names in tools_by_subtask.items()
-        if names
-    }
-    return int(departs_from_prior(subtask_order(tools, subtask_of))), sum(usual[subtask_of[t]] != t for t in tools)
-
-
-def departs_from_prior(subtasks: Sequence[str]) -> bool:
-    """Whether an order of subtasks differs from the order prior of the training-free agents."""
-    from tir.agent.baselines import restoration_order
-
-    degradation_of = {s: d for d, s in SUBTASK_FOR_DEGRADATION.items()}
-    names = [degradation_of[s] for s in subtasks]
-    return names != restoration_order(names)
-
-
 # ---------------------------------------------------------------- perturbation
 
 
-def perturb_tools(
-    tools: Sequence[str],
-    tools_by_subtask: Mapping[str, Sequence[str]],
-    rng: np.random.Generator,
-    reorder_prob: float,
-    swap_tool_prob: float,
-) -> tuple[list[str], dict]:
-    """A perturbed copy of a schedule and what was done, each with its probability per
-    trajectory: ``reordered`` (another order of the same steps) and ``swapped`` (the index, in
-    the new order, of the one step whose tool became another tool of its subtask). A schedule of
-    one step cannot be reordered, nor a step whose subtask has a single tool swapped."""
-    subtask_of = {tool: s for s, names in tools_by_subtask.items() for tool in names}
-    out = list(tools)
-    reordered = len(out) > 1 and rng.random() < reorder_prob
-    if reordered:
-        orders = [p for p in itertools.permutations(range(len(out))) if list(p) != list(range(len(out)))]
-        out = [out[i] for i in orders[int(rng.integers(len(orders)))]]
-    alternatives = {
-        i: [t for t in tools_by_subtask.get(subtask_of.get(tool), []) if t != tool] for i, tool in enumerate(out)
-    }
-    swappable = [i for i, others in alternatives.items() if others]
-    swapped = []
-    if swappable and rng.random() < swap_tool_prob:
-        index = swappable[int(rng.integers(len(swappable)))]
-        out[index] = alternatives[index][int(rng.integers(len(alternatives[index])))]
-        swapped.append(index)
-    return out, {"reordered": bool(reordered), "swapped": swapped}
-
-
-def sample_generator(seed: int, row: Mapping) -> np.random.Generator:
-    """The perturbation's generator of one row: a function of the run seed and the sample only,
-    so that a resumed or re-sharded run perturbs every sample the same way."""
-    return np.random.default_rng(
-        [
-            int(seed),
-            stable_hash(str(row.get("image_id", ""))),
-            stable_hash(str(row.get("combo", ""))),
-            int(row.get("seed", 0)),
-        ]
-    )
-
-
 # ---------------------------------------------------------------- one expert per combination
-
-
-def subtask_order(tools: Sequence[str], subtask_of: Mapping[str, str]) -> tuple[str, ...]:
-    return tuple(subtask_of[tool] for tool in tools)
-
-
-def combination_orders(rows: Sequence[Mapping], subtask_of: Mapping[str, str]) -> dict[str, list[str]]:
-    """{combination: its order of subtasks}: the order whose best schedule has the highest mean
-    quality over the combination's searched rows (quality is standardised within each sample,
-    so every sample weighs the same). An order the beam pruned in a sample counts as that
-    sample's worst candidate. Equal means go to the order prior."""
-    per_row: dict[
-        str, list[tuple[dict[tuple, float], float]]
-    ] = {}  # combo -> [(best quality per order, worst quality)]
-    for row in rows:
-        best: dict[tuple, float] = {}
-        for candidate in row["search_candidates"]:
-            order = subtask_order(candidate["tools"], subtask_of)
-            best[order] = max(best.get(order, -math.inf), float(candidate["quality"]))
-        per_row.setdefault(row["combo"], []).append((best, min(float(c["quality"]) for c in row["search_candidates"])))
-    orders = {}
-    for combo, bests in per_row.items():
-        seen = list(dict.fromkeys(order for best, _ in bests for order in best))
-        mean = {order: np.mean([best.get(order, worst) for best, worst in bests]) for order in seen}
-        # rounded: means equal up to float noise are a tie, which the order prior breaks
-        orders[combo] = list(min(seen, key=lambda order: (-round(float(mean[order]), 9), departs_from_prior(order))))
-    return orders
-
-
-def choose_expert(
-    row: Mapping, order: Sequence[str] | None, tools_by_subtask: Mapping[str, Sequence[str]], margin: float
-) -> tuple[list[str], str]:
-    """(the expert's tools, the rule that chose them): the best candidate in ``order``
-    (``pick_expert`` among them), or, with no order or none of its candidates searched, the
-    sample's own expert."""
-    subtask_of = {tool: s for s, names in tools_by_subtask.items() for tool in names}
-    if order is not None:
-        ranked = sorted(
-            (c for c in row["search_candidates"] if list(subtask_order(c["tools"], subtask_of)) == list(order)),
-            key=lambda c: -c["quality"],
-        )
-        if ranked:
-            schedules = [Schedule(tuple(c["tools"]), (), None, c["scores"], c["quality"]) for c in ranked]
-            return list(pick_expert(schedules, tools_by_subtask, margin).tools), "combination"
-    return list(row["sample_expert_tools"]), "sample"
 
 
 # ---------------------------------------------------------------- one sample, many samples

@@ -7,7 +7,7 @@ the expert's schedule (``expert_tools``, never perturbed):
 - ``first_call``: the first reply is a well-formed call of the expert's first tool;
 - ``first_subtask``: ... of a tool of the same subtask (the right kind of fix, any tool);
 - ``first_call_tie``: ... of the first tool of a schedule the expert search scored as a tie of
-  the sample's own best (``tir.data.expert.ties`` within ``tie_margin``, on ``search_candidates``): a
+  the sample's own best (``tir.data.expert_rules.ties`` within ``tie_margin``, on ``search_candidates``): a
   choice as good as that sample's best, up to the noise ties are broken over (needs that column;
   else not reported). Under the ``combination`` expert rule the expert itself is not always such
   a tie, so this can be lower than ``first_call``;
@@ -71,8 +71,8 @@ def tool_choice(episodes: Batch, schemas: Sequence[Mapping], tie_margin: float =
 
 
 def tied_first_tools(candidates: Sequence[Mapping], tie_margin: float) -> set[str]:
-    """First tools of the scored schedules that tie the best one (``tir.data.expert.ties``)."""
-    from tir.data.expert import ties
+    """First tools of the scored schedules that tie the best one (``tir.data.expert_rules.ties``)."""
+    from tir.data.expert_rules import ties
 
     best = max(candidates, key=lambda c: c["quality"])
     return {c["tools"][0] for c in candidates if ties(c["scores"], best["scores"], tie_margin)}
