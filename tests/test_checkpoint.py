@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import tir  # noqa: F401  - shims before transformers
-from tir.agent import models, prompts, tiny_policy
+from tir.agent import models, prompts
 from tir.agent.multimodal import assistant_mask
 from tir.protocol import Batch
 from tir.rl import algos
@@ -24,7 +24,7 @@ from tir.trainer.checkpoint import (
     save_checkpoint,
 )
 from tir.trainer.run_log import RunLogger, console_line, read_records
-from workers.engines import make_engine
+from workers.engines import make_training_engine
 
 TOOLS = ["denoise_tv", "brighten_gamma"]
 
@@ -72,8 +72,8 @@ class InProcessActors:
 
 
 @pytest.fixture(scope="module")
-def policy(tmp_path_factory):
-    return tiny_policy.build_tiny_policy(tmp_path_factory.mktemp("ckpt") / "tiny", TOOLS, seed=0)
+def policy(tiny_policy_dir):
+    return tiny_policy_dir(TOOLS)
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +105,7 @@ def pg_loss(logprobs, tensors):
 
 
 def engine(policy):
-    return make_engine("plain", policy, {"lr": 1e-2, "micro_batch_size": 2})
+    return make_training_engine("plain", policy, {"lr": 1e-2, "micro_batch_size": 2})
 
 
 def weights(engine):
@@ -151,7 +151,7 @@ def test_checkpoints_are_kept_newest_first_and_named_by_latest_json(policy, tmp_
         checkpoint.checkpoint_to_resume(tmp_path, str(tmp_path / "checkpoints" / "step_000004")).name == "step_000004"
     )
     assert checkpoint.checkpoint_to_resume(tmp_path / "elsewhere", "auto") is None
-    with pytest.raises(FileNotFoundError, match="not an RL checkpoint"):
+    with pytest.raises(FileNotFoundError, match="not a checkpoint"):
         checkpoint.checkpoint_to_resume(tmp_path, str(tmp_path))
 
 

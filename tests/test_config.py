@@ -75,3 +75,14 @@ def test_resolved_config_is_saved_and_reloads_identically(tmp_path):
     assert yaml.safe_load(saved.read_text())["run"]["seed"] == 7
     again = load_recipe(saved)
     assert config_hash(again) == config_hash(cfg)
+
+
+def test_rollout_choices_is_a_recipe_key(tmp_path):
+    replies = ['<tool_call>{"name": "denoise_tv", "arguments": {}}</tool_call>', "<answer>done</answer>"]
+    assert load_recipe("tiny_cpu").rollout.choices is None  # free generation
+    cfg = load_recipe("tiny_cpu", ["rollout.choices=[" + ",".join(f"'{r}'" for r in replies) + "]"])
+    assert list(cfg.rollout.choices) == replies
+    path = write(tmp_path / "smoke.yaml", "base: tiny_cpu\nrollout:\n  choices:\n    - " + yaml.safe_dump(replies[0]))
+    assert list(load_recipe(path).rollout.choices) == replies[:1]
+    with pytest.raises(RecipeError, match=r"key 'rollout.choices' expects"):
+        load_recipe("tiny_cpu", ["rollout.choices=3"])

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import tir  # noqa: F401  - shims before transformers
-from tir.agent import models, prompts, tiny_policy
+from tir.agent import models, prompts
 from tir.agent.loop import LoopSettings, run_rollout
 from tir.data.synth import synthesize
 from tir.dumps import reader
@@ -46,13 +46,13 @@ STEPS = (1, 2)
 
 
 @pytest.fixture(scope="module")
-def dumps(tmp_path_factory):
+def dumps(tmp_path_factory, tiny_policy_dir):
     """Two RL steps' dumps: 2 photos (noise, noise+jpeg) x a group of 2, up to 3 turns each."""
     from tir.rl.algos import group_advantages
     from workers.rollout.hf_engine import HFEngine
 
     root = tmp_path_factory.mktemp("dumps")
-    path = tiny_policy.build_tiny_policy(root / "policy", SCHEMAS, seed=0)
+    path = tiny_policy_dir(SCHEMAS)
     model, processor = models.load_policy(path)
     engine = HFEngine(model=model, processor=processor, max_batch_size=8, seed=0)
     samples = synthesize("builtin", "noise,noise+jpeg", per_image=1, seed=0, crop=64, progress=False).slice(0, 2)
@@ -331,6 +331,7 @@ def sections(dom):
     ]
 
 
+@pytest.mark.browser
 def test_viewer_renders_every_trajectory_in_headless_chromium(dumps, tmp_path, capsys):
     out = tmp_path / "report.html"
     assert dumps_main(parse("view", str(dumps), "--out", str(out))) == 0

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 import tir  # noqa: F401  - shims before transformers
-from tir.agent import models, prompts, tiny_policy
+from tir.agent import models, prompts
 from tir.agent.multimodal import TrajectoryError, assistant_mask, model_inputs
 from tir.protocol import Batch
 from tir.rl import algos
-from workers.engines import EngineOptions, make_engine, token_logprobs
+from workers.engines import EngineOptions, make_training_engine, token_logprobs
 from workers.engines.base import WarmupSchedule
 
 TOOLS = ["denoise_tv", "brighten_gamma", "upscale_bicubic"]
@@ -81,8 +81,8 @@ def trajectories(processor, count=5):
 
 
 @pytest.fixture(scope="module")
-def policy(tmp_path_factory):
-    path = tiny_policy.build_tiny_policy(tmp_path_factory.mktemp("engines") / "tiny", TOOLS, seed=0)
+def policy(tiny_policy_dir):
+    path = tiny_policy_dir(TOOLS)
     _, processor = models.load_policy(path)
     return path, processor
 
@@ -91,7 +91,7 @@ def policy(tmp_path_factory):
 def reference(policy):
     """The plain engine's results on the batch: the figures every engine must match."""
     path, processor = policy
-    engine = make_engine("plain", path, OPTIONS)
+    engine = make_training_engine("plain", path, OPTIONS)
     batch = trajectories(processor)
     logprobs = engine.forward_logprobs(batch).column("logprobs")
     old = [list(np.array(lp) + np.array(n)) for lp, n in zip(logprobs, batch.column("noise"))]
@@ -126,7 +126,7 @@ def test_logprobs_match_a_direct_forward_of_the_processor_inputs(policy, referen
 
 def test_logprobs_do_not_depend_on_micro_batching_or_padding(policy, reference):
     path, _ = policy
-    engine = make_engine("plain", path, {**OPTIONS, "micro_batch_size": 5})
+    engine = make_training_engine("plain", path, {**OPTIONS, "micro_batch_size": 5})
     together = engine.forward_logprobs(reference["batch"]).column("logprobs")
     for a, b in zip(together, reference["logprobs"]):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
@@ -134,7 +134,7 @@ def test_logprobs_do_not_depend_on_micro_batching_or_padding(policy, reference):
 
 def test_gradient_accumulation_equals_one_big_micro_batch(policy, reference):
     path, _ = policy
-    engine = make_engine("plain", path, {**OPTIONS, "micro_batch_size": 5})
+    engine = make_training_engine("plain", path, {**OPTIONS, "micro_batch_size": 5})
     metrics = engine.train_step(reference["batch"], policy_gradient_loss)
     want = reference["metrics"]
     np.testing.assert_allclose([metrics["loss"], metrics["grad_norm"]], [want["loss"], want["grad_norm"]], **LOSS_TOL)
@@ -147,8 +147,8 @@ def test_rows_without_policy_tokens_add_nothing(policy, reference):
         "loss_mask", [[0] * len(m) if i == 1 else m for i, m in enumerate(batch.column("loss_mask"))]
     )
     options = {**OPTIONS, "micro_batch_size": 1}
-    with_silent_row = make_engine("plain", path, options).train_step(silent, sft_loss)
-    without_it = make_engine("plain", path, options).train_step(batch.take([0, 2]), sft_loss)
+    with_silent_row = make_training_engine("plain", path, options).train_step(silent, sft_loss)
+    without_it = make_training_engine("plain", path, options).train_step(batch.take([0, 2]), sft_loss)
     assert np.isfinite(with_silent_row["loss"]) and with_silent_row["loss"] > 0
     for key in ("loss", "grad_norm"):
         np.testing.assert_allclose(with_silent_row[key], without_it[key], **LOSS_TOL, err_msg=key)
@@ -202,11 +202,11 @@ def test_token_logprobs_align_with_the_tokens():
 
 def test_plain_checkpoint_resumes_to_the_same_next_step(policy, reference, tmp_path):
     path, _ = policy
-    engine = make_engine("plain", path, OPTIONS)
+    engine = make_training_engine("plain", path, OPTIONS)
     engine.train_step(reference["batch"], policy_gradient_loss)
     engine.save_checkpoint(tmp_path / "ckpt")
     assert not (tmp_path / "ckpt.tmp").exists()
-    again = make_engine("plain", path, OPTIONS)
+    again = make_training_engine("plain", path, OPTIONS)
     again.load_checkpoint(tmp_path / "ckpt")
     assert again.step == 1
     np.testing.assert_allclose(
@@ -216,10 +216,10 @@ def test_plain_checkpoint_resumes_to_the_same_next_step(policy, reference, tmp_p
 
 def test_save_hf_loads_with_load_policy(policy, reference, tmp_path):
     path, _ = policy
-    engine = make_engine("plain", path, OPTIONS)
+    engine = make_training_engine("plain", path, OPTIONS)
     engine.train_step(reference["batch"], policy_gradient_loss)
     engine.save_hf(tmp_path / "hf")
-    reloaded = make_engine("plain", tmp_path / "hf", OPTIONS, trainable=False)
+    reloaded = make_training_engine("plain", tmp_path / "hf", OPTIONS, trainable=False)
     for a, b in zip(
         reloaded.forward_logprobs(reference["batch"]).column("logprobs"),
         engine.forward_logprobs(reference["batch"]).column("logprobs"),

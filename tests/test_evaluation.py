@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 
 import tir  # noqa: F401  - shims before transformers
-from tir.agent import tiny_policy
 from tir.agent.loop import LoopSettings
 from tir.data.expert import ExpertSettings
 from tir.data.synth import synthesize
@@ -81,8 +80,8 @@ def test_set():
 
 
 @pytest.fixture(scope="module")
-def policy(tmp_path_factory):
-    return str(tiny_policy.build_tiny_policy(tmp_path_factory.mktemp("policy") / "tiny", tool_schemas(TOOLS), seed=0))
+def policy(tiny_policy_dir):
+    return str(tiny_policy_dir(tool_schemas(TOOLS)))
 
 
 @pytest.fixture(scope="module")

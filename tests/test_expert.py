@@ -228,6 +228,7 @@ def test_the_expert_is_the_samples_best_schedule_in_its_combinations_order():
     )
 
 
+@pytest.mark.slow  # 1-5 s on a quiet 2-core machine, 10-30 s beside other work: not in `make test-fast`
 def test_the_combination_rule_labels_every_sample_alike_with_true_images():
     samples = synthesize("builtin", "noise+jpeg", per_image=1, seed=3, crop=64, progress=False)
     settings = expert.ExpertSettings(metrics=("psnr", "ssim"), tie_margin=0.0, perturb=False)
@@ -324,6 +325,7 @@ def expert_command(inp, out):
     ]
 
 
+@pytest.mark.slow  # two `tir data expert` processes, one killed mid-run: ~11 s
 def test_a_killed_run_resumes_without_redoing_finished_samples(tmp_path):
     inp, out = tmp_path / "train.parquet", tmp_path / "sft.parquet"
     synthesize("builtin", "noise+jpeg,dark+noise", per_image=2, seed=0, crop=64, progress=False).slice(0, 8).to_parquet(

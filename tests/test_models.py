@@ -40,8 +40,8 @@ SCHEMAS = [
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    path = tiny_policy.build_tiny_policy(tmp_path_factory.mktemp("policy") / "tiny", SCHEMAS, seed=0)
+def tiny(tiny_policy_dir):
+    path = tiny_policy_dir(SCHEMAS)
     model, processor = models.load_policy(path)
     return path, model, processor
 
@@ -224,8 +224,9 @@ def test_bad_builder_arguments_are_named(tmp_path):
 
 
 def test_tiny_cli_uses_the_tool_registry(tmp_path, capsys):
-    tools = pytest.importorskip("tool_pool.tools", exc_type=ImportError)  # being written in parallel
     import argparse
+
+    from tool_pool import tools
 
     parser = tiny_policy.add_tiny_arguments(argparse.ArgumentParser())
     name = tools.TOOLS.names()[0]

@@ -5,7 +5,8 @@ import asyncio
 import numpy as np
 import pytest
 
-from tool_pool.client import LocalPool, PoolError, ServePool
+from tool_pool.client import LocalPool, ServePool
+from tool_pool.execution import PoolError
 from tool_pool.scorers import get_scorer
 from tool_pool.tools import TOOLS, tools_for_subtask
 

@@ -155,9 +155,9 @@ def test_valid_call_stop_and_text_around_them():
         (
             call_text('{"name": "denoise_vt"}'),
             "unknown_tool",
-            "unknown tool 'denoise_vt'; did you mean 'denoise_tv'? Available: deblur_wiener, denoise_tv, upscale_bicubic.",
+            "unknown tool 'denoise_vt'; did you mean 'denoise_tv'? (known: deblur_wiener, denoise_tv, upscale_bicubic).",
         ),
-        (call_text('{"name": "zzzzzz"}'), "unknown_tool", "unknown tool 'zzzzzz'. Available:"),
+        (call_text('{"name": "zzzzzz"}'), "unknown_tool", "unknown tool 'zzzzzz' (known:"),
         (
             call_text('{"name": "denoise_tv", "arguments": [1]}'),
             "bad_arguments",

@@ -128,7 +128,7 @@ def test_a_pickled_slice_carries_only_its_rows():
 
 
 def test_bad_input_errors_name_the_column():
-    with pytest.raises(BatchError, match=r"lq\[1\]: expected a uint8 HxWx3 image, got ndarray float64"):
+    with pytest.raises(BatchError, match=r"lq\[1\]: expected an RGB uint8 HxWx3 image, got ndarray float64"):
         Batch.from_pydict({"lq": [np.zeros((2, 2, 3), np.uint8), np.zeros((2, 2, 3))]}, kinds={"lq": "image"})
     with pytest.raises(BatchError, match="different lengths"):
         Batch.from_pydict({"a": [1], "b": [1, 2]})

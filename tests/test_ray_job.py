@@ -76,7 +76,7 @@ def test_a_placed_hf_engine_runs_as_a_replica_not_in_the_driver(monkeypatch):
     from workers.rollout import group
 
     monkeypatch.setattr(group, "rollout_group", lambda cfg, model_path: ("rollout group", cfg.rollout.resources))
-    engine = rl_setup.make_rollout_engine(placed("rollout.engine=hf", "rollout.num_replicas=1"), "unused")
+    engine = rl_setup.start_rollout_engine(placed("rollout.engine=hf", "rollout.num_replicas=1"), "unused")
     assert engine == ("rollout group", {"worker_node": 0.5})
 
 
@@ -270,11 +270,12 @@ def submit(client, entrypoint_args: list[str], timeout_s: float = 360) -> tuple[
     return job, logs
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_a_job_on_two_nodes_runs_where_the_recipe_places_it_and_resumes(two_nodes, tmp_path):
+def test_a_job_on_two_nodes_runs_where_the_recipe_places_it_and_resumes(two_nodes, tiny_policy_dir, tmp_path):
     from ray.job_submission import JobSubmissionClient
 
-    from tir.agent import tiny_policy
     from tir.data.synth import synthesize
     from tir.dumps.reader import list_dumps
     from tir.trainer.checkpoint import latest_checkpoint
@@ -282,7 +283,7 @@ def test_a_job_on_two_nodes_runs_where_the_recipe_places_it_and_resumes(two_node
     from tool_pool.tools import tool_schemas
 
     # a random tiny policy and two photos x two degradations: the job has to run, not learn
-    tiny_policy.build_tiny_policy(tmp_path / "tiny", tool_schemas(TOOLS), seed=0)
+    policy = tiny_policy_dir(tool_schemas(TOOLS))
     samples = synthesize("builtin", "dark,noise", per_image=1, seed=0, crop=96, progress=False)
     samples.take(
         [i for i, name in enumerate(samples.column("image_id")) if name in ("astronaut", "coffee")]
@@ -291,7 +292,7 @@ def test_a_job_on_two_nodes_runs_where_the_recipe_places_it_and_resumes(two_node
     args = [
         "recipe=tiny_cpu",
         f"run.output_dir={out}",
-        f"model.path={tmp_path / 'tiny'}",
+        f"model.path={policy}",
         f"data.train_path={tmp_path / 'train.parquet'}",
         "actor.resources={worker_node: 1}",
         "rollout.resources={worker_node: 1}",

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 import tir  # noqa: F401  - shims first
-from tir.agent import tiny_policy
 from tir.agent.restore import add_restore_arguments, restore_main
 from tir.data.synth import synthesize
 from tool_pool.tools import tool_schemas
@@ -28,8 +27,8 @@ def photo(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return tiny_policy.build_tiny_policy(tmp_path_factory.mktemp("policy") / "tiny", tool_schemas(), seed=0)
+def checkpoint(tiny_policy_dir):
+    return tiny_policy_dir(tool_schemas())
 
 
 def restore(*argv):

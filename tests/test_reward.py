@@ -263,6 +263,7 @@ def hacking_batch():
     return finals, inputs
 
 
+@pytest.mark.slow  # 1-5 s on a quiet 2-core machine, 10-30 s beside other work: not in `make test-fast`
 def test_hacking_case_is_real(hacking_batch):
     finals, _ = hacking_batch
     for g in range(3):
@@ -271,6 +272,7 @@ def test_hacking_case_is_real(hacking_batch):
         assert hacker["psnr"] < honest["psnr"] - 2.0 and hacker["ssim"] < honest["ssim"]  # fidelity destroyed
 
 
+@pytest.mark.slow  # its fixture: real NIQE, PIQE, PSNR and SSIM on 12 restorations (see above)
 def test_adaptive_reward_ranks_the_hacker_below_the_honest_restoration(hacking_batch):
     finals, inputs = hacking_batch
     calls, errors = [1] * 12, [0] * 12

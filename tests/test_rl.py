@@ -9,13 +9,13 @@ picks among them with its own probabilities.
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
-from omegaconf import OmegaConf
 
 import tir  # noqa: F401  - shims before transformers
-from tir.agent import models, prompts, tiny_policy
+from tir.agent import models, prompts
 from tir.config import load_recipe
 from tir.data.synth import synthesize
 from tir.dumps.reader import list_dumps, read_dump
@@ -59,6 +59,13 @@ def test_each_step_samples_with_its_own_reproducible_seed():
     assert len(set(seeds)) == 3 and seeds == [rl.loop_settings(cfg, step).seed for step in (1, 2, 3)]
     assert all(0 <= s < 2**31 for s in seeds)
     assert rl.loop_settings(cfg, 1).seed != rl.loop_settings(load_recipe("tiny_cpu", ["run.seed=4"]), 1).seed
+
+
+def test_each_step_constrains_replies_to_the_recipes_choices():
+    assert rl.loop_settings(load_recipe("tiny_cpu"), 1).choices is None
+    cfg = recipe(Path("unused"), Path("unused"), Path("unused"))  # the end-to-end runs' recipe
+    assert rl.loop_settings(cfg, 1).choices == tuple(REPLIES)
+    assert rl.loop_settings(cfg, 1).sampling(8, None)["choices"] == REPLIES
 
 
 def test_a_metric_the_pool_cannot_score_stops_the_run_at_start_up():
@@ -120,9 +127,13 @@ def test_a_failed_dump_is_reported_to_the_driver(tmp_path):
 
 
 @pytest.fixture(scope="module")
+def policy(tiny_policy_dir):
+    return tiny_policy_dir(tool_schemas(TOOLS))
+
+
+@pytest.fixture(scope="module")
 def root(tmp_path_factory):
     root = tmp_path_factory.mktemp("rl")
-    tiny_policy.build_tiny_policy(root / "tiny", tool_schemas(TOOLS), seed=0)
     # 2 photos x 2 degradations (chelsea and stereo_motorcycle are held out for evaluation)
     samples = synthesize("builtin", "dark,noise", per_image=1, seed=0, crop=96, progress=False)
     samples.take(
@@ -131,12 +142,12 @@ def root(tmp_path_factory):
     return root
 
 
-def recipe(root, out, *overrides):
+def recipe(policy, root, out, *overrides):
     cfg = load_recipe(
         "tiny_cpu",
         [
             f"run.output_dir={out}",
-            f"model.path={root / 'tiny'}",
+            f"model.path={policy}",
             f"data.train_path={root / 'train.parquet'}",
             "pool.backend=local",
             f"pool.tools=[{','.join(TOOLS)}]",
@@ -152,17 +163,18 @@ def recipe(root, out, *overrides):
             "trainer.batch_size=2",
             "trainer.save_every=1",
             "trainer.log_every=1",
+            "rollout.choices=[" + ",".join(f"'{reply}'" for reply in REPLIES) + "]",
             *overrides,
         ],
     )
-    # rollout.choices is not in the recipe schema (yet): merge it into a schema-free copy
-    return OmegaConf.merge(OmegaConf.create(OmegaConf.to_container(cfg)), {"rollout": {"choices": REPLIES}})
+    assert list(cfg.rollout.choices) == REPLIES
+    return cfg
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(ray_cluster, root):
+def uninterrupted(ray_cluster, policy, root):
     out = root / "uninterrupted"
-    summary = rl.train_rl(recipe(root, out))
+    summary = rl.train_rl(recipe(policy, root, out))
     return out / "rl", summary
 
 
@@ -227,7 +239,7 @@ def rl_sample_ids(root):
     return Batch.from_parquet(root / "train.parquet").column("image_id")
 
 
-def test_a_run_killed_mid_step_resumes_where_it_stopped_and_repeats_the_same_numbers(uninterrupted, root):
+def test_a_run_killed_mid_step_resumes_where_it_stopped_and_repeats_the_same_numbers(uninterrupted, policy, root):
     done, _ = uninterrupted
     # What a kill during step 3's checkpoint leaves: step 3 logged and dumped, its checkpoint
     # half-written (a .tmp folder), latest.json still naming step 2.
@@ -237,7 +249,7 @@ def test_a_run_killed_mid_step_resumes_where_it_stopped_and_repeats_the_same_num
     (killed / "checkpoints" / "step_000003").rename(killed / "checkpoints" / "step_000003.tmp")
     (killed / "checkpoints" / "latest.json").write_text(json.dumps({"path": "step_000002", "step": 2}))
 
-    rl.train_rl(recipe(root, root / "killed", "trainer.resume=auto"))
+    rl.train_rl(recipe(policy, root, root / "killed", "trainer.resume=auto"))
     before, after = read_records(done / "metrics.jsonl"), read_records(killed / "metrics.jsonl")
     assert [r["step"] for r in after] == [1, 2, 3]  # step 3 ran again and was logged once
     for key in (
@@ -259,3 +271,60 @@ def test_a_run_killed_mid_step_resumes_where_it_stopped_and_repeats_the_same_num
 def test_rl_main_says_what_to_make_when_the_policy_is_missing(ray_cluster, tmp_path, capsys):
     code = rl.rl_main(["recipe=tiny_cpu", f"run.output_dir={tmp_path}", f"model.path={tmp_path}/no_policy"])
     assert code == 2 and "tir model tiny" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("case", ["policy missing at start-up", "file lost mid-run"])
+def test_only_setup_errors_become_one_line_a_file_lost_mid_run_keeps_its_traceback(
+    case, policy, monkeypatch, tmp_path, capsys
+):
+    """No Ray: the cluster, the worker groups and the rollout engine are stand-ins; the recipe,
+    policy, data, pool and the setup checks are real. A step that raises FileNotFoundError is a bug, not
+    a recipe mistake: ``rl_main`` lets it through with its traceback instead of exit code 2."""
+    import contextlib
+
+    import tir.cluster
+    import workers.actor
+
+    class StandIn:  # an actor group and a rollout engine that are never reached by a step
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def close(self):
+            pass
+
+    def lost_mid_run(run, state, step):
+        raise FileNotFoundError("a file lost mid-run")
+
+    monkeypatch.setattr(tir.cluster, "ray_session", lambda ray_cfg: contextlib.nullcontext())
+    monkeypatch.setattr(workers.actor, "actor_group", lambda cfg, model_path: StandIn())
+    monkeypatch.setattr(rl, "start_rollout_engine", lambda cfg, model_path: StandIn())
+    monkeypatch.setattr(rl, "record_placement", lambda run: {})
+    monkeypatch.setattr(rl, "rl_step", lost_mid_run)
+    samples = synthesize("builtin", "noise", per_image=1, seed=0, crop=64, progress=False)
+    samples.to_parquet(tmp_path / "train.parquet")
+    if case == "policy missing at start-up":
+        policy = tmp_path / "no_policy"
+    args = [
+        "recipe=tiny_cpu",
+        f"run.output_dir={tmp_path / 'out'}",
+        f"model.path={policy}",
+        f"data.train_path={tmp_path / 'train.parquet'}",
+        "pool.backend=local",
+        "pool.tools=[denoise_tv]",
+        "reward.metrics=[psnr]",
+        "algo.kl_coef=0",
+        "trainer.resume=never",
+        "trainer.dump_rollouts=false",
+    ]
+    if case == "policy missing at start-up":
+        assert rl.rl_main(args) == 2
+        printed = capsys.readouterr().out
+        assert printed.startswith("[rl] error: ") and str(policy) in printed and "tir model tiny" in printed
+        assert printed.count("\n") == 1 and "Traceback" not in printed
+    else:
+        with pytest.raises(FileNotFoundError, match="a file lost mid-run"):
+            rl.rl_main(args)
+        assert "[rl] error" not in capsys.readouterr().out

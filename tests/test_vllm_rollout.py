@@ -13,17 +13,18 @@ import pytest
 import torch
 
 import tir  # noqa: F401  - shims before transformers
-from tir.agent import models, prompts, tiny_policy
+from tir.agent import models, prompts
 from tir.agent.loop import LoopSettings, rollout
 from tir.config import load_recipe
 from tir.data.synth import synthesize
 from tool_pool.client import LocalPool
 from tool_pool.tools import tool_schemas
-from workers.rollout import engine_class
+from workers.rollout import rollout_engine_class
 from workers.rollout.group import RolloutGroup
 from workers.rollout.hf_engine import HFEngine
 
 pytest.importorskip("vllm")
+pytestmark = pytest.mark.vllm  # every test here needs vLLM; those that start it also use Ray (conftest.py marks them)
 
 TOOLS = ["brighten_shift", "dehaze_dcp", "denoise_tv"]
 SCHEMAS = tool_schemas(TOOLS)
@@ -32,8 +33,8 @@ ATOL = 1e-4  # float32 on both sides; measured differences are ~5e-7
 
 
 @pytest.fixture(scope="module")
-def policy(tmp_path_factory):
-    path = tiny_policy.build_tiny_policy(tmp_path_factory.mktemp("policy") / "tiny", SCHEMAS, seed=0)
+def policy(tiny_policy_dir):
+    path = tiny_policy_dir(SCHEMAS)
     model, processor = models.load_policy(path)
     return path, model, processor
 
@@ -113,7 +114,7 @@ def reply_logprobs(model, processor, prompt_ids, result, images, temperature):
 def test_vllm_is_a_registered_engine():
     from workers.rollout.vllm_engine import VLLMEngine
 
-    assert engine_class("vllm") is VLLMEngine
+    assert rollout_engine_class("vllm") is VLLMEngine
 
 
 @pytest.mark.parametrize("temperature,top_p", [(0.0, 1.0), (0.7, 0.9), (1.0, 1.0)])

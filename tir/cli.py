@@ -4,6 +4,7 @@
     tir data synth --combos groupA,groupB --per-image 4 --seed 0 --out data/x.parquet
     tir data expert --in data/train.parquet --out data/sft.parquet
     tir model tiny --out runs/tiny_policy
+    tir perception train --hq DIR --out runs/recognizer
     tir train sft recipe=sft_tiny_cpu
     tir train rl recipe=tiny_cpu trainer.resume=auto
     tir eval --test data/test.parquet --agents identity,random,fixed_order,exhaustive,sft=runs/x/sft/hf --out runs/x/eval
@@ -69,6 +70,12 @@ def _model_tiny(args: argparse.Namespace) -> int:
     return tiny_main(args)
 
 
+def _perception_train(args: argparse.Namespace) -> int:
+    from tir.data.recognizer_train import train_main
+
+    return train_main(args)
+
+
 def _restore(args: argparse.Namespace) -> int:
     from tir.agent.restore import restore_main
 
@@ -119,6 +126,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_tiny_arguments(tiny)
     tiny.set_defaults(run=_model_tiny)
+
+    perception = commands.add_parser("perception", help="the degradation recogniser").add_subparsers(
+        dest="action", required=True
+    )
+    recogniser = perception.add_parser(
+        "train", help="train the learned degradation recogniser on synthetic degradations"
+    )
+    from tir.data.recognizer_train import add_train_arguments
+
+    add_train_arguments(recogniser)
+    recogniser.set_defaults(run=_perception_train)
 
     evaluate = commands.add_parser("eval", help="score agents (checkpoints and baselines) on a test set, per group")
     from tir.eval.cli import add_eval_arguments

@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
-from tir.registry import closest
+from tir.registry import unknown_name
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"  # source tree / editable install
 if not RECIPES_DIR.is_dir():  # a regular install ships recipes/ as the package tir.recipes
@@ -48,6 +48,10 @@ class ModelConfig:
     dtype: str = "float32"
     perception_cues: bool = False  # measured degradation cues as text beside each image
     cue_style: str = "full"  # "full": the measured numbers and the guessed degradations; "guess": the guess only
+    # who guesses the degradations named in the cues and used by the baselines: "thresholds" (hand-set
+    # cue thresholds) or "learned" (the recogniser of `tir perception train`, served by the pool)
+    perception: str = "thresholds"
+    perception_model: Optional[str] = None  # the recogniser's checkpoint folder; None: the one tir ships
     tool_prompt: str = "full"  # "full": the tools' JSON schemas; "names": names only, default arguments (tir.agent.prompts.policy_schemas)
 
 
@@ -103,6 +107,10 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     gpu_memory_utilization: float = 0.5
+    # None: free generation. A list of texts: every reply in the RL rollouts is one of them, picked
+    # with the policy's own probabilities (LoopSettings.choices): smoke runs of a random tiny policy.
+    # Evaluations ignore it (greedy and free: tir.eval.tool_choice.greedy)
+    choices: Optional[list[str]] = None
 
 
 @dataclass
@@ -225,8 +233,10 @@ def _expected_type(schema: DictConfig, key: str) -> str:
 def _explain(err: Exception, layer: str, schema: DictConfig) -> RecipeError:
     key = getattr(err, "full_key", None) or getattr(err, "key", None) or "?"
     if isinstance(err, (ConfigKeyError, ConfigAttributeError)):
-        hint = closest(key, _valid_keys(schema))
-        return RecipeError(f"{layer}: unknown key {key!r}" + (f"; did you mean {hint!r}?" if hint else ""))
+        keys = _valid_keys(schema)
+        section = str(key).rpartition(".")[0]
+        siblings = [k for k in keys if k.rpartition(".")[0] == section]  # listed first
+        return RecipeError(f"{layer}: " + unknown_name("key", key, siblings + [k for k in keys if k not in siblings]))
     if isinstance(err, ValidationError):
         msg = str(err).splitlines()[0]
         return RecipeError(f"{layer}: key {key!r} expects {_expected_type(schema, key)}: {msg}")
@@ -333,7 +343,3 @@ def custom_resources(section) -> dict[str, float]:
     if builtin:
         raise RecipeError(f"resources: {builtin} are not custom resources; use num_cpus_per_* / num_gpus_per_* instead")
     return resources
-
-
-def as_container(cfg: DictConfig | ListConfig) -> Any:
-    return OmegaConf.to_container(cfg, resolve=True)

@@ -25,6 +25,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from tir.imaging import check_image
+
 IMAGE_TYPE = pa.struct([("height", pa.int32()), ("width", pa.int32()), ("pixels", pa.large_binary())])
 IMAGES_TYPE = pa.list_(IMAGE_TYPE)
 _KIND_KEY = b"tir.kind"
@@ -37,13 +39,6 @@ class BatchError(ValueError):
 
 
 # ---------------------------------------------------------------------------------- images
-def _check_image(image: Any, where: str) -> np.ndarray:
-    if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3):
-        got = f"{type(image).__name__} {getattr(image, 'dtype', '')} {getattr(image, 'shape', '')}"
-        raise BatchError(f"{where}: expected a uint8 HxWx3 image, got {got.strip()}")
-    return image
-
-
 def _images_to_arrow(images: Sequence[np.ndarray | None], where: str) -> pa.StructArray:
     """Pack images into one struct array: a single concatenated pixel buffer, no per-row objects."""
     heights, widths, offsets, valid = [], [], [0], []
@@ -51,7 +46,7 @@ def _images_to_arrow(images: Sequence[np.ndarray | None], where: str) -> pa.Stru
         if image is None:
             heights.append(0), widths.append(0), offsets.append(offsets[-1]), valid.append(False)
             continue
-        _check_image(image, f"{where}[{i}]")
+        check_image(image, f"{where}[{i}]", error=BatchError)
         heights.append(image.shape[0]), widths.append(image.shape[1]), valid.append(True)
         offsets.append(offsets[-1] + image.size)
     data = (
@@ -185,14 +180,9 @@ class Batch:
 
     def _check_column(self, name: str) -> str:
         if name not in self.table.column_names:
-            from tir.registry import closest
+            from tir.registry import unknown_name
 
-            hint = closest(name, self.columns)
-            raise KeyError(
-                f"no column {name!r} in batch"
-                + (f"; did you mean {hint!r}?" if hint else "")
-                + f" (columns: {self.columns})"
-            )
+            raise KeyError(unknown_name("column", name, self.columns))
         return name
 
     def column(self, name: str) -> list[Any]:

@@ -50,7 +50,7 @@ def main(cli_args: list[str]) -> int:
 def run_quickstart(cfg) -> int:
     from omegaconf import OmegaConf
 
-    from tool_pool.client import make_pool
+    from tool_pool.pool import make_pool
 
     out = Path(cfg.run.output_dir)
     clock = Stages()

@@ -8,14 +8,36 @@ basicsr, and its KeyError does not suggest the closest name.)
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
+
+LISTED = 40  # an "unknown name" message lists at most this many known names
 
 
 def closest(name: str, choices) -> str | None:
     """The choice most similar to ``name``, or None when nothing is close."""
     matches = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=0.5)
     return matches[0] if matches else None
+
+
+def unknown_name(kind: str, name: str, known: Iterable[str], extra: str = "") -> str:
+    """The project's one message for a name that is not among ``known``; the caller raises it
+    with its own exception type (prefixing where, if it wants)::
+
+        unknown degradation 'nosie'; did you mean 'noise'? (known: noise, jpeg, ...)
+
+    The hint is the closest of ``known``; the list keeps their order and stops after ``LISTED``
+    names ("... and 12 more"); ``extra`` ends the parenthesis ("...; or a checkpoint folder")."""
+    known = [str(k) for k in known]
+    hint = closest(name, known)
+    listed = ", ".join(known[:LISTED]) or "none"
+    if len(known) > LISTED:
+        listed += f", ... and {len(known) - LISTED} more"
+    return (
+        f"unknown {kind} {name!r}"
+        + (f"; did you mean {hint!r}?" if hint else "")
+        + f" (known: {listed}{'; ' + extra if extra else ''})"
+    )
 
 
 class Registry:
@@ -37,12 +59,7 @@ class Registry:
 
     def get(self, name: str) -> Any:
         if name not in self._items:
-            hint = closest(name, self._items)
-            raise KeyError(
-                f"unknown {self.kind} {name!r}"
-                + (f"; did you mean {hint!r}?" if hint else "")
-                + f" (known: {', '.join(sorted(self._items))})"
-            )
+            raise KeyError(unknown_name(self.kind, name, sorted(self._items)))
         return self._items[name]
 
     def names(self) -> list[str]:

@@ -52,10 +52,6 @@ def separable(rows: np.ndarray, image: np.ndarray, cols: np.ndarray) -> np.ndarr
     return np.stack([rows @ image[..., c] @ cols.T for c in range(image.shape[2])], axis=-1)
 
 
-def matlab_resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
-    return separable(resize_matrix(image.shape[0], height), image, resize_matrix(image.shape[1], width))
-
-
 def _to_uint8(x: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(x), 0, 255).astype(np.uint8)
 

@@ -14,140 +14,26 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import defaultdict
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 
-# kinds of PoolError: the first four are the caller's fault and are never retried
-BAD_REQUEST_KINDS = ("unknown_tool", "unknown_metric", "bad_arguments", "bad_image")
-ERROR_KINDS = BAD_REQUEST_KINDS + ("unavailable", "tool_failed", "timeout", "replica_failed")
-
-
-class PoolError(RuntimeError):
-    def __init__(self, kind: str, message: str):
-        assert kind in ERROR_KINDS, kind
-        self.kind = kind
-        super().__init__(f"[{kind}] {message}")
-
+from tool_pool.execution import (
+    NAMESPACE,
+    STATS_ACTOR_SUFFIX,
+    PoolError,
+    PoolStats,
+    check_image,
+    get_recognizer_or_error,
+    get_scorer_or_error,
+    perceive_batch,
+    resolve_tool,
+    run_tool_batch,
+    score_batch,
+    validated_arguments,
+)
 
 # ------------------------------------------------------------------ shared request handling
-def check_image(image: Any, what: str = "image") -> np.ndarray:
-    """The pool's contract for images: uint8 HxWx3 (finite by construction)."""
-    if isinstance(image, np.ndarray) and image.dtype.kind == "f" and not np.isfinite(image).all():
-        raise PoolError("bad_image", f"{what} contains NaN or infinite values")
-    if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3):
-        got = f"{type(image).__name__} {getattr(image, 'dtype', '')} {getattr(image, 'shape', '')}".strip()
-        raise PoolError("bad_image", f"{what}: expected a uint8 HxWx3 array, got {got}")
-    return image
-
-
-def resolve_tool(name: str, allowed: Sequence[str] | None = None):
-    """The tool object for a request, or a PoolError naming what is wrong."""
-    from tool_pool.tools import TOOLS
-
-    if allowed and name not in allowed:
-        from tir.registry import closest
-
-        hint = closest(name, allowed)
-        raise PoolError(
-            "unknown_tool", f"tool {name!r} is not served by this pool" + (f"; did you mean {hint!r}?" if hint else "")
-        )
-    try:
-        return TOOLS.get(name)
-    except KeyError as err:
-        raise PoolError("unknown_tool", str(err.args[0])) from None
-
-
-def validated_arguments(tool, args: dict) -> dict:
-    from tool_pool.tools import validate_arguments
-
-    try:
-        return validate_arguments(tool.name, tool.parameters, dict(args))
-    except ValueError as err:
-        raise PoolError("bad_arguments", str(err)) from None
-
-
-def run_tool_batch(tool, images: list[np.ndarray], args: dict) -> list[np.ndarray]:
-    """Run one tool on images that share arguments; failures become PoolErrors."""
-    from tool_pool.tools import ToolArgumentError, ToolInputError, ToolUnavailableError
-
-    try:
-        return tool(images, **args)
-    except ToolArgumentError as err:
-        raise PoolError("bad_arguments", str(err)) from None
-    except ToolInputError as err:
-        raise PoolError("bad_image", str(err)) from None
-    except ToolUnavailableError as err:
-        raise PoolError("unavailable", str(err)) from None
-    except Exception as err:  # noqa: BLE001 - a tool bug must not take the caller down
-        raise PoolError("tool_failed", f"tool {tool.name!r} failed: {type(err).__name__}: {err}") from None
-
-
-def get_scorer_or_error(name: str):
-    from tool_pool.scorers import MetricUnavailable, get_scorer
-
-    try:
-        return get_scorer(name)
-    except KeyError as err:
-        raise PoolError("unknown_metric", str(err.args[0])) from None
-    except MetricUnavailable as err:
-        raise PoolError("unavailable", str(err)) from None
-
-
-def score_batch(scorer, images: list[np.ndarray], references: list[np.ndarray] | None) -> list[float]:
-    if scorer.full_reference and (references is None or any(r is None for r in references)):
-        raise PoolError("bad_arguments", f"metric {scorer.name!r} is full-reference: pass a reference image")
-    try:
-        return [float(v) for v in scorer.score(images, references if scorer.full_reference else None)]
-    except ValueError as err:
-        raise PoolError("bad_image", str(err)) from None
-    except Exception as err:  # noqa: BLE001
-        raise PoolError("tool_failed", f"metric {scorer.name!r} failed: {type(err).__name__}: {err}") from None
-
-
-class PoolStats:
-    """Per tool (or metric): calls, batches and their sizes, queue wait, model loads, errors."""
-
-    def __init__(self):
-        self.by_model: dict[str, dict[str, float]] = defaultdict(
-            lambda: {
-                "calls": 0,
-                "batches": 0,
-                "max_batch": 0,
-                "queue_wait_s": 0.0,
-                "run_s": 0.0,
-                "loads": 0,
-                "errors": 0,
-            }
-        )
-
-    def record_batch(self, model: str, size: int, queue_wait_s: float, run_s: float, errors: int = 0) -> None:
-        row = self.by_model[model]
-        row["calls"] += size
-        row["batches"] += 1
-        row["max_batch"] = max(row["max_batch"], size)
-        row["queue_wait_s"] += queue_wait_s
-        row["run_s"] += run_s
-        row["errors"] += errors
-
-    def record_load(self, model: str) -> None:
-        self.by_model[model]["loads"] += 1
-
-    def merge(self, other: dict[str, dict[str, float]]) -> None:
-        for model, row in other.items():
-            mine = self.by_model[model]
-            for key, value in row.items():
-                mine[key] = max(mine[key], value) if key == "max_batch" else mine[key] + value
-
-    def snapshot(self) -> dict[str, dict[str, float]]:
-        out = {}
-        for model, row in self.by_model.items():
-            out[model] = dict(row)
-            out[model]["mean_batch"] = row["calls"] / row["batches"] if row["batches"] else 0.0
-            out[model]["mean_queue_wait_s"] = row["queue_wait_s"] / row["calls"] if row["calls"] else 0.0
-        return out
 
 
 # ------------------------------------------------------------------ the local backend
@@ -186,6 +72,17 @@ class LocalPool:
             self.stats_.record_batch(f"metric:{name}", 1, 0.0, time.perf_counter() - start)
             result[name] = values[0]
         return result
+
+    async def perceive(self, image: np.ndarray, checkpoint: str = "default") -> dict:
+        """The learned recogniser's view of ``image`` (``tir.data.recognizer``):
+        ``{"probabilities": {degradation: p}, "degradations": [...]}``."""
+        check_image(image)
+        recognizer = get_recognizer_or_error(checkpoint)
+        self._count_load(f"perception:{checkpoint}")
+        start = time.perf_counter()
+        out = await asyncio.to_thread(perceive_batch, recognizer, [image])
+        self.stats_.record_batch(f"perception:{checkpoint}", 1, 0.0, time.perf_counter() - start)
+        return out[0]
 
     async def available_tools(self) -> list[str]:
         from tool_pool.tools import TOOLS
@@ -261,13 +158,16 @@ class ServePool:
         answers = await asyncio.gather(*(self._call("score", f"metric:{m}", image, reference) for m in metrics))
         return {m: a["score"] for m, a in zip(metrics, answers)}
 
+    async def perceive(self, image: np.ndarray, checkpoint: str = "default") -> dict:
+        """The learned recogniser's view of ``image``, served (batched) by the pool: as LocalPool's."""
+        check_image(image)
+        return (await self._call("perceive", f"perception:{checkpoint}", image))["perception"]
+
     async def available_tools(self) -> list[str]:
         return await self.handle.available_tools.remote()
 
     async def stats(self) -> dict[str, dict[str, float]]:
         import ray
-
-        from tool_pool.serve_app import NAMESPACE, STATS_ACTOR_SUFFIX
 
         return await ray.get_actor(self.name + STATS_ACTOR_SUFFIX, namespace=NAMESPACE).snapshot.remote()
 
@@ -291,14 +191,3 @@ async def score_against(pool, metrics: Sequence[str], image: np.ndarray, referen
         if isinstance(value, BaseException) and not isinstance(value, PoolError):
             raise value
     return {m: float(v[m]) for m, v in zip(metrics, values) if not isinstance(v, BaseException) and np.isfinite(v[m])}
-
-
-def make_pool(pool_cfg):
-    """The pool a recipe asks for: ``pool.backend`` is "serve" (shared) or "local"."""
-    if pool_cfg.backend == "local":
-        return LocalPool(pool_cfg.tools)
-    if pool_cfg.backend == "serve":
-        from tool_pool.serve_app import start_pool
-
-        return start_pool(pool_cfg)
-    raise ValueError(f"pool.backend must be 'serve' or 'local', got {pool_cfg.backend!r}")

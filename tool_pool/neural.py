@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from tir.registry import closest
+from tir.registry import unknown_name
 from tool_pool.tool_base import (
     SUBTASKS,
     TOOLS,
@@ -102,16 +102,9 @@ def parse_entry(entry: Any, where: str, base: Path) -> NeuralToolSpec:
         raise ManifestError(f"{where}: missing field(s) {', '.join(missing)}")
     unknown = [k for k in entry if k not in REQUIRED + OPTIONAL]
     if unknown:
-        hints = {k: closest(k, REQUIRED + OPTIONAL) for k in unknown}
-        raise ManifestError(
-            f"{where}: unknown field(s) "
-            + ", ".join(f"{k!r}" + (f" (did you mean {h!r}?)" if h else "") for k, h in hints.items())
-        )
+        raise ManifestError(f"{where}: " + unknown_name("field", unknown[0], REQUIRED + OPTIONAL))
     if entry["subtask"] not in SUBTASKS:
-        hint = closest(entry["subtask"], SUBTASKS)
-        raise ManifestError(
-            f"{where}: unknown subtask {entry['subtask']!r}" + (f"; did you mean {hint!r}?" if hint else "")
-        )
+        raise ManifestError(f"{where}: " + unknown_name("subtask", entry["subtask"], SUBTASKS))
     arch = entry["arch"]
     if not isinstance(arch, dict) or "type" not in arch:
         raise ManifestError(f"{where}: 'arch' must be a mapping with a 'type' (a basicsr architecture name)")
@@ -170,12 +163,7 @@ def build_network(arch: dict):
     # basicsr registers a few archs with a suffix when the name clashes (SRVGGNetCompact_basicsr)
     found = next((n for n in (name, f"{name}_basicsr") if n in known), None)
     if found is None:
-        hint = closest(name, known)
-        raise ValueError(
-            f"unknown basicsr architecture {name!r}"
-            + (f"; did you mean {hint!r}?" if hint else "")
-            + f" (known: {', '.join(sorted(known))})"
-        )
+        raise ValueError(unknown_name("basicsr architecture", name, sorted(known)))
     return ARCH_REGISTRY._obj_map[found](**kwargs)
 
 
@@ -337,7 +325,3 @@ class NeuralTool(Tool):
                     ..., (y - y0) * s : (y - y0 + ty) * s, (x - x0) * s : (x - x0 + tx) * s
                 ]
         return out
-
-
-def neural_tools() -> list[NeuralTool]:
-    return [TOOLS.get(n) for n in TOOLS.names() if isinstance(TOOLS.get(n), NeuralTool)]

@@ -19,19 +19,20 @@ from collections import defaultdict
 import ray
 from ray import serve
 
-from tool_pool.client import (
+from tool_pool.execution import (
+    NAMESPACE,
+    STATS_ACTOR_SUFFIX,
     PoolError,
     PoolStats,
     check_image,
+    get_recognizer_or_error,
     get_scorer_or_error,
+    perceive_batch,
     resolve_tool,
     run_tool_batch,
     score_batch,
     validated_arguments,
 )
-
-STATS_ACTOR_SUFFIX = "_stats"
-NAMESPACE = "tir"  # the stats actor's namespace, so that every job of the cluster finds it
 
 
 @ray.remote(num_cpus=0)
@@ -84,7 +85,10 @@ class ToolPoolDeployment:
     async def get_model(self, model_id: str):
         # replaced per app by a @serve.multiplexed wrapper in build_app
         kind, name = model_id.split(":", 1)
-        model = resolve_tool(name, self.allowed) if kind == "tool" else get_scorer_or_error(name)
+        if kind == "perception":
+            model = get_recognizer_or_error(name)
+        else:
+            model = resolve_tool(name, self.allowed) if kind == "tool" else get_scorer_or_error(name)
         if kind == "tool" and hasattr(model, "load"):
             try:
                 model.load()  # a neural tool reads its checkpoint now, once per replica
@@ -115,6 +119,15 @@ class ToolPoolDeployment:
             return _error(err)
         return await self.batched((model_id, image, reference, time.perf_counter()))
 
+    async def perceive(self, image) -> dict:
+        model_id = serve.get_multiplexed_model_id()
+        try:
+            await self.get_model(model_id)
+            check_image(image)
+        except PoolError as err:
+            return _error(err)
+        return await self.batched((model_id, image, None, time.perf_counter()))
+
     async def available_tools(self) -> list[str]:
         from tool_pool.tools import TOOLS
 
@@ -142,6 +155,9 @@ class ToolPoolDeployment:
                 if model_id.startswith("tool:"):
                     for i, out in zip(rows, run_tool_batch(model, images, requests[rows[0]][2])):
                         answers[i] = {"image": out}
+                elif model_id.startswith("perception:"):
+                    for i, perception in zip(rows, perceive_batch(model, images)):
+                        answers[i] = {"perception": perception}
                 else:
                     refs = [requests[i][2] for i in rows]
                     values = score_batch(model, images, refs if all(r is not None for r in refs) else None)

@@ -16,13 +16,14 @@ from here, so there is no import cycle). Neural tools come from a manifest (``to
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
 
-from tir.registry import Registry
+from tir import json_schema
+from tir.imaging import check_image
+from tir.registry import Registry, unknown_name
 
 # The project's vocabulary of restoration subtasks (AgenticIR's eight).
 SUBTASKS = (
@@ -37,6 +38,7 @@ SUBTASKS = (
 )
 
 MIN_SIDE = 8  # smaller images make most filters meaningless (and JPEG blocks span the image)
+ARGUMENT_TYPES = ("number", "integer", "boolean", "string")  # tools take scalar arguments only
 
 TOOLS = Registry("tool")
 
@@ -174,7 +176,7 @@ def tool_schemas(names: Sequence[str] | None = None) -> list[dict]:
 
 def check_subtask(subtask: str) -> None:
     if subtask not in SUBTASKS:
-        raise KeyError(f"unknown subtask {subtask!r}; expected one of {', '.join(SUBTASKS)}")
+        raise KeyError(unknown_name("subtask", subtask, SUBTASKS))
 
 
 def check_definition(name: str, subtask: str, description: str, parameters: dict) -> None:
@@ -187,88 +189,30 @@ def check_definition(name: str, subtask: str, description: str, parameters: dict
     if parameters.get("type") != "object" or not isinstance(parameters.get("properties"), dict):
         raise ValueError(f"tool {name!r}: parameters must be a JSON schema of type 'object' with 'properties'")
     for arg, spec in parameters["properties"].items():
-        if spec.get("type") not in _TYPE_CHECKS:
+        if spec.get("type") not in ARGUMENT_TYPES:
             raise ValueError(f"tool {name!r}: argument {arg!r} has unsupported type {spec.get('type')!r}")
 
 
 def check_images(tool_name: str, images: Any) -> list[np.ndarray]:
-    """Return ``images`` as a list, or raise ``ToolInputError`` saying what is wrong with which."""
+    """Return ``images`` as a list, or raise ``ToolInputError`` saying what is wrong with which
+    (each image: ``tir.imaging.check_image``, at least ``MIN_SIDE`` px a side)."""
     if isinstance(images, np.ndarray) or not isinstance(images, (list, tuple)):
         raise ToolInputError(
             f"tool {tool_name!r} expects a list of images, got {type(images).__name__}"
             + (" (wrap a single image in a list)" if isinstance(images, np.ndarray) else "")
         )
     for index, image in enumerate(images):
-        where = f"tool {tool_name!r}, image {index}"
-        if not isinstance(image, np.ndarray):
-            raise ToolInputError(f"{where}: expected a numpy array, got {type(image).__name__}")
-        if image.dtype != np.uint8:
-            nan = " containing NaN" if image.dtype.kind == "f" and np.isnan(image).any() else ""
-            raise ToolInputError(f"{where}: expected dtype uint8, got {image.dtype}{nan}")
-        if image.ndim != 3 or image.shape[2] != 3:
-            raise ToolInputError(f"{where}: expected shape HxWx3 (RGB), got {image.shape}")
-        if min(image.shape[:2]) < MIN_SIDE:
-            raise ToolInputError(f"{where}: image {image.shape[0]}x{image.shape[1]} is smaller than {MIN_SIDE} px")
+        check_image(image, f"tool {tool_name!r}, image {index}", min_side=MIN_SIDE, error=ToolInputError)
     return list(images)
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
-
-
-_TYPE_CHECKS = {
-    "number": _is_number,
-    "integer": lambda v: (
-        (isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)))
-        or (isinstance(v, float) and v.is_integer())
-    ),
-    "boolean": lambda v: isinstance(v, (bool, np.bool_)),
-    "string": lambda v: isinstance(v, str),
-}
-
-
 def validate_arguments(tool_name: str, schema: dict, args: dict) -> dict:
-    """Check ``args`` against a tool's schema; return them with defaults filled in."""
-    properties = schema.get("properties", {})
-    unknown = sorted(set(args) - set(properties))
-    if unknown:
-        known = ", ".join(sorted(properties)) or "none"
-        raise ToolArgumentError(
-            f"tool {tool_name!r}: unknown argument(s) {', '.join(map(repr, unknown))} (accepted: {known})"
-        )
-    missing = [name for name in schema.get("required", []) if name not in args]
-    if missing:
-        raise ToolArgumentError(f"tool {tool_name!r}: missing required argument(s) {', '.join(map(repr, missing))}")
-    checked = {}
-    for name, spec in properties.items():
-        if name not in args:
-            if "default" in spec:
-                checked[name] = spec["default"]
-            continue
-        checked[name] = _check_value(tool_name, name, spec, args[name])
-    return checked
-
-
-def _check_value(tool_name: str, name: str, spec: dict, value: Any) -> Any:
-    where = f"tool {tool_name!r}: argument {name!r}"
-    kind = spec["type"]
-    if not _TYPE_CHECKS[kind](value):
-        raise ToolArgumentError(f"{where} must be a {kind}, got {value!r} ({type(value).__name__})")
-    if kind == "number":
-        value = float(value)
-        if not math.isfinite(value):
-            raise ToolArgumentError(f"{where} must be finite, got {value!r}")
-    elif kind == "integer":
-        value = int(value)
-    elif kind == "boolean":
-        value = bool(value)
-    if "enum" in spec and value not in spec["enum"]:
-        raise ToolArgumentError(f"{where} must be one of {spec['enum']}, got {value!r}")
-    if "minimum" in spec and value < spec["minimum"]:
-        raise ToolArgumentError(f"{where} must be >= {spec['minimum']}, got {value!r}")
-    if "maximum" in spec and value > spec["maximum"]:
-        raise ToolArgumentError(f"{where} must be <= {spec['maximum']}, got {value!r}")
-    return value
+    """Check ``args`` against a tool's schema (``tir.json_schema``, the policy's parser's checker
+    too); return them as python values with defaults filled in."""
+    problem = json_schema.check_arguments(tool_name, schema, args)
+    if problem:
+        raise ToolArgumentError(problem.message)
+    return json_schema.with_defaults(schema, args)
 
 
 def as_uint8(image: np.ndarray) -> np.ndarray:

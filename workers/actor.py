@@ -39,9 +39,9 @@ class ActorWorker(Worker):
 
     @dispatch(Dispatch.ONE_TO_ALL)
     def init_model(self) -> str:
-        from workers.engines import make_engine
+        from workers.engines import make_training_engine
 
-        self.engine = make_engine(self.engine_name, self.model_path, self.options, trainable=self.trainable)
+        self.engine = make_training_engine(self.engine_name, self.model_path, self.options, trainable=self.trainable)
         return self.engine_name
 
     def _engine(self):

@@ -9,7 +9,7 @@ teachers (their chats, in ``messages``, render like the policy's).
   none does (or every tool failed), roll back and retry that subtask once after the others.
 
 The degradations come from the sample (``degradations``, when known and allowed) or are
-perceived from measured cues (``perceive_degradations``). Each episode reports its tool calls
+perceived (``tir.agent.perceive``: the cue thresholds, or the learned recogniser). Each episode reports its tool calls
 (every execution, explorations included) and its wall time.
 """
 
@@ -25,9 +25,10 @@ import numpy as np
 
 from tir.agent import prompts
 from tir.agent.env import RestorationEnv
+from tir.agent.perceive import Perception
 from tir.data.degradations import SUBTASK_FOR_DEGRADATION
 from tir.protocol import Batch
-from tool_pool.client import PoolError
+from tool_pool.execution import PoolError
 
 # MAIR's prior: degradations arise scene -> imaging -> compression, so they are undone in reverse.
 # Within a group, the order that undoes AgenticIR's synthesis chains best (e.g. denoise before
@@ -172,14 +173,9 @@ def make_baseline(name: str, **options):
     """A baseline by name (``fixed-order`` and ``fixed_order`` both work)."""
     key = name.replace("-", "_")
     if key not in BASELINES:
-        from tir.registry import closest
+        from tir.registry import unknown_name
 
-        hint = closest(key, BASELINES)
-        raise KeyError(
-            f"unknown baseline {name!r}"
-            + (f"; did you mean {hint!r}?" if hint else "")
-            + f" (known: {', '.join(BASELINES)})"
-        )
+        raise KeyError(unknown_name("baseline", name, BASELINES))
     return BASELINES[key](**options)
 
 
@@ -195,13 +191,16 @@ async def run_baseline_episode(
     max_turns: int = 4,
     episode: int = 0,
     cues=None,
+    perception: Perception | None = None,
 ) -> tuple[RestorationEnv, dict]:
-    """Play one episode; the env (its log holds every turn's image) and the episode's report."""
+    """Play one episode; the env (its log holds every turn's image) and the episode's report.
+    ``degradations``: what the agent is told; None: what ``perception`` (default: the cue
+    thresholds) perceives in ``image``, as a policy would have to."""
     started = time.perf_counter()
     env = RestorationEnv(pool, tool_schemas, max_turns=max_turns, cues=cues)
     await env.reset(image)
     if degradations is None and agent.needs_degradations:
-        degradations = await asyncio.to_thread(perceive_degradations, image)
+        degradations = restoration_order(await (perception or Perception()).degradations(image, pool))
     await agent.act(env, list(degradations or []), episode)
     from tir.agent.loop import chat_text
 

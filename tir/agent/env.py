@@ -15,21 +15,24 @@ outputs the next turn, ``undo`` rolls the last turn back.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
 from tir.agent import prompts
-from tool_pool.client import PoolError
+from tir.agent.perceive import Perception
+from tir.imaging import check_image
+from tool_pool.execution import PoolError
 
 # Why an episode ended (the agent loop adds "max_length").
 STOP_REASONS = ("answer", "max_turns", "parse_error_limit", "max_length")
 
-# A perception-cue function: image -> {cue: value} or a rendered line, shown beside the image.
-Cues = Callable[[np.ndarray], "Mapping[str, float] | str"]
+# A perception-cue function: image -> {cue: value} or a rendered line, shown beside the image; or
+# an async one, (image, pool) -> line, for perceptions the pool serves (tir.agent.perceive).
+Cues = Callable[..., "Mapping[str, float] | str"]
 
 
 @dataclass
@@ -49,19 +52,30 @@ class StepResult:
     call: dict | None = None  # the tool-call record, when the step called a tool
 
 
-def perception_cues(names: Sequence[str] | None = None, style: str = "full") -> Cues:
-    """The measured cues of ``tir.data.perception`` and the degradations they suggest, one line per
-    image (``style``: see ``tir.data.perception.observe``)."""
+def perception_cues(
+    names: Sequence[str] | None = None, style: str = "full", perception: Perception | None = None
+) -> Cues:
+    """The measured cues of ``tir.data.perception`` and the degradations ``perception`` guesses
+    (default: the cue thresholds), one line per image (``style``: see ``tir.data.perception.observe``)."""
     from tir.data.perception import CUE_STYLES, observe
 
     if style not in CUE_STYLES:
         raise ValueError(f"cue style {style!r} unknown; expected one of {CUE_STYLES}")
-    return lambda image: observe(image, names, style)
+    if perception is None or perception.kind == "thresholds":
+        return lambda image: observe(image, names, style)
+
+    async def learned(image: np.ndarray, pool) -> str:
+        return await perception.observe(image, pool, names, style)
+
+    return learned
 
 
 def recipe_cues(model_cfg) -> Cues | None:
-    """The cues a recipe's ``model`` section asks for (``perception_cues``, ``cue_style``), or None."""
-    return perception_cues(style=model_cfg.cue_style) if model_cfg.perception_cues else None
+    """The cues a recipe's ``model`` section asks for (``perception_cues``, ``cue_style``,
+    ``perception``), or None."""
+    if not model_cfg.perception_cues:
+        return None
+    return perception_cues(style=model_cfg.cue_style, perception=Perception.from_recipe(model_cfg))
 
 
 class RestorationEnv:
@@ -87,7 +101,7 @@ class RestorationEnv:
 
     async def reset(self, image: np.ndarray) -> Observation:
         """Start an episode on ``image`` (uint8 HxWx3): the system prompt and the user turn."""
-        self.image = _check_image(image)
+        self.image = check_image(image, "the episode's image")
         self.messages = [prompts.system_message(self.tool_schemas)]
         self.images_shown: list[np.ndarray] = []
         self.tool_calls: list[dict] = []  # every execution, committed or explored
@@ -154,7 +168,7 @@ class RestorationEnv:
         self._undo.append((self.image, len(self.messages), len(self.images_shown)))
         self.messages.append(prompts.assistant_message(prompts.format_call(call)))
         self.turns += 1
-        self.image = _check_image(output)
+        self.image = check_image(output, f"the output of {call.name!r} to commit")
         self._log("tool", call=explored[-1], image=self.image)
         if self.turns >= self.max_turns:
             return self._end("max_turns", call)
@@ -209,8 +223,9 @@ class RestorationEnv:
             "committed": committed,
         }
         try:
-            output = _check_image(
-                await self.pool.run(call.name, self.image if image is None else image, **call.arguments)
+            output = check_image(
+                await self.pool.run(call.name, self.image if image is None else image, **call.arguments),
+                f"the output of {call.name!r}",
             )
         except PoolError as err:
             output, record["ok"], record["error_kind"], record["error"] = (
@@ -226,8 +241,12 @@ class RestorationEnv:
         return output, record
 
     async def _cues(self, image: np.ndarray):
+        if self.cues is None:
+            return None
+        if inspect.iscoroutinefunction(self.cues):  # a perception the pool serves
+            return await self.cues(image, self.pool)
         # a few ms of numpy/OpenCV: off the event loop, so other trajectories keep moving
-        return None if self.cues is None else await asyncio.to_thread(self.cues, image)
+        return await asyncio.to_thread(self.cues, image)
 
     def _log(self, kind: str, call: dict | None = None, image: np.ndarray | None = None, **details) -> None:
         entry = {"turn": self.turns, "kind": kind, "image": image, **details}
@@ -253,13 +272,6 @@ class RestorationEnv:
     def _end(self, reason: str, action, record: dict | None = None) -> StepResult:
         self.done, self.stop_reason = True, reason
         return StepResult(None, True, reason, action, record)
-
-
-def _check_image(image: Any) -> np.ndarray:
-    if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3):
-        got = f"{type(image).__name__} {getattr(image, 'dtype', '')} {getattr(image, 'shape', '')}".strip()
-        raise ValueError(f"expected an image as a uint8 HxWx3 array, got {got}")
-    return image
 
 
 def _action_text(action: prompts.Action) -> str:

@@ -78,7 +78,10 @@ class LoopSettings:
         """The settings a recipe's ``rollout`` section names (keys this class does not know, such
         as ``engine`` or ``n``, belong to others and are skipped)."""
         known = {f.name for f in fields(cls)}
-        return cls(**{**{key: rollout_cfg[key] for key in rollout_cfg if key in known}, **overrides})
+        values = {key: rollout_cfg[key] for key in rollout_cfg if key in known}
+        if values.get("choices") is not None:  # a recipe's list (rollout.choices): a tuple, as the field says
+            values["choices"] = tuple(values["choices"])
+        return cls(**{**values, **overrides})
 
     def sampling(self, max_tokens: int, seed: int | None) -> dict:
         out = {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k, "max_tokens": max_tokens}

@@ -39,7 +39,7 @@ def load_policy(path_or_name: str | os.PathLike, dtype: str = "float32", device:
     ``HF_HUB_OFFLINE=1``). Any Qwen2.5-VL-like size; nothing here assumes one."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    source = _checkpoint_source(path_or_name)
+    source = resolve_policy(path_or_name)
     torch_dtype = _torch_dtype(dtype)
     # huggingface_hub reads HF_HUB_OFFLINE once at import; read it again so that setting it later
     # (a test, a notebook) still means "no network" rather than minutes of retries.
@@ -57,25 +57,45 @@ def load_policy(path_or_name: str | os.PathLike, dtype: str = "float32", device:
     return model.to(device).eval(), processor
 
 
-def _checkpoint_source(path_or_name: str | os.PathLike) -> str:
-    """A local folder with what a policy needs, or a hub name; a clear error otherwise."""
+HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name, e.g. Qwen/Qwen2.5-VL-3B-Instruct
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")  # either one
+
+
+def resolve_policy(path_or_name: str | os.PathLike, *, need_processor: bool = True) -> str:
+    """Where a policy checkpoint is, as ``from_pretrained`` takes it; the project's one rule:
+
+    - a local folder holding ``config.json`` (the path, ``~`` expanded);
+    - a run folder whose ``hf/`` holds one (``runs/x/sft`` -> ``runs/x/sft/hf``);
+    - otherwise, when no such path exists, a hub name ``owner/name`` (one slash, not starting
+      with ``runs/``, ``.``, ``/`` or ``~``), returned as given;
+    - otherwise FileNotFoundError saying what was expected and how to make a checkpoint.
+
+    A local folder must also hold the tokenizer's and the processor's files (what
+    ``save_pretrained`` of a model and its processor writes), checked here so that a half-written
+    folder fails fast; ``need_processor=False`` asks for ``config.json`` alone."""
     text = str(path_or_name)
     path = Path(text).expanduser()
+    make_one = f"make one with `tir model tiny --out {text}` or `tir train sft`"
     if path.is_dir():
-        missing = [name for name in ("config.json", "tokenizer_config.json") if not (path / name).is_file()]
-        if not any((path / name).is_file() for name in ("preprocessor_config.json", "processor_config.json")):
-            missing.append("preprocessor_config.json")
+        if not (path / "config.json").is_file() and (path / "hf" / "config.json").is_file():
+            path = path / "hf"
+        needed = ("config.json", "tokenizer_config.json") if need_processor else ("config.json",)
+        missing = [name for name in needed if not (path / name).is_file()]
+        if need_processor and not any((path / name).is_file() for name in PROCESSOR_FILES):
+            missing.append(PROCESSOR_FILES[0])
         if missing:
             raise FileNotFoundError(
-                f"policy checkpoint {text!r} lacks {', '.join(missing)} (expected a folder written by save_pretrained, model and processor)"
+                f"policy checkpoint {str(path)!r} lacks {', '.join(missing)} (expected a folder written by save_pretrained,"
+                f" model and processor, or a run folder whose hf/ holds one; {make_one})"
             )
         return str(path)
     if path.exists():
-        raise FileNotFoundError(f"policy checkpoint {text!r} is a file; expected a checkpoint folder")
-    if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", text) and not text.startswith("."):
-        return text  # a hub name such as Qwen/Qwen2.5-VL-3B-Instruct
+        raise FileNotFoundError(f"policy checkpoint {text!r} is a file; expected a checkpoint folder ({make_one})")
+    if HUB_NAME.fullmatch(text) and not text.startswith("runs/"):
+        return text
     raise FileNotFoundError(
-        f"policy checkpoint {text!r} does not exist (expected a checkpoint folder or a hub name like Qwen/Qwen2.5-VL-3B-Instruct)"
+        f"policy checkpoint {text!r} does not exist (expected a checkpoint folder, a run folder whose hf/ holds"
+        f" one, or a hub name like Qwen/Qwen2.5-VL-3B-Instruct); {make_one}"
     )
 
 

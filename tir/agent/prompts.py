@@ -22,7 +22,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from tir.registry import closest
+from tir import json_schema
+from tir.registry import unknown_name
 
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
@@ -297,7 +298,7 @@ def _parse_call(body: str, schemas: dict[str, Mapping]) -> ToolCall | ParseError
     if not isinstance(data, dict):
         return ParseError(
             "not_an_object",
-            f'the tool call must be a JSON object {{"name": ..., "arguments": {{...}}}}, got a JSON {_json_type(data)}.',
+            f'the tool call must be a JSON object {{"name": ..., "arguments": {{...}}}}, got a JSON {json_schema.json_type(data)}.',
         )
     extra = sorted(set(data) - {"name", "arguments"})
     if extra:
@@ -309,87 +310,29 @@ def _parse_call(body: str, schemas: dict[str, Mapping]) -> ToolCall | ParseError
     if not isinstance(name, str) or not name:
         return ParseError("missing_name", 'the tool call has no "name" (a string naming a tool).')
     if name not in schemas:
-        hint = closest(name, schemas)
-        suggestion = f"; did you mean {hint!r}?" if hint else "."
-        return ParseError(
-            "unknown_tool", f"unknown tool {_clip(name)!r}{suggestion} Available: {', '.join(sorted(schemas))}."
-        )
+        return ParseError("unknown_tool", unknown_name("tool", json_schema.clip(name), sorted(schemas)) + ".")
     arguments = data.get("arguments", {})
     if not isinstance(arguments, dict):
         return ParseError(
-            "bad_arguments", f'"arguments" of {name!r} must be a JSON object, got a JSON {_json_type(arguments)}.'
+            "bad_arguments",
+            f'"arguments" of {name!r} must be a JSON object, got a JSON {json_schema.json_type(arguments)}.',
         )
     problem = check_arguments(name, schemas[name].get("parameters") or {}, arguments)
     return problem or ToolCall(name, arguments)
 
 
 def check_arguments(tool_name: str, parameters: Mapping, arguments: Mapping) -> ParseError | None:
-    """What is wrong with ``arguments`` against a tool's JSON schema (properties, required,
-    additionalProperties, type, minimum, maximum, enum), or None."""
-    properties = parameters.get("properties") or {}
-    if parameters.get("additionalProperties", False) is not True:
-        unknown = sorted(set(arguments) - set(properties))
-        if unknown:
-            accepted = ", ".join(sorted(properties)) or "none"
-            return ParseError(
-                "unknown_argument", f"tool {tool_name!r} has no argument {_clip(unknown[0])!r} (accepted: {accepted})."
-            )
-    missing = [arg for arg in parameters.get("required", []) if arg not in arguments]
-    if missing:
-        return ParseError("missing_argument", f"tool {tool_name!r} needs argument {missing[0]!r}.")
-    for arg, value in arguments.items():
-        if arg in properties:
-            problem = _check_value(f"argument {arg!r} of {tool_name!r}", properties[arg], value)
-            if problem:
-                return problem
-    return None
-
-
-def _check_value(where: str, spec: Mapping, value: Any) -> ParseError | None:
-    kind = spec.get("type")
-    if kind is not None and not _TYPE_CHECKS.get(kind, lambda v: True)(value):
-        return ParseError("wrong_type", f"{where} must be {_A_TYPE.get(kind, kind)}, got {_show(value)}.")
-    if isinstance(value, float) and not math.isfinite(value):
-        return ParseError("out_of_range", f"{where} must be a finite number, got {value}.")
-    if "enum" in spec and value not in spec["enum"]:
-        return ParseError("not_in_enum", f"{where} must be one of {_show(spec['enum'], 200)}, got {_show(value)}.")
-    if _is_number(value):
-        if "minimum" in spec and value < spec["minimum"]:
-            return ParseError("out_of_range", f"{where} must be >= {spec['minimum']}, got {_show(value)}.")
-        if "maximum" in spec and value > spec["maximum"]:
-            return ParseError("out_of_range", f"{where} must be <= {spec['maximum']}, got {_show(value)}.")
-    return None
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-_A_TYPE = {
-    "number": "a number",
-    "integer": "an integer",
-    "boolean": "a boolean (true or false)",
-    "string": "a string",
-    "array": "an array",
-    "object": "an object",
-    "null": "null",
-}
-_TYPE_CHECKS = {
-    "number": _is_number,
-    "integer": lambda v: (isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, float) and v.is_integer()),
-    "boolean": lambda v: isinstance(v, bool),
-    "string": lambda v: isinstance(v, str),
-    "array": lambda v: isinstance(v, list),
-    "object": lambda v: isinstance(v, dict),
-    "null": lambda v: v is None,
-}
+    """What is wrong with ``arguments`` against a tool's JSON schema, or None (``tir.json_schema``:
+    unknown arguments are refused unless the schema says ``"additionalProperties": true``)."""
+    problem = json_schema.check_arguments(tool_name, parameters, arguments)
+    return ParseError(problem.kind, problem.message + ".") if problem else None
 
 
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
     keys = [key for key, _ in pairs]
     duplicates = sorted({key for key in keys if keys.count(key) > 1})
     if duplicates:
-        raise ValueError(f"duplicate key {_clip(duplicates[0])!r}")
+        raise ValueError(f"duplicate key {json_schema.clip(duplicates[0])!r}")
     return dict(pairs)
 
 
@@ -435,31 +378,5 @@ def _number(value: Any) -> str:
     return f"{value:.3g}"
 
 
-def _json_type(value: Any) -> str:
-    names = {
-        list: "array",
-        str: "string",
-        bool: "boolean",
-        int: "number",
-        float: "number",
-        type(None): "null",
-        dict: "object",
-    }
-    return names.get(type(value), type(value).__name__)
-
-
-def _show(value: Any, limit: int = 60) -> str:
-    """A JSON value as the policy wrote it, clipped (and safe for any value)."""
-    try:
-        return _clip(json.dumps(value, ensure_ascii=False), limit)
-    except (ValueError, TypeError, RecursionError):
-        return _json_type(value)
-
-
 def _short(err: Exception) -> str:
-    return _clip(str(err), 120)
-
-
-def _clip(text: str, limit: int = 60) -> str:
-    """Echo at most ``limit`` characters of the policy's text back to it."""
-    return text if len(text) <= limit else text[:limit] + "..."
+    return json_schema.clip(str(err), 120)

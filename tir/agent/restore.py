@@ -64,6 +64,15 @@ def add_restore_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
         help="the cue text the policy was trained with (model.cue_style)",
     )
     parser.add_argument(
+        "--perception",
+        choices=("thresholds", "learned"),
+        default="thresholds",
+        help="who guesses the degradations (cue line, baselines): the cue thresholds or the learned recogniser",
+    )
+    parser.add_argument(
+        "--perception-model", default=None, help="the recogniser's checkpoint folder (default: the one tir ships)"
+    )
+    parser.add_argument(
         "--tool-prompt",
         choices=("full", "names"),
         default="full",
@@ -141,16 +150,13 @@ def resolve_agent(args: argparse.Namespace):
     if name in BASELINES and not Path(args.agent).exists():
         options = {"seed": args.seed} if name == "random" else {"metric": args.metric} if name == "exhaustive" else {}
         return make_baseline(name, **options)
-    from tir.agent.models import _checkpoint_source
-    from tir.registry import closest
+    from tir.agent.models import resolve_policy
+    from tir.registry import closest, unknown_name
 
-    hint = closest(name, BASELINES)
-    if hint and not Path(args.agent).exists() and "/" not in args.agent:
-        raise InputError(
-            f"agent {args.agent!r} is neither a baseline nor a checkpoint folder; did you mean {hint!r}? (baselines: {', '.join(BASELINES)})"
-        )
+    if closest(name, BASELINES) and not Path(args.agent).exists() and "/" not in args.agent:
+        raise InputError(unknown_name("agent", args.agent, BASELINES, extra="or a policy checkpoint folder"))
     try:
-        _checkpoint_source(args.agent)  # fast checks of the folder before loading anything
+        resolve_policy(args.agent)  # fast checks of the folder before loading anything
         from workers.rollout.hf_engine import HFEngine
 
         engine = HFEngine(args.agent, max_batch_size=1)
@@ -223,12 +229,16 @@ async def run_agent(agent, pool, image: np.ndarray, args: argparse.Namespace, de
     from tir.agent.baselines import run_baseline_episode
     from tir.agent.env import RestorationEnv, perception_cues
     from tir.agent.loop import LoopSettings, pool_tool_schemas, run_episode
+    from tir.agent.perceive import Perception
     from tir.agent.prompts import policy_schemas
 
     schemas = await pool_tool_schemas(pool)
-    cues = perception_cues(style=args.cue_style) if args.cues else None
+    perception = Perception(args.perception, args.perception_model or "default")
+    cues = perception_cues(style=args.cue_style, perception=perception) if args.cues else None
     if hasattr(agent, "act"):
-        env, _ = await run_baseline_episode(agent, pool, image, schemas, degradations, args.max_turns, cues=cues)
+        env, _ = await run_baseline_episode(
+            agent, pool, image, schemas, degradations, args.max_turns, cues=cues, perception=perception
+        )
         return env
     engine = agent
     env = RestorationEnv(pool, policy_schemas(schemas, args.tool_prompt), max_turns=args.max_turns, cues=cues)

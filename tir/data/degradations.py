@@ -27,7 +27,8 @@ import cv2
 import numpy as np
 
 from tir.data.depth import resize_depth, synthetic_depth
-from tir.registry import Registry, closest
+from tir.imaging import check_image
+from tir.registry import Registry, unknown_name
 
 DEGRADATIONS = Registry("degradation")
 NAMES = ("noise", "motion_blur", "defocus_blur", "jpeg", "haze", "rain", "dark", "lowres")
@@ -55,23 +56,11 @@ class DegradationError(ValueError):
     """A bad image or parameter given to a degradation."""
 
 
-def check_image(image: Any, where: str) -> np.ndarray:
-    if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3):
-        got = f"{type(image).__name__} {getattr(image, 'dtype', '')} {getattr(image, 'shape', '')}".strip()
-        raise DegradationError(f"{where}: expected an RGB uint8 HxWx3 image, got {got}")
-    return image
-
-
 # ------------------------------------------------------------------------------ parameters
 def _reject_unknown(degradation: str, params: dict, known: Sequence[str]) -> None:
     for name in params:
         if name not in known:
-            hint = closest(name, known)
-            raise DegradationError(
-                f"{degradation}: unknown param {name!r}"
-                + (f"; did you mean {hint!r}?" if hint else "")
-                + f" (known: {', '.join(known)})"
-            )
+            raise DegradationError(f"{degradation}: " + unknown_name("param", name, known))
 
 
 def _number(
@@ -297,7 +286,7 @@ def lowres(image: np.ndarray, rng: np.random.Generator, **params) -> tuple[np.nd
 def degrade(image: np.ndarray, name: str, rng: np.random.Generator, **params) -> tuple[np.ndarray, dict]:
     """Apply one registered degradation by name (checks the image on the way in)."""
     fn = DEGRADATIONS.get(name)
-    check_image(image, f"{name}: input")
+    check_image(image, f"{name}: input", error=DegradationError)
     return fn(image, rng, **params)
 
 
@@ -395,12 +384,7 @@ COMBINATIONS["ood"] = COMBINATIONS["ood2"] + COMBINATIONS["ood3"]
 
 def combinations(name: str) -> list[tuple[str, ...]]:
     if name not in COMBINATIONS:
-        hint = closest(name, COMBINATIONS)
-        raise KeyError(
-            f"unknown combination set {name!r}"
-            + (f"; did you mean {hint!r}?" if hint else "")
-            + f" (known: {', '.join(COMBINATIONS)})"
-        )
+        raise KeyError(unknown_name("combination set", name, COMBINATIONS))
     return list(COMBINATIONS[name])
 
 
@@ -416,12 +400,7 @@ def parse_combos(spec: str | Sequence[str]) -> list[tuple[str, tuple[str, ...]]]
         elif "+" in entry or entry in DEGRADATIONS:
             pairs = [("custom", parse_combo(entry))]
         else:
-            hint = closest(entry, list(COMBINATIONS) + list(NAMES))
-            raise KeyError(
-                f"unknown combination set or degradation {entry!r}"
-                + (f"; did you mean {hint!r}?" if hint else "")
-                + f" (sets: {', '.join(COMBINATIONS)}; degradations: {', '.join(NAMES)})"
-            )
+            raise KeyError(unknown_name("combination set or degradation", entry, list(COMBINATIONS) + list(NAMES)))
         for group, combo in pairs:
             if combo not in seen:
                 seen.add(combo)

@@ -50,7 +50,8 @@ from tir.data.expert_rules import (
 )
 from tir.protocol import Batch
 from tir.rl.reward import LOWER_BETTER, metric_gains, normalize_gains
-from tool_pool.client import PoolError, score_against
+from tool_pool.client import score_against
+from tool_pool.execution import PoolError
 
 # Columns a row gains (beside the sample's own), and their Batch kinds.
 EXPERT_KINDS = {

@@ -134,7 +134,7 @@ def expert_main(args: argparse.Namespace) -> int:
 
 def open_pool(cfg):
     """The recipe's pool and a function that releases what this process started."""
-    from tool_pool.client import make_pool
+    from tool_pool.pool import make_pool
 
     if cfg.pool.backend == "local":
         return make_pool(cfg.pool), lambda: None

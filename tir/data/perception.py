@@ -45,6 +45,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from tir import imaging
 from tir.registry import Registry
 
 CUES = Registry("cue")
@@ -84,15 +85,8 @@ MAD_TO_SIGMA = 1.0 / 0.6745
 
 def check_image(image: Any, where: str = "image") -> np.ndarray:
     """``image`` itself when it is an RGB uint8 HxWx3 array of at least ``MIN_SIDE`` px a side,
-    else a ValueError naming ``where``."""
-    if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3):
-        got = f"{type(image).__name__} {getattr(image, 'dtype', '')} {getattr(image, 'shape', '')}".strip()
-        raise ValueError(f"{where}: expected an RGB uint8 HxWx3 numpy array, got {got}")
-    if min(image.shape[:2]) < MIN_SIDE:
-        raise ValueError(
-            f"{where}: {image.shape[0]}x{image.shape[1]} is too small for perception cues (need at least {MIN_SIDE}x{MIN_SIDE})"
-        )
-    return image
+    else a ValueError naming ``where`` (``tir.imaging.check_image`` with the cues' minimum size)."""
+    return imaging.check_image(image, where, min_side=MIN_SIDE)
 
 
 def _gray(image: np.ndarray) -> np.ndarray:
@@ -330,16 +324,20 @@ def likely_degradations(cues: Mapping[str, float]) -> list[str]:
 CUE_STYLES = ("full", "guess")
 
 
-def observe(image: np.ndarray, names: Sequence[str] | None = None, style: str = "full") -> str:
+def observe(
+    image: np.ndarray, names: Sequence[str] | None = None, style: str = "full", guess: Sequence[str] | None = None
+) -> str:
     """What the policy reads beside ``image``. ``full``: the rendered cues, then ``likely=`` the
     guessed degradations joined by ``+`` (``none`` when nothing fires). ``guess``: the guess alone
     (``likely=haze+rain``): no numbers that vary from photo to photo, which a tiny policy trained
-    for minutes otherwise memorises instead of reading the guess."""
+    for minutes otherwise memorises instead of reading the guess. ``guess``: the degradations
+    another perception decided on (``tir.agent.perceive``), instead of the cue thresholds'."""
     if style not in CUE_STYLES:
         raise ValueError(f"cue style {style!r} unknown; expected one of {CUE_STYLES}")
-    cues = measure_cues(image, names)
-    guess = f"likely={'+'.join(likely_degradations(cues)) or 'none'}"
-    return guess if style == "guess" else f"{render_cues(cues)} {guess}"
+    cues = measure_cues(image, names if style == "full" or guess is None else ())
+    guessed = likely_degradations(cues) if guess is None else list(guess)
+    line = f"likely={'+'.join(guessed) or 'none'}"
+    return line if style == "guess" else f"{render_cues(cues)} {line}"
 
 
 def render_cues(cues: Mapping[str, float]) -> str:

@@ -55,32 +55,20 @@ def parse_agent(text: str, label: str | None = None) -> AgentSpec:
         return AgentSpec(label or key, kind, name=key)
     looks_like_path = "/" in text or Path(text).exists() or text.startswith(".")
     if not looks_like_path:
-        from tir.registry import closest
+        from tir.registry import unknown_name
 
-        hint = closest(key, KNOWN_AGENTS)
-        raise EvalError(
-            f"unknown agent {text!r}"
-            + (f"; did you mean {hint!r}?" if hint else "")
-            + f" (agents: {', '.join(KNOWN_AGENTS)}, or a policy checkpoint folder)"
-        )
+        raise EvalError(unknown_name("agent", text, KNOWN_AGENTS, extra="or a policy checkpoint folder"))
     path = checkpoint_folder(text)
     return AgentSpec(label or checkpoint_label(path), "policy", path=path)
 
 
 def checkpoint_folder(path: str) -> str:
-    """The policy folder ``path`` names (a run folder's ``hf/`` too), or EvalError saying why
-    it is not one. A name like ``Qwen/Qwen2.5-VL-3B-Instruct`` that is no folder passes as a hub name."""
-    from tir.agent.models import _checkpoint_source
+    """The policy folder ``path`` names (a run folder's ``hf/`` too) or a hub name
+    (``tir.agent.models.resolve_policy``), or EvalError saying why it is neither."""
+    from tir.agent.models import resolve_policy
 
-    folder = Path(path).expanduser()
-    if folder.is_dir() and not (folder / "config.json").is_file() and (folder / "hf" / "config.json").is_file():
-        folder = folder / "hf"
-    if not folder.exists() and (path.startswith(("runs/", ".", "/", "~")) or path.count("/") != 1):
-        raise EvalError(
-            f"policy checkpoint {path!r} does not exist (expected a folder written by `tir train sft`/`rl`, e.g. runs/x/sft/hf)"
-        )
     try:
-        return _checkpoint_source(folder if folder.exists() else path)
+        return resolve_policy(path)
     except FileNotFoundError as err:
         raise EvalError(f"{err}; is {path!r} a policy checkpoint?") from None
 

@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from tir.agent.perceive import Perception
 from tir.eval.agent_specs import AgentSpec, EvalError, parse_agents
 from tir.eval.report import aggregate, group_name
 from tir.protocol import Batch
@@ -60,6 +61,7 @@ class EvalSettings:
     tools: tuple[str, ...] | None = None  # tools offered to agents (None: all the pool serves)
     cues: bool = False  # perception cues beside each image (as the policy was trained)
     cue_style: str = "full"  # tir.data.perception.observe's style (the recipe's model.cue_style)
+    perception: Any = None  # tir.agent.perceive.Perception of the cues and the baselines (None: thresholds)
     tool_prompt: str = "full"  # how policies are told about the tools (the recipe's model.tool_prompt)
     loop: Any = None  # LoopSettings for policies (None: defaults with max_turns)
     expert: Any = None  # ExpertSettings for the oracle (None: its defaults, no perturbation)
@@ -88,6 +90,7 @@ class EvalSettings:
             "tools": tuple(cfg.pool.tools) or None,
             "cues": bool(cfg.model.perception_cues),
             "cue_style": str(cfg.model.cue_style),
+            "perception": Perception.from_recipe(cfg.model),
             "tool_prompt": str(cfg.model.tool_prompt),
             "loop": LoopSettings.from_recipe(cfg.rollout),
             "policy_dtype": cfg.model.dtype,
@@ -229,11 +232,13 @@ async def baseline_episodes(agent, test: Batch, pool, schemas, settings: EvalSet
     from tir.agent.baselines import run_baseline_episode
     from tir.agent.env import perception_cues
 
-    cues = perception_cues(style=settings.cue_style) if settings.cues else None
+    cues = perception_cues(style=settings.cue_style, perception=settings.perception) if settings.cues else None
     known = test.column("degradations") if settings.baseline_degradations == "known" else [None] * len(test)
 
     async def one(row: int, lq) -> dict:
-        _, report = await run_baseline_episode(agent, pool, lq, schemas, known[row], settings.max_turns, row, cues)
+        _, report = await run_baseline_episode(
+            agent, pool, lq, schemas, known[row], settings.max_turns, row, cues, settings.perception
+        )
         return _tick(bar, episode_summary(report, report["wall_s"], degradations_used=report["degradations_used"]))
 
     return await _gather_limited([one(row, lq) for row, lq in enumerate(test.column("lq"))], settings.concurrency)
@@ -260,7 +265,7 @@ async def policy_episodes(path: str, test: Batch, pool, schemas, settings: EvalS
         concurrency=settings.concurrency,
         seed=settings.seed,
     )
-    cues = perception_cues(style=settings.cue_style) if settings.cues else None
+    cues = perception_cues(style=settings.cue_style, perception=settings.perception) if settings.cues else None
 
     schemas = prompts.policy_schemas(schemas, settings.tool_prompt)
 

@@ -1,4 +1,6 @@
-"""The main job for now (`make demo`): the end-to-end path that exists today.
+"""`tir demo`: the oracle baseline demo, an upper bound that sees the HQ photo (no policy, no training).
+
+    tir demo [recipe=...] [key=value ...]
 
 recipe -> degrade the built-in photos (tir.data.synth) -> start the cluster-wide tool pool on Ray Serve
 -> restore every sample with a greedy oracle schedule (undo the degradations last-first; at each
@@ -6,7 +8,7 @@ step try every tool of the matching subtask through the pool and keep the one wi
 against the HQ photo) -> score -> write the Batch to Parquet and a Markdown table.
 
 The oracle sees the HQ photo, so this is an upper-bound-style baseline for the trained agent, not
-the agent itself; the policy, SFT and RL stages replace it as they land.
+the agent itself: the whole pipeline with the trained agent is `tir quickstart` (`make demo`).
 """
 
 from __future__ import annotations
@@ -88,7 +90,7 @@ def main(cli_args: list[str]) -> int:
     from tir.cluster import init_ray
     from tir.data.degradations import parse_combos
     from tir.data.synth import list_sources, synthesize
-    from tool_pool.client import make_pool
+    from tool_pool.pool import make_pool
     from tool_pool.tools import tools_for_subtask
 
     recipe, overrides = split_cli_overrides(cli_args)

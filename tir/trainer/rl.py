@@ -44,9 +44,9 @@ from tir.trainer.rl_setup import (
     check_metrics,
     close_engine,
     load_processor,
-    make_rollout_engine,
     policy_path,
     record_placement,
+    start_rollout_engine,
     training_data,
 )
 from tir.trainer.run_log import (
@@ -70,10 +70,21 @@ def rl_main(cli_args: list[str]) -> int:
     try:
         with ray_session(cfg.ray):
             train_rl(cfg)
-    except (FileNotFoundError, SetupError) as err:  # no policy, no data, a metric that cannot score
+    except SetupError as err:  # before the first step: no policy, no data, a metric that cannot score
         print(f"[rl] error: {err}")
         return 2
     return 0
+
+
+@contextlib.contextmanager
+def setting_up():
+    """A file missing while the run sets up (the policy, the training data, the checkpoint
+    ``trainer.resume`` names) is a ``SetupError``: ``rl_main`` says it in one line. One missing
+    later, mid-run, is not a recipe mistake: it propagates with its traceback."""
+    try:
+        yield
+    except FileNotFoundError as err:
+        raise SetupError(str(err)) from err
 
 
 def train_rl(cfg) -> dict:
@@ -83,40 +94,44 @@ def train_rl(cfg) -> dict:
     from tir.agent.prompts import policy_schemas
     from tir.config import save_resolved
     from tir.rl.reward import MultiMetricReward
-    from tool_pool.client import make_pool
+    from tool_pool.pool import make_pool
     from workers.actor import actor_group, reference_group
 
     out = Path(cfg.run.output_dir) / "rl"
     save_resolved(cfg, out)
-    model_path = policy_path(cfg.model.path)
-    samples, stream = training_data(cfg)
-    pool = make_pool(cfg.pool)
-    schemas = policy_schemas(asyncio.run(pool_tool_schemas(pool, list(cfg.pool.tools) or None)), cfg.model.tool_prompt)
-    check_metrics(pool, samples, list(cfg.reward.metrics))
-    run = Run(
-        cfg=cfg,
-        out=out,
-        samples=samples,
-        stream=stream,
-        pool=pool,
-        schemas=schemas,
-        processor=load_processor(model_path),
-        cues=recipe_cues(cfg.model),
-        reward_fn=MultiMetricReward.from_config(cfg.reward),
-        loss_fn=functools.partial(algos.grpo_loss, settings=algos.LossSettings.from_recipe(cfg.algo)),
-    )
+    with setting_up():
+        model_path = policy_path(cfg.model.path)
+        samples, stream = training_data(cfg)
+        pool = make_pool(cfg.pool)
+        schemas = policy_schemas(
+            asyncio.run(pool_tool_schemas(pool, list(cfg.pool.tools) or None)), cfg.model.tool_prompt
+        )
+        check_metrics(pool, samples, list(cfg.reward.metrics))
+        run = Run(
+            cfg=cfg,
+            out=out,
+            samples=samples,
+            stream=stream,
+            pool=pool,
+            schemas=schemas,
+            processor=load_processor(model_path),
+            cues=recipe_cues(cfg.model),
+            reward_fn=MultiMetricReward.from_config(cfg.reward),
+            loss_fn=functools.partial(algos.grpo_loss, settings=algos.LossSettings.from_recipe(cfg.algo)),
+        )
     print(f"[rl] policy {model_path}; {len(samples)} training samples; {len(schemas)} tools; out: {out}")
 
     with contextlib.ExitStack() as stack:
         started = time.perf_counter()
-        run.actors = stack.enter_context(actor_group(cfg, model_path=model_path))
-        if cfg.algo.kl_coef > 0:  # no KL term, no reference to keep
-            run.reference = stack.enter_context(reference_group(cfg, model_path=model_path))
-        run.engine = make_rollout_engine(cfg, model_path)
-        stack.callback(close_engine, run.engine)
-        state = resume(run, cfg.trainer.resume)
-        if state.step:
-            sync_weights(run.actors, run.engine)  # the engines started from model.path
+        with setting_up():
+            run.actors = stack.enter_context(actor_group(cfg, model_path=model_path))
+            if cfg.algo.kl_coef > 0:  # no KL term, no reference to keep
+                run.reference = stack.enter_context(reference_group(cfg, model_path=model_path))
+            run.engine = start_rollout_engine(cfg, model_path)
+            stack.callback(close_engine, run.engine)
+            state = resume(run, cfg.trainer.resume)
+            if state.step:
+                sync_weights(run.actors, run.engine)  # the engines started from model.path
         print(
             f"[rl] worker groups ready in {time.perf_counter() - started:.1f}s: actor and reference {cfg.actor.engine} x "
             f"{cfg.actor.num_workers}{'' if run.reference else ' (reference off: algo.kl_coef=0)'}, rollout {type(run.engine).__name__}"
@@ -280,10 +295,8 @@ def step_seed(seed: int, step: int) -> int:
 def loop_settings(cfg, step: int):
     from tir.agent.loop import LoopSettings
 
-    choices = value_or(cfg, "rollout.choices", None)  # replies constrained to these texts (smoke runs)
-    return LoopSettings.from_recipe(
-        cfg.rollout, seed=step_seed(cfg.run.seed, step), choices=tuple(choices) if choices else None
-    )
+    # rollout.choices (replies constrained to these texts: smoke runs) comes with the section
+    return LoopSettings.from_recipe(cfg.rollout, seed=step_seed(cfg.run.seed, step))
 
 
 def recompute_old_logprobs(cfg) -> bool:

@@ -5,16 +5,11 @@ the run was placed (``placement.json``)."""
 from __future__ import annotations
 
 import asyncio
-import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from tir.config import value_or
 from tir.trainer import checkpoint
-
-if TYPE_CHECKING:
-    from tir.trainer.rl import Run
-
 
 SAMPLE_COLUMNS = ("image_id", "combo", "degradations", "seed", "lq", "hq")
 
@@ -25,17 +20,11 @@ class SetupError(RuntimeError):
 
 def policy_path(path: str) -> str:
     """``model.path``: a checkpoint folder, a hub name, or a run's SFT output folder (its
-    ``hf/`` checkpoint is used)."""
-    folder = Path(path)
-    if not (folder / "config.json").is_file() and (folder / "hf" / "config.json").is_file():
-        return str(folder / "hf")
-    hub_name = re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", str(path)) and not str(path).startswith("runs/")
-    if not folder.exists() and not hub_name:
-        raise FileNotFoundError(
-            f"no policy checkpoint at {path}: make one with `tir model tiny --out {path}` or "
-            f"`tir train sft`, or point model.path at a checkpoint or hub name"
-        )
-    return str(path)
+    ``hf/`` checkpoint is used): ``tir.agent.models.resolve_policy``, asking for ``config.json``
+    only (the processor is loaded next, and says what it misses)."""
+    from tir.agent.models import resolve_policy
+
+    return resolve_policy(path, need_processor=False)
 
 
 def load_processor(model_path: str):
@@ -76,7 +65,7 @@ def training_data(cfg):
     return samples, checkpoint.DataStream(len(samples), cfg.run.seed, fingerprint)
 
 
-def make_rollout_engine(cfg, model_path: str):
+def start_rollout_engine(cfg, model_path: str):
     """The rollout engine the recipe names: ``rollout.engine=hf`` with one replica, no GPU and no
     placement (``rollout.resources``) is the transformers engine in this process (no actor to
     start: tests, small CPU runs); anything else is a rollout group (``rollout.num_replicas`` Ray
@@ -91,7 +80,7 @@ def make_rollout_engine(cfg, model_path: str):
     return rollout_group(cfg, model_path=model_path)
 
 
-def record_placement(run: Run) -> dict:
+def record_placement(run) -> dict:
     """Where the run's parts landed, by Ray node id: the driver, each rank of each worker group,
     each pool replica; and each node's IP and custom resources (what ``*.resources`` in a recipe
     ask for). Written to ``placement.json`` beside the outputs: a multi-node run shows there
@@ -139,7 +128,8 @@ def close_engine(engine) -> None:
 def check_metrics(pool, samples, metrics) -> None:
     """Score one training photo with every reward metric: a metric the pool cannot run (its
     weights missing, say) stops the run here, by name, instead of scoring nothing every step."""
-    from tool_pool.client import PoolError, at_reference_size
+    from tool_pool.client import at_reference_size
+    from tool_pool.execution import PoolError
 
     lq, hq = samples.column("lq")[0], samples.column("hq")[0]
 

@@ -56,7 +56,7 @@ def run_sft(cfg) -> int:
     from tir.data.expert import ExpertSettings
     from tir.data.sft_rows import TRAIN_COLUMNS, sft_rows, split_by_image
     from tir.protocol import Batch
-    from tool_pool.client import make_pool
+    from tool_pool.pool import make_pool
     from workers.actor import actor_group
     from workers.rollout.hf_engine import HFEngine
 

@@ -4,6 +4,6 @@ Importing this package registers all three; each imports its heavy framework onl
 """
 
 from workers.engines import deepspeed_engine, fsdp2, plain  # noqa: F401  - register
-from workers.engines.base import ENGINES, EngineOptions, TrainingEngine, make_engine, token_logprobs
+from workers.engines.base import TRAINING_ENGINES, EngineOptions, TrainingEngine, make_training_engine, token_logprobs
 
-__all__ = ["ENGINES", "EngineOptions", "TrainingEngine", "make_engine", "token_logprobs"]
+__all__ = ["TRAINING_ENGINES", "EngineOptions", "TrainingEngine", "make_training_engine", "token_logprobs"]

@@ -38,7 +38,7 @@ from tir.agent.multimodal import model_inputs
 from tir.protocol import Batch
 from tir.registry import Registry
 
-ENGINES = Registry("training engine")
+TRAINING_ENGINES = Registry("training engine")
 LR_SCHEDULES = ("constant", "cosine")
 LOSS_WEIGHTS = ("tokens", "rows")
 LossFn = Callable[[torch.Tensor, dict], "tuple[torch.Tensor, dict[str, float]]"]
@@ -122,13 +122,13 @@ def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tenso
     return torch.nn.functional.pad(picked, (1, 0))
 
 
-def make_engine(
+def make_training_engine(
     name: str, model_path: str | os.PathLike, options: EngineOptions | dict | None = None, trainable: bool = True
 ) -> TrainingEngine:
     """The engine registered as ``name`` ("fsdp2", "deepspeed", "plain"), built on ``model_path``."""
     import workers.engines  # noqa: F401  - registers every engine
 
-    return ENGINES.get(name)(model_path, EngineOptions.coerce(options), trainable=trainable)
+    return TRAINING_ENGINES.get(name)(model_path, EngineOptions.coerce(options), trainable=trainable)
 
 
 class TrainingEngine(ABC):

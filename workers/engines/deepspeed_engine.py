@@ -15,12 +15,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from workers.engines.base import ENGINES, TrainingEngine, make_optimizer, make_scheduler
+from workers.engines.base import TRAINING_ENGINES, TrainingEngine, make_optimizer, make_scheduler
 
 _TAG = "state"  # one checkpoint per folder: the folder names the step, not DeepSpeed's tag
 
 
-@ENGINES.register("deepspeed")
+@TRAINING_ENGINES.register("deepspeed")
 class DeepSpeedEngine(TrainingEngine):
     name = "deepspeed"
 

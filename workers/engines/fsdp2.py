@@ -11,10 +11,10 @@ from pathlib import Path
 
 import torch
 
-from workers.engines.base import ENGINES, TrainingEngine, make_optimizer, make_scheduler
+from workers.engines.base import TRAINING_ENGINES, TrainingEngine, make_optimizer, make_scheduler
 
 
-@ENGINES.register("fsdp2")
+@TRAINING_ENGINES.register("fsdp2")
 class FSDP2Engine(TrainingEngine):
     name = "fsdp2"
 

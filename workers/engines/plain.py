@@ -7,10 +7,10 @@ from pathlib import Path
 
 import torch
 
-from workers.engines.base import ENGINES, TrainingEngine, make_optimizer, make_scheduler
+from workers.engines.base import TRAINING_ENGINES, TrainingEngine, make_optimizer, make_scheduler
 
 
-@ENGINES.register("plain")
+@TRAINING_ENGINES.register("plain")
 class PlainEngine(TrainingEngine):
     name = "plain"
 

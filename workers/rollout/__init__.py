@@ -1,5 +1,11 @@
 """Rollout engines: inference backends behind one interface (``base.RolloutEngine``)."""
 
-from workers.rollout.base import ENGINES, RolloutEngine, engine_class, make_engine, register_engine
+from workers.rollout.base import (
+    ROLLOUT_ENGINES,
+    RolloutEngine,
+    make_rollout_engine,
+    register_rollout_engine,
+    rollout_engine_class,
+)
 
-__all__ = ["ENGINES", "RolloutEngine", "engine_class", "make_engine", "register_engine"]
+__all__ = ["ROLLOUT_ENGINES", "RolloutEngine", "rollout_engine_class", "make_rollout_engine", "register_rollout_engine"]

@@ -28,10 +28,10 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from tir.registry import closest
+from tir.registry import unknown_name
 
-# recipe name -> "module:Class"; a new backend adds one line (or calls register_engine).
-ENGINES: dict[str, str] = {
+# recipe name -> "module:Class"; a new backend adds one line (or calls register_rollout_engine).
+ROLLOUT_ENGINES: dict[str, str] = {
     "hf": "workers.rollout.hf_engine:HFEngine",
     "vllm": "workers.rollout.vllm_engine:VLLMEngine",
 }
@@ -80,12 +80,7 @@ def check_sampling(sampling: Mapping[str, Any], extra_keys: Sequence[str] = ()) 
     """``sampling`` as a dict with defaults, or ValueError naming the bad key or value."""
     unknown = sorted(set(sampling) - set(SAMPLING_KEYS) - set(extra_keys))
     if unknown:
-        hint = closest(unknown[0], SAMPLING_KEYS)
-        raise ValueError(
-            f"unknown sampling key {unknown[0]!r}"
-            + (f"; did you mean {hint!r}?" if hint else "")
-            + f" (known: {', '.join(SAMPLING_KEYS)})"
-        )
+        raise ValueError(unknown_name("sampling key", unknown[0], SAMPLING_KEYS))
     out = {
         "temperature": 1.0,
         "top_p": 1.0,
@@ -116,26 +111,21 @@ def check_sampling(sampling: Mapping[str, Any], extra_keys: Sequence[str] = ()) 
     return out
 
 
-def register_engine(name: str, target: str) -> None:
+def register_rollout_engine(name: str, target: str) -> None:
     """Add a backend: ``target`` is ``"package.module:ClassName"``."""
     if ":" not in target:
         raise ValueError(f"engine target must look like 'package.module:ClassName', got {target!r}")
-    ENGINES[name] = target
+    ROLLOUT_ENGINES[name] = target
 
 
-def engine_class(name: str) -> type[RolloutEngine]:
+def rollout_engine_class(name: str) -> type[RolloutEngine]:
     """The engine class registered as ``name`` (imported now)."""
-    if name not in ENGINES:
-        hint = closest(name, ENGINES)
-        raise KeyError(
-            f"unknown rollout engine {name!r}"
-            + (f"; did you mean {hint!r}?" if hint else "")
-            + f" (known: {', '.join(sorted(ENGINES))})"
-        )
-    module_name, class_name = ENGINES[name].split(":")
+    if name not in ROLLOUT_ENGINES:
+        raise KeyError(unknown_name("rollout engine", name, sorted(ROLLOUT_ENGINES)))
+    module_name, class_name = ROLLOUT_ENGINES[name].split(":")
     return getattr(importlib.import_module(module_name), class_name)
 
 
-def make_engine(name: str, model_path: str, **options: Any) -> RolloutEngine:
-    """``ENGINES[name](model_path, **options)``: e.g. ``make_engine("hf", "runs/tiny_policy")``."""
-    return engine_class(name)(model_path, **options)
+def make_rollout_engine(name: str, model_path: str, **options: Any) -> RolloutEngine:
+    """``ROLLOUT_ENGINES[name](model_path, **options)``: e.g. ``make_rollout_engine("hf", "runs/tiny_policy")``."""
+    return rollout_engine_class(name)(model_path, **options)

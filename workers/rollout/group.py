@@ -32,7 +32,7 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from workers.group import Worker, WorkerDiedError, WorkerGroup
 from workers.rollout import weight_sync
-from workers.rollout.base import RolloutEngine, make_engine
+from workers.rollout.base import RolloutEngine, make_rollout_engine
 
 TRANSPORTS = ("object_store", "broadcast")
 
@@ -48,7 +48,7 @@ class RolloutReplica(Worker):
             os.environ.pop(name, None)  # vLLM would take them for its own
         options = dict(options or {})
         options["seed"] = options.get("seed", 0) + rank  # replicas sample differently
-        self.engine = make_engine(engine, model_path, **options)
+        self.engine = make_rollout_engine(engine, model_path, **options)
         self.streams = hasattr(self.engine, "begin_weight_update")  # vLLM: one reload fed bucket by bucket
         self._gate: asyncio.Condition | None = None
         self._inflight, self._updating = 0, False

@@ -1,0 +1,159 @@
+"""The learned degradation recogniser: features, scoring, training, checkpoints, and its use as
+the agent's perception (through the pool, by the env and by the baselines)."""
+
+import asyncio
+
+import numpy as np
+import pytest
+
+import tir  # noqa: F401 - shims first
+from tir.agent.perceive import Perception
+from tir.data.degradations import NAMES, degrade_chain
+from tir.data.recognizer import DEFAULT_CHECKPOINT, RecognizerError, load_recognizer, set_scores
+from tir.data.recognizer_features import FEATURE_NAMES, NUM_FEATURES, degradation_features
+from tir.data.recognizer_train import (
+    draw_combo,
+    example_features,
+    fit,
+    load_photos,
+    make_example,
+    training_combos,
+    tune_thresholds,
+)
+from tir.data.synth import list_sources, load_source
+from tool_pool.client import LocalPool
+from tool_pool.execution import PoolError
+
+PHOTOS = [load_source(s).image for s in list_sources("builtin") if s.image_id in ("astronaut", "coffee", "rocket")]
+
+
+def crop(side=128, photo=0):
+    return np.ascontiguousarray(PHOTOS[photo][100 : 100 + side, 100 : 100 + side])
+
+
+# ---------------------------------------------------------------- features
+
+
+def test_features_have_a_fixed_length_and_move_with_their_degradation():
+    clean = crop()
+    features = degradation_features(clean)
+    assert features.shape == (NUM_FEATURES,) == (len(FEATURE_NAMES),) and np.isfinite(features).all()
+    assert degradation_features(crop(32)).shape == (NUM_FEATURES,)  # a x4 thumbnail too
+    rng = np.random.default_rng(0)
+    index = {name: i for i, name in enumerate(FEATURE_NAMES)}
+    jpeg, _ = degrade_chain(clean, ["jpeg"], rng)
+    noisy, _ = degrade_chain(clean, ["noise"], rng)
+    # quantisation empties the high frequencies of the aligned 8x8 blocks only
+    assert degradation_features(jpeg)[index["dct_hf_ratio"]] < features[index["dct_hf_ratio"]] - 0.5
+    assert degradation_features(noisy)[index["noise_full"]] > features[index["noise_full"]] + 1.0
+    with pytest.raises(ValueError, match="expected an RGB uint8"):
+        degradation_features(clean.astype(np.float32))
+
+
+def test_training_examples_are_a_function_of_seed_and_index():
+    combos = training_combos()
+    a, combo_a = make_example(PHOTOS, combos, (96,), seed=3, index=11)
+    b, combo_b = make_example(PHOTOS, combos, (96,), seed=3, index=11)
+    assert combo_a == combo_b and np.array_equal(a, b)
+    # every kind is drawn, none dominates: triples are not 3 in 5 as a uniform draw over combinations gives
+    rng = np.random.default_rng(0)
+    sizes = [len(draw_combo(combos, rng)) for _ in range(4000)]
+    shares = np.bincount(sizes, minlength=4) / len(sizes)
+    assert 0.07 < shares[0] < 0.16 and 0.35 < shares[2] < 0.55 and shares[3] < 0.3
+
+
+def test_the_standard_test_sets_are_refused_as_training_photos(tmp_path):
+    (tmp_path / "Kodak24").mkdir()
+    with pytest.raises(RecognizerError, match="standard test set"):
+        load_photos([str(tmp_path / "Kodak24")])
+
+
+# ---------------------------------------------------------------- scores
+
+
+def test_set_scores_hand_computed():
+    predicted = [["noise"], ["noise", "jpeg"], [], ["haze"]]
+    truth = [["noise"], ["noise"], ["dark"], ["haze"]]
+    scores = set_scores(predicted, truth)
+    assert scores["exact_set"] == 0.5 and scores["samples"] == 4
+    noise = scores["per_degradation"]["noise"]
+    assert noise == {"precision": 1.0, "recall": 1.0, "support": 2}
+    assert scores["per_degradation"]["jpeg"] == {"precision": 0.0, "recall": None, "support": 0}
+    assert scores["per_degradation"]["dark"] == {"precision": None, "recall": 0.0, "support": 1}
+
+
+# ---------------------------------------------------------------- training and checkpoints
+
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory):
+    """A recogniser trained for seconds on three built-in photos: enough to learn JPEG and size."""
+    folder = tmp_path_factory.mktemp("recognizer")
+    x, y = example_features(PHOTOS, 600, seed=0, workers=1, shard_dir=folder / "features")
+    model = fit(x, y, seed=0, steps=300, hidden=32)
+    model.thresholds = tune_thresholds(model, x[:200], y[:200])
+    model.save(folder)
+    return folder, model, (x, y)
+
+
+@pytest.mark.slow  # trains a small model (~10 s; several times that on a busy machine)
+def test_training_is_deterministic_and_the_features_resume_from_their_shards(small_model):
+    folder, model, (x, y) = small_model
+    again_x, again_y = example_features(PHOTOS, 600, seed=0, workers=1, shard_dir=folder / "features")
+    assert np.array_equal(again_x, x) and np.array_equal(again_y, y)  # read back from the shard
+    twin = fit(x, y, seed=0, steps=300, hidden=32)
+    probabilities = model.probabilities_of_features(x[:50])
+    assert probabilities.shape == (50, len(NAMES))
+    assert np.allclose(twin.probabilities_of_features(x[:50]), probabilities, atol=1e-6)
+
+
+@pytest.mark.slow  # trains a small model (~10 s; several times that on a busy machine)
+def test_a_checkpoint_round_trips_and_bad_ones_fail_naming_the_file(small_model, tmp_path):
+    folder, model, (x, _) = small_model
+    loaded = load_recognizer(folder)
+    assert np.allclose(loaded.probabilities_of_features(x[:20]), model.probabilities_of_features(x[:20]))
+    assert np.array_equal(loaded.thresholds, model.thresholds)
+    (tmp_path / "model.pt").write_bytes((folder / "model.pt").read_bytes()[:100])
+    with pytest.raises(RecognizerError, match=r"model\.pt: not a readable recogniser checkpoint"):
+        load_recognizer(tmp_path)
+    with pytest.raises(RecognizerError, match="no recogniser checkpoint"):
+        load_recognizer(tmp_path / "missing")
+
+
+@pytest.mark.slow  # trains a small model (~10 s; several times that on a busy machine)
+def test_the_small_model_learns_what_is_easy(small_model):
+    _, model, _ = small_model
+    rng = np.random.default_rng(5)
+    jpeg, _ = degrade_chain(crop(photo=1), ["jpeg"], rng)
+    small, _ = degrade_chain(crop(photo=1), ["lowres"], rng)
+    assert "jpeg" in model.degradations(jpeg)
+    assert "lowres" in model.degradations(small)
+
+
+# ---------------------------------------------------------------- as the agent's perception
+
+
+@pytest.mark.slow  # trains a small model (~10 s; several times that on a busy machine)
+def test_the_pool_serves_perception_and_the_env_and_baselines_use_it(small_model):
+    folder, model, _ = small_model
+    pool = LocalPool(["jpeg_deblock_dct", "denoise_dct"])
+    rng = np.random.default_rng(1)
+    jpeg, _ = degrade_chain(crop(photo=2), ["jpeg"], rng)
+    seen = asyncio.run(pool.perceive(jpeg, str(folder)))
+    assert set(seen["probabilities"]) == set(NAMES) and seen["degradations"] == model.degradations(jpeg)
+    learned = Perception("learned", str(folder))
+    assert asyncio.run(learned.degradations(jpeg, pool)) == model.degradations(jpeg)
+    line = asyncio.run(learned.observe(jpeg, pool, style="guess"))
+    assert line == f"likely={'+'.join(model.degradations(jpeg)) or 'none'}"
+    with pytest.raises(PoolError, match="no recogniser checkpoint"):
+        asyncio.run(pool.perceive(jpeg, str(folder / "missing")))
+    with pytest.raises(ValueError, match="perception 'oracle' unknown"):
+        Perception("oracle")
+
+
+@pytest.mark.skipif(
+    not (DEFAULT_CHECKPOINT / "model.pt").is_file(), reason="no shipped recogniser checkpoint in this tree"
+)
+def test_the_shipped_checkpoint_loads_and_matches_this_versions_features():
+    model = load_recognizer()
+    assert model.labels == NAMES and model.mean.shape == (NUM_FEATURES,)

@@ -1,0 +1,148 @@
+"""A learned degradation recogniser: which of the eight degradations a photo shows.
+
+The hand-set cue thresholds (``tir.data.perception.likely_degradations``) were tuned on six
+photos and name the exact set in about 4 of 10 crops of other photos. This model reads the same
+kind of evidence (``tir.data.recognizer_features``: noise, blur, JPEG-grid, light, haze, rain and
+size statistics) and learns, from thousands of synthetic degradations of many photos, how to
+combine it: a small MLP, multi-label (one sigmoid per degradation), on standardised features.
+
+A checkpoint is one folder: ``model.pt`` (the weights, the feature standardisation, the label
+order, each label's decision threshold, the feature names it was trained on) and
+``MODEL_CARD.md`` (command, data, seed, held-out scores). ``tir perception train`` writes it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from tir.data.degradations import NAMES
+from tir.data.recognizer_features import FEATURE_NAMES, degradation_features
+
+# The checkpoint the recipes use by default: trained by `tir perception train` on BSDS500's 399
+# train and test photos (never the evaluation sets), shipped in the repository (tir/data/models/).
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "models" / "recognizer"
+WEIGHTS_FILE = "model.pt"
+
+
+class RecognizerError(ValueError):
+    """A recogniser checkpoint that cannot be used (the message names the file and why)."""
+
+
+def build_network(num_features: int, hidden: int, num_labels: int, dropout: float = 0.1):
+    """Standardised features -> two GELU layers -> one logit per degradation."""
+    import torch
+
+    return torch.nn.Sequential(
+        torch.nn.Linear(num_features, hidden),
+        torch.nn.GELU(),
+        torch.nn.Dropout(dropout),
+        torch.nn.Linear(hidden, hidden),
+        torch.nn.GELU(),
+        torch.nn.Dropout(dropout),
+        torch.nn.Linear(hidden, num_labels),
+    )
+
+
+class Recognizer:
+    """A trained recogniser: ``probabilities(images)`` and ``degradations(image)``."""
+
+    def __init__(self, network, mean: np.ndarray, std: np.ndarray, labels: Sequence[str], thresholds: np.ndarray):
+        self.network = network.eval()
+        self.mean, self.std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+        self.labels, self.thresholds = tuple(labels), np.asarray(thresholds, np.float32)
+
+    def probabilities_of_features(self, features: np.ndarray) -> np.ndarray:
+        """[N, labels] probabilities of a [N, features] matrix."""
+        import torch
+
+        x = torch.from_numpy(((np.asarray(features, np.float32) - self.mean) / self.std).astype(np.float32))
+        with torch.no_grad():
+            return torch.sigmoid(self.network(x)).numpy()
+
+    def probabilities(self, images: Sequence[np.ndarray]) -> list[dict[str, float]]:
+        """{degradation: probability} of each RGB uint8 image."""
+        probs = self.probabilities_of_features(np.stack([degradation_features(image) for image in images]))
+        return [dict(zip(self.labels, map(float, row))) for row in probs]
+
+    def decide(self, probabilities: Mapping[str, float]) -> list[str]:
+        """The degradations whose probability reaches their threshold, in ``NAMES`` order."""
+        limit = dict(zip(self.labels, self.thresholds.tolist()))
+        return [name for name in NAMES if name in probabilities and probabilities[name] >= limit.get(name, 0.5)]
+
+    def degradations(self, image: np.ndarray) -> list[str]:
+        return self.decide(self.probabilities([image])[0])
+
+    def state(self) -> dict:
+        return {
+            "network": self.network.state_dict(),
+            "hidden": int(self.network[0].out_features),
+            "mean": self.mean.tolist(),
+            "std": self.std.tolist(),
+            "labels": list(self.labels),
+            "thresholds": self.thresholds.tolist(),
+            "feature_names": list(FEATURE_NAMES),
+        }
+
+    def save(self, folder: str | os.PathLike, extra: Mapping | None = None) -> Path:
+        """``folder/model.pt``, written atomically."""
+        import torch
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / (WEIGHTS_FILE + ".tmp")
+        torch.save({**self.state(), **(dict(extra) if extra else {})}, tmp)
+        os.replace(tmp, folder / WEIGHTS_FILE)
+        return folder / WEIGHTS_FILE
+
+
+def load_recognizer(path: str | os.PathLike | None = None) -> Recognizer:
+    """The recogniser in ``path`` (a checkpoint folder or its model.pt; default: the shipped one)."""
+    import torch
+
+    path = Path(path) if path is not None else DEFAULT_CHECKPOINT
+    file = path / WEIGHTS_FILE if path.is_dir() else path
+    if not file.is_file():
+        raise RecognizerError(
+            f"{file}: no recogniser checkpoint (expected a folder written by `tir perception train`, holding {WEIGHTS_FILE})"
+        )
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same one-line error
+        raise RecognizerError(f"{file}: not a readable recogniser checkpoint ({type(err).__name__}: {err})") from None
+    missing = [
+        k for k in ("network", "hidden", "mean", "std", "labels", "thresholds", "feature_names") if k not in state
+    ]
+    if missing:
+        raise RecognizerError(f"{file}: not a recogniser checkpoint (missing {', '.join(missing)})")
+    if list(state["feature_names"]) != list(FEATURE_NAMES):
+        raise RecognizerError(
+            f"{file}: trained on other features ({len(state['feature_names'])} named, this version computes "
+            f"{len(FEATURE_NAMES)}); retrain it with `tir perception train`"
+        )
+    network = build_network(len(FEATURE_NAMES), int(state["hidden"]), len(state["labels"]))
+    network.load_state_dict(state["network"])
+    return Recognizer(
+        network, np.array(state["mean"]), np.array(state["std"]), state["labels"], np.array(state["thresholds"])
+    )
+
+
+# ------------------------------------------------------------------------------ scoring a recogniser
+def set_scores(predicted: Sequence[Sequence[str]], truth: Sequence[Sequence[str]]) -> dict:
+    """Exact-set accuracy and per-degradation precision / recall / support of predicted sets."""
+    if len(predicted) != len(truth):
+        raise ValueError(f"{len(predicted)} predictions for {len(truth)} true sets")
+    exact = float(np.mean([set(p) == set(t) for p, t in zip(predicted, truth)])) if truth else float("nan")
+    per = {}
+    for name in NAMES:
+        tp = sum(name in p and name in t for p, t in zip(predicted, truth))
+        guessed, actual = sum(name in p for p in predicted), sum(name in t for t in truth)
+        per[name] = {
+            "precision": tp / guessed if guessed else None,
+            "recall": tp / actual if actual else None,
+            "support": actual,
+        }
+    return {"exact_set": exact, "samples": len(truth), "per_degradation": per}

@@ -1,0 +1,382 @@
+"""``tir perception train``: train the degradation recogniser on synthetic degradations of photos.
+
+    tir perception train --hq /data/BSDS500/train --hq /data/BSDS500/test --samples 24000 --seed 0 --out runs/recognizer
+
+The story: list the training photos (built-in or folders; the field's standard test sets are
+refused) and set a tenth of them aside for validation -> draw ``--samples`` training examples,
+each a random crop (several sizes, flips, mild exposure and colour changes of the clean photo,
+so that "a dark photo" and "a darkened photo" are told apart as far as the pixels allow) under
+one combination of degradations (none, a single one, the protocol's groups A-C, or an
+out-of-domain pair or triple) at the protocol's parameter ranges -> their features, in shards on
+disk (``features/``: a killed run recomputes only missing shards) -> the MLP (AdamW, one-cycle
+LR) -> each degradation's decision threshold, chosen on the validation photos -> the held-out
+scores (group-A crops of 128 px of photos it never saw) -> ``model.pt`` and ``MODEL_CARD.md``.
+
+Every example is a function of (seed, index) alone, and training is seeded: the same command
+gives the same model on the same machine (float results may differ across CPUs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from tir.data.degradations import COMBINATIONS, NAMES, degrade_chain
+from tir.data.recognizer import Recognizer, RecognizerError, build_network, set_scores
+from tir.data.recognizer_features import NUM_FEATURES, degradation_features
+
+# The field's standard test sets: evaluation only, never training data.
+TEST_SETS = (
+    "set5",
+    "set14",
+    "mcmaster",
+    "kodak24",
+    "kodak",
+    "cbsd68",
+    "bsd68",
+    "bsd100",
+    "urban100",
+    "classic5",
+    "set12",
+)
+# How often each kind of example is drawn: a combination is drawn uniformly within its kind.
+# Drawing uniformly over all combinations instead would make 3 examples in 5 triples (ood3 has
+# 52), and the model would learn to see three degradations everywhere.
+KIND_WEIGHTS = {"clean": 1, "single": 2, "groupA": 2, "groupB": 1, "groupC": 1, "ood2": 1, "ood3": 1}
+CROP_SIDES = (96, 128, 160, 192)
+SHARD = 2000  # examples per feature shard: what a kill can lose at most
+
+
+def training_combos() -> dict[str, list[tuple[str, ...]]]:
+    """What an example may show, by kind: nothing, each single degradation, groups A-C, out of domain."""
+    kinds = {"clean": [()], "single": [(name,) for name in NAMES]}
+    return kinds | {g: [tuple(c) for c in COMBINATIONS[g]] for g in KIND_WEIGHTS if g not in kinds}
+
+
+def draw_combo(combos: dict[str, list[tuple[str, ...]]], rng: np.random.Generator) -> tuple[str, ...]:
+    kinds = [k for k, c in combos.items() if c]  # a kind KIND_WEIGHTS does not name weighs 1
+    weights = np.array([KIND_WEIGHTS.get(k, 1) for k in kinds], float)
+    chosen = combos[kinds[int(rng.choice(len(kinds), p=weights / weights.sum()))]]
+    return chosen[int(rng.integers(len(chosen)))]
+
+
+def jitter(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Flips and a mild change of exposure (gamma 0.85-1.2) and saturation (x0.8-1.2) of a clean crop."""
+    if rng.random() < 0.5:
+        image = image[:, ::-1]
+    if rng.random() < 0.3:
+        image = image[::-1]
+    x = (image.astype(np.float32) / 255.0) ** rng.uniform(0.85, 1.2)
+    grey = x.mean(axis=2, keepdims=True)
+    x = grey + (x - grey) * rng.uniform(0.8, 1.2)
+    return np.ascontiguousarray(np.clip(x * 255.0 + 0.5, 0, 255).astype(np.uint8))
+
+
+def make_example(photos: Sequence[np.ndarray], combos, sides: Sequence[int], seed: int, index: int):
+    """(degraded crop, true degradations) of example ``index``: a function of (seed, index)."""
+    rng = np.random.default_rng([seed, index])
+    photo = photos[int(rng.integers(len(photos)))]
+    side = min(int(rng.choice(sides)), *photo.shape[:2])
+    y, x = int(rng.integers(photo.shape[0] - side + 1)), int(rng.integers(photo.shape[1] - side + 1))
+    image = jitter(photo[y : y + side, x : x + side], rng)
+    combo = draw_combo(combos, rng)
+    if combo:
+        image, _ = degrade_chain(image, list(combo), rng)
+    return image, combo
+
+
+def labels_of(combo: Sequence[str]) -> np.ndarray:
+    return np.array([name in combo for name in NAMES], np.float32)
+
+
+_PHOTOS: list[np.ndarray] = []
+
+
+def _init_worker(photos):
+    global _PHOTOS
+    _PHOTOS = photos
+
+
+def _features_of(task) -> tuple[np.ndarray, np.ndarray]:
+    combos, sides, seed, index = task
+    image, combo = make_example(_PHOTOS, combos, sides, seed, index)
+    return degradation_features(image), labels_of(combo)
+
+
+def example_features(
+    photos, count: int, seed: int, combos=None, sides=CROP_SIDES, workers: int = 1, shard_dir=None, desc="features"
+):
+    """Features [count, F] and labels [count, 8] of examples 0..count-1, computed by ``workers``
+    processes; with ``shard_dir``, cached there shard by shard (a rerun reads what exists)."""
+    from tqdm import tqdm
+
+    combos = training_combos() if combos is None else combos
+    shards = [(start, min(start + SHARD, count)) for start in range(0, count, SHARD)]
+    features, labels = [], []
+    # spawned, not forked: a fork of a process whose torch threads are running can deadlock
+    pool = mp.get_context("spawn").Pool(workers, _init_worker, (photos,)) if workers > 1 else None
+    if pool is None:
+        _init_worker(photos)
+    try:
+        with tqdm(total=count, desc=desc, unit="crop", file=sys.stderr) as bar:
+            for start, end in shards:
+                path = Path(shard_dir) / f"shard_{seed}_{start:07d}_{end:07d}.npz" if shard_dir else None
+                if path is not None and path.is_file():
+                    cached = np.load(path)
+                    x, y = cached["x"], cached["y"]
+                    bar.update(end - start)
+                else:
+                    tasks = [(combos, tuple(sides), seed, i) for i in range(start, end)]
+                    rows = []
+                    for row in pool.imap(_features_of, tasks, chunksize=32) if pool else map(_features_of, tasks):
+                        rows.append(row)
+                        bar.update(1)
+                    x, y = np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows])
+                    if path is not None:
+                        path.parent.mkdir(parents=True, exist_ok=True)
+                        np.savez(path.with_suffix(".tmp.npz"), x=x, y=y)
+                        os.replace(path.with_suffix(".tmp.npz"), path)
+                features.append(x)
+                labels.append(y)
+    finally:
+        if pool is not None:
+            pool.terminate()
+    return np.concatenate(features).reshape(-1, NUM_FEATURES), np.concatenate(labels).reshape(-1, len(NAMES))
+
+
+def fit(
+    features: np.ndarray,
+    labels: np.ndarray,
+    seed: int,
+    steps: int = 4000,
+    hidden: int = 128,
+    lr: float = 3e-3,
+    batch: int = 256,
+):
+    """The MLP on standardised features (AdamW, one-cycle LR, binary cross-entropy), thresholds at 0.5."""
+    import torch
+    from tqdm import tqdm
+
+    torch.manual_seed(seed)
+    mean, std = features.mean(axis=0), features.std(axis=0) + 1e-6
+    x = torch.from_numpy(((features - mean) / std).astype(np.float32))
+    y = torch.from_numpy(labels.astype(np.float32))
+    network = build_network(features.shape[1], hidden, labels.shape[1])
+    optimizer = torch.optim.AdamW(network.parameters(), lr, weight_decay=1e-3)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=steps)
+    generator = torch.Generator().manual_seed(seed)
+    network.train()
+    with tqdm(range(steps), desc="training", unit="step", file=sys.stderr) as bar:
+        for step in bar:
+            rows = torch.randint(len(x), (batch,), generator=generator)
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(network(x[rows]), y[rows])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            if step % 200 == 0:
+                bar.set_postfix(bce=f"{loss.item():.3f}")
+    return Recognizer(network, mean, std, NAMES, np.full(len(NAMES), 0.5, np.float32))
+
+
+def tune_thresholds(model: Recognizer, features: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Each degradation's threshold maximising its F1 on validation examples (0.5 without positives)."""
+    probs = model.probabilities_of_features(features)
+    thresholds = np.full(len(NAMES), 0.5, np.float32)
+    for j in range(len(NAMES)):
+        truth = labels[:, j] > 0.5
+        if not truth.any():
+            continue
+        best = (-1.0, 0.5)
+        for t in np.linspace(0.1, 0.9, 33):
+            guess = probs[:, j] >= t
+            tp = float((guess & truth).sum())
+            f1 = 2 * tp / (guess.sum() + truth.sum())
+            best = max(best, (f1, -abs(t - 0.5), float(t)))[:2] + (float(t),) if f1 > best[0] else best
+        thresholds[j] = best[-1]
+    return thresholds
+
+
+def held_out_scores(model: Recognizer, features: np.ndarray, labels: np.ndarray) -> dict:
+    predicted = [model.decide(dict(zip(NAMES, row))) for row in model.probabilities_of_features(features)]
+    truth = [[n for n, v in zip(NAMES, row) if v > 0.5] for row in labels]
+    return set_scores(predicted, truth)
+
+
+# ------------------------------------------------------------------------------ the command
+def load_photos(specs: Sequence[str], exclude: Sequence[str] = ()) -> tuple[list[str], list[np.ndarray]]:
+    """(ids, RGB photos) of every source in ``specs`` ("builtin" or folders), less ``exclude``
+    ids; a folder named like one of the field's standard test sets is refused."""
+    from tir.data.synth import list_sources, load_source
+
+    ids, photos = [], []
+    for spec in specs:
+        parts = {part.lower() for part in Path(spec).parts}
+        banned = sorted(parts & set(TEST_SETS))
+        if spec != "builtin" and banned:
+            raise RecognizerError(
+                f"--hq {spec}: {banned[0]!r} is a standard test set, for evaluation only; train on training photos"
+            )
+        for source in list_sources(spec):
+            if source.image_id in exclude:
+                continue
+            loaded = load_source(source)
+            if loaded is not None and min(loaded.image.shape[:2]) >= max(CROP_SIDES):
+                ids.append(f"{spec}:{source.image_id}")
+                photos.append(loaded.image)
+    if len(photos) < 2:
+        raise RecognizerError(
+            f"--hq {', '.join(specs)}: {len(photos)} usable photo(s) of at least {max(CROP_SIDES)} px a side; need 2 or more"
+        )
+    return ids, photos
+
+
+def held_out_sets(photos: Sequence[np.ndarray], seed: int, count: int, workers: int) -> dict[str, tuple]:
+    """Features and labels of ``count`` 128 px crops of held-out photos per kind: group A (the
+    headline), B, C and out of domain."""
+    kinds = {"A": "groupA", "B": "groupB", "C": "groupC", "ood": "ood"}
+    return {
+        label: example_features(
+            photos,
+            count,
+            seed + 1000 + i,
+            {group: [tuple(c) for c in COMBINATIONS[group]]},
+            (128,),
+            workers,
+            desc=f"held-out {label}",
+        )
+        for i, (label, group) in enumerate(kinds.items())
+    }
+
+
+def model_card(
+    args,
+    command: str,
+    ids: Sequence[str],
+    heldout_ids: Sequence[str],
+    validation_ids: Sequence[str],
+    scores: dict,
+    seconds: float,
+) -> str:
+    lines = [
+        "# Degradation recogniser",
+        "",
+        "A small MLP over image statistics (tir/data/recognizer_features.py) that names which of the eight",
+        "degradations a photo shows (multi-label). Produced by the project's own command:",
+        "",
+        f"    {command}",
+        "",
+        f"- seed {args.seed}; {args.samples} synthetic training examples ({', '.join(map(str, CROP_SIDES))} px crops, flips, mild",
+        f"  exposure/colour changes; kinds weighted {KIND_WEIGHTS}); {args.steps} AdamW steps, hidden {args.hidden}",
+        f"- training photos: {len(ids)} from {', '.join(args.hq)} (validation, for the thresholds: {len(validation_ids)} of them)",
+        f"- held-out photos (never trained on): {', '.join(heldout_ids) if heldout_ids else 'none'}",
+        f"- wall time {seconds / 60:.1f} min on this machine",
+        "",
+        "## Held-out scores (128 px crops of the held-out photos)",
+        "",
+        "| set | crops | exact set | " + " | ".join(NAMES) + " |",
+        "|---|---|---|" + "---|" * len(NAMES),
+    ]
+    for label, score in scores.items():
+        cells = []
+        for name in NAMES:
+            p, r = score["per_degradation"][name]["precision"], score["per_degradation"][name]["recall"]
+            cells.append("-" if r is None else f"{'-' if p is None else f'{p:.2f}'}/{r:.2f}")
+        lines.append(f"| {label} | {score['samples']} | {score['exact_set']:.1%} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Cells: precision/recall. `benchmarks/perception.py` compares it with the cue thresholds on public test sets.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument(
+        "--hq", action="append", default=None, help="training photos: 'builtin' or a folder (repeatable)"
+    )
+    parser.add_argument(
+        "--heldout", default="chelsea,stereo_motorcycle", help="built-in photos never trained on, scored at the end"
+    )
+    parser.add_argument("--samples", type=int, default=24000, help="synthetic training examples")
+    parser.add_argument("--steps", type=int, default=4000, help="optimizer steps")
+    parser.add_argument("--hidden", type=int, default=128, help="width of the MLP's two hidden layers")
+    parser.add_argument("--heldout-crops", type=int, default=400, help="crops per held-out set (A, B, C, ood)")
+    parser.add_argument(
+        "--workers", type=int, default=max(1, min(4, os.cpu_count() or 1)), help="processes computing features"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--out", required=True, help="checkpoint folder (model.pt, MODEL_CARD.md, scores.json, features/)"
+    )
+    return parser
+
+
+def train_main(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    specs = args.hq or ["builtin"]
+    heldout = tuple(s.strip() for s in args.heldout.split(",") if s.strip())
+    for name, value in (
+        ("--samples", args.samples),
+        ("--steps", args.steps),
+        ("--hidden", args.hidden),
+        ("--workers", args.workers),
+    ):
+        if value < 1:
+            print(f"tir perception train: error: {name} must be >= 1, got {value}", file=sys.stderr)
+            return 2
+    try:
+        ids, photos = load_photos(specs, exclude=heldout)
+        _, heldout_photos = (
+            load_photos(["builtin"], exclude=[n for n in _builtin_names() if n not in heldout]) if heldout else ([], [])
+        )
+    except (RecognizerError, FileNotFoundError) as err:
+        print(f"tir perception train: error: {err}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    order = np.random.default_rng(args.seed).permutation(len(photos))
+    validation = sorted(order[: max(1, len(photos) // 10)].tolist())
+    train = [photos[i] for i in range(len(photos)) if i not in set(validation)]
+    features, labels = example_features(
+        train, args.samples, args.seed, workers=args.workers, shard_dir=out / "features"
+    )
+    val_x, val_y = example_features(
+        [photos[i] for i in validation],
+        max(200, args.samples // 10),
+        args.seed + 1,
+        workers=args.workers,
+        desc="validation",
+    )
+    model = fit(features, labels, args.seed, steps=args.steps, hidden=args.hidden)
+    model.thresholds = tune_thresholds(model, val_x, val_y)
+    sets = held_out_sets(heldout_photos, args.seed, args.heldout_crops, args.workers) if heldout_photos else {}
+    scores = {label: held_out_scores(model, x, y) for label, (x, y) in sets.items()}
+    scores["validation"] = held_out_scores(model, val_x, val_y)
+    model.save(out, extra={"seed": args.seed, "samples": args.samples})
+    command = (
+        "tir perception train " + " ".join(shlex.quote(a) for a in sys.argv[3:])
+        if sys.argv[1:3] == ["perception", "train"]
+        else "tir perception train ..."
+    )
+    (out / "MODEL_CARD.md").write_text(
+        model_card(args, command, ids, heldout, [ids[i] for i in validation], scores, time.perf_counter() - started)
+    )
+    (out / "scores.json").write_text(json.dumps(scores, indent=1))
+    for label, score in scores.items():
+        print(f"{label}: exact set {score['exact_set']:.1%} on {score['samples']} crops")
+    print(f"wrote {out / 'model.pt'} and {out / 'MODEL_CARD.md'} ({(time.perf_counter() - started) / 60:.1f} min)")
+    return 0
+
+
+def _builtin_names() -> list[str]:
+    from tir.data.synth import BUILTIN_PHOTOS
+
+    return list(BUILTIN_PHOTOS)

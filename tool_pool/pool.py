@@ -1,0 +1,17 @@
+"""``make_pool``: the pool a recipe asks for, whichever side of the client/server split it lives on."""
+
+from __future__ import annotations
+
+
+def make_pool(pool_cfg):
+    """``pool.backend`` "serve": the shared Ray Serve application (started if it is not running,
+    on the connected cluster); "local": tools and scorers in this process."""
+    if pool_cfg.backend == "local":
+        from tool_pool.client import LocalPool
+
+        return LocalPool(pool_cfg.tools)
+    if pool_cfg.backend == "serve":
+        from tool_pool.serve_app import start_pool
+
+        return start_pool(pool_cfg)
+    raise ValueError(f"pool.backend must be 'serve' or 'local', got {pool_cfg.backend!r}")
