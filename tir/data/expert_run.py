@@ -41,7 +41,7 @@ def run_shards(
     the rest. A rerun with other settings or inputs is refused."""
     from tqdm import tqdm
 
-    from tir.data.synth import _check_manifest
+    from tir.data.synth import check_manifest
 
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
@@ -52,7 +52,7 @@ def run_shards(
         "shard_size": shard_size,
         "settings": settings_dict(settings),
     }
-    _check_manifest(folder, fingerprint)
+    check_manifest(folder, fingerprint)
     starts = list(range(0, len(samples), shard_size))
     paths = [folder / f"part-{index:05d}.parquet" for index in range(len(starts))]
     finished = sum(min(shard_size, len(samples) - start) for start, path in zip(starts, paths) if path.exists())

@@ -93,13 +93,13 @@ def _gray(image: np.ndarray) -> np.ndarray:
     return cv2.cvtColor(image, cv2.COLOR_RGB2GRAY).astype(np.float32)
 
 
-def _odd(n: float, lo: int, hi: int) -> int:
+def odd_window(n: float, lo: int, hi: int) -> int:
     """An odd integer near ``n`` clamped to [lo, hi] (lo, hi odd): window sizes that scale with the image."""
     return int(min(hi, max(lo, int(n) // 2 * 2 + 1)))
 
 
 # ------------------------------------------------------------------------------ noise
-def _haar_diagonal(channel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def haar_diagonal(channel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The finest diagonal Haar band (HH) of one channel, and which of its 2x2 blocks are unclipped.
 
     HH is (a - b - c + d) / 2 over each 2x2 block: image structure mostly cancels, white noise of
@@ -120,14 +120,14 @@ def noise_sigma(image: np.ndarray) -> float:
     check_image(image)
     sigmas = []
     for k in range(3):
-        band, unclipped = _haar_diagonal(image[..., k])
+        band, unclipped = haar_diagonal(image[..., k])
         values = band[unclipped] if unclipped.mean() > 0.1 else band.ravel()  # mostly clipped: use all
         sigmas.append(float(np.median(np.abs(values))) * MAD_TO_SIGMA)
     return float(np.mean(sigmas))
 
 
 # ------------------------------------------------------------------------------ blur
-def _half(gray: np.ndarray) -> np.ndarray:
+def half_size(gray: np.ndarray) -> np.ndarray:
     """2x2 block means: halves the noise's std while a blur of width w keeps width w/2."""
     h, w = gray.shape
     x = gray[: h // 2 * 2, : w // 2 * 2]
@@ -158,8 +158,8 @@ def directional_sharpness(image: np.ndarray) -> np.ndarray | None:
     noisy blurred photo still reads as blurred."""
     gray, block = _gray(check_image(image)), JPEG_BLOCK
     if min(gray.shape) >= HALVE_FROM:
-        gray, block = _half(gray), JPEG_BLOCK // 2
-    band, _ = _haar_diagonal(gray)
+        gray, block = half_size(gray), JPEG_BLOCK // 2
+    band, _ = haar_diagonal(gray)
     noise_power = 2 * (float(np.median(np.abs(band))) * MAD_TO_SIGMA) ** 2
     near = np.array([_mean_square_step(gray, dy, dx, block) for dy, dx in DIRECTIONS]) - noise_power
     far = np.array([_mean_square_step(gray, 3 * dy, 3 * dx, block) for dy, dx in DIRECTIONS]) - noise_power
@@ -208,7 +208,7 @@ def haze(image: np.ndarray) -> float:
     size, smaller on small images) is wide enough to find a dark pixel in textured regions.
     A 5 px box blur first, so that noise's dark outliers do not pass for haze-free shadows."""
     side = min(check_image(image).shape[:2])
-    box, patch = _odd(side / 25, 3, 5), _odd(side / 8, 3, 15)
+    box, patch = odd_window(side / 25, 3, 5), odd_window(side / 8, 3, 15)
     smooth = cv2.blur(image, (box, box))
     lowest = cv2.min(cv2.min(smooth[..., 0], smooth[..., 1]), smooth[..., 2])
     dark = cv2.erode(lowest, np.ones((patch, patch), np.uint8))
@@ -249,7 +249,7 @@ def line_kernel(length: int, angle: float) -> np.ndarray:
     return kernel
 
 
-def _streaks(gray: np.ndarray, thin: np.ndarray, angles: Sequence[float], length: int) -> float:
+def streak_strength(gray: np.ndarray, thin: np.ndarray, angles: Sequence[float], length: int) -> float:
     """Mean of the thin bright details (white top-hat with the ``thin`` element) that survive an
     opening by a line at one of ``angles``: the best angle's value, in gray levels."""
     details = gray - cv2.morphologyEx(gray, cv2.MORPH_OPEN, thin)
@@ -263,10 +263,10 @@ def rain(image: np.ndarray) -> float:
     same measure turned 90 degrees is subtracted, so that isotropic texture and noise, which
     leave a little of both, cancel (clamped at 0)."""
     gray = _gray(check_image(image))
-    width = _odd(min(gray.shape) / 18, 3, 7)  # wider than a streak: the top-hat keeps streaks
-    length = _odd(min(gray.shape) / 12, 5, 11)  # longer than texture specks, shorter than streaks
-    upright = _streaks(gray, np.ones((1, width), np.uint8), (-30, -15, 0, 15, 30), length)
-    sideways = _streaks(gray, np.ones((width, 1), np.uint8), (90,), length)
+    width = odd_window(min(gray.shape) / 18, 3, 7)  # wider than a streak: the top-hat keeps streaks
+    length = odd_window(min(gray.shape) / 12, 5, 11)  # longer than texture specks, shorter than streaks
+    upright = streak_strength(gray, np.ones((1, width), np.uint8), (-30, -15, 0, 15, 30), length)
+    sideways = streak_strength(gray, np.ones((width, 1), np.uint8), (90,), length)
     return max(0.0, upright - sideways)
 
 

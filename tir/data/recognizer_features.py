@@ -96,7 +96,7 @@ def _directions(gray: np.ndarray) -> list[float]:
     spread: the RMS change over 1 px relative to over 3 px, by sub-pixel shifts, on a half-size
     copy of large images. Motion blur leaves one direction soft and its perpendicular sharp."""
     if min(gray.shape) >= perception.HALVE_FROM:
-        gray = perception._half(gray)
+        gray = perception.half_size(gray)
     ratios = []
     for angle in ANGLES:
         dx, dy = math.cos(math.radians(angle)), math.sin(math.radians(angle))
@@ -115,7 +115,7 @@ def _shift_energy(gray: np.ndarray, dx: float, dy: float) -> float:
 
 
 def _robust_sigma(gray: np.ndarray) -> float:
-    band, _ = perception._haar_diagonal(gray)
+    band, _ = perception.haar_diagonal(gray)
     return float(np.median(np.abs(band))) * perception.MAD_TO_SIGMA
 
 
@@ -123,13 +123,13 @@ def _noise(image: np.ndarray, gray: np.ndarray) -> list[float]:
     """Noise at three scales (white noise halves per halving, texture does not) and in the chroma
     channels (JPEG removes the fine luma noise first; blotchy chroma noise survives it)."""
     full = _robust_sigma(gray)
-    half_gray = perception._half(gray) if min(gray.shape) >= 16 else gray
+    half_gray = perception.half_size(gray) if min(gray.shape) >= 16 else gray
     half = _robust_sigma(half_gray)
-    quarter = _robust_sigma(perception._half(half_gray)) if min(half_gray.shape) >= 16 else half
+    quarter = _robust_sigma(perception.half_size(half_gray)) if min(half_gray.shape) >= 16 else half
     chroma = cv2.cvtColor(image, cv2.COLOR_RGB2YCrCb)[..., 1:].astype(np.float32)
     chroma_full = np.mean([_robust_sigma(chroma[..., k]) for k in range(2)])
     chroma_half = (
-        np.mean([_robust_sigma(perception._half(chroma[..., k])) for k in range(2)])
+        np.mean([_robust_sigma(perception.half_size(chroma[..., k])) for k in range(2)])
         if min(gray.shape) >= 16
         else chroma_full
     )
@@ -220,8 +220,8 @@ def _haze(image: np.ndarray, gray: np.ndarray) -> list[float]:
 
 
 def _rain(gray: np.ndarray) -> list[float]:
-    width = perception._odd(min(gray.shape) / 18, 3, 7)
-    length = perception._odd(min(gray.shape) / 12, 5, 11)
-    upright = perception._streaks(gray, np.ones((1, width), np.uint8), (-30, -15, 0, 15, 30), length)
-    sideways = perception._streaks(gray, np.ones((width, 1), np.uint8), (90,), length)
+    width = perception.odd_window(min(gray.shape) / 18, 3, 7)
+    length = perception.odd_window(min(gray.shape) / 12, 5, 11)
+    upright = perception.streak_strength(gray, np.ones((1, width), np.uint8), (-30, -15, 0, 15, 30), length)
+    sideways = perception.streak_strength(gray, np.ones((width, 1), np.uint8), (90,), length)
     return [math.log1p(upright), math.log1p(sideways), math.log1p(max(0.0, upright - sideways))]

@@ -304,7 +304,7 @@ def synthesize_shards(
         "resize_short": resize_short,
         "shard_size": shard_size,
     }
-    _check_manifest(out_dir, settings)
+    check_manifest(out_dir, settings)
     paths = []
     with tqdm(total=len(plan), desc="synth", unit="sample", disable=not progress) as bar:
         for index, start in enumerate(range(0, len(plan), shard_size)):
@@ -321,7 +321,7 @@ def synthesize_shards(
     return paths
 
 
-def _check_manifest(out_dir: Path, settings: dict) -> None:
+def check_manifest(out_dir: Path, settings: dict) -> None:
     manifest = out_dir / MANIFEST
     if manifest.exists():
         if json.loads(manifest.read_text()) != settings:
