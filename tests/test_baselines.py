@@ -2,6 +2,7 @@
 
 import asyncio
 
+import numpy as np
 import pytest
 
 import tir  # noqa: F401  - shims first
@@ -175,3 +176,44 @@ def test_baselines_are_found_by_name():
     assert make_baseline("random", seed=3).seed == 3
     with pytest.raises(KeyError, match="did you mean 'exhaustive'"):
         make_baseline("exhaustiv")
+
+
+class InFlightPool(LocalPool):
+    """A LocalPool that records how many tool calls and scorings are in flight at most."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.in_flight = self.most = 0
+
+    async def _counted(self, coroutine):
+        self.in_flight += 1
+        self.most = max(self.most, self.in_flight)
+        try:
+            return await coroutine
+        finally:
+            self.in_flight -= 1
+
+    async def run(self, tool, image, **args):
+        return await self._counted(super().run(tool, image, **args))
+
+    async def score(self, metrics, image, reference=None):
+        return await self._counted(super().score(metrics, image, reference))
+
+
+def test_exhaustive_runs_and_scores_a_bounded_number_of_candidates_at_once(data):
+    sample = pick(data, "rain")
+    tools = TOOLS  # two deraining tools: without the bound both would run at once
+    pool = InFlightPool(tools)
+    agent = ExhaustiveAgent("niqe", concurrency=1)
+    asyncio.run(run_baseline_episode(agent, pool, sample.column("lq")[0], tool_schemas(tools), ["rain"], 4))
+    assert pool.most == 1, pool.most
+    with pytest.raises(ValueError, match="concurrency"):
+        ExhaustiveAgent(concurrency=0)
+
+
+def test_exhaustive_runs_fewer_candidates_at_once_on_large_photos():
+    agent = ExhaustiveAgent()
+    assert agent.slots(np.zeros((128, 128, 3), np.uint8)) == 4
+    assert agent.slots(np.zeros((2048, 2048, 3), np.uint8)) == 4
+    assert agent.slots(np.zeros((3000, 2000, 3), np.uint8)) == 2
+    assert agent.slots(np.zeros((3000, 4000, 3), np.uint8)) == 1

@@ -1,9 +1,10 @@
+import re
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tir.config import RecipeError, config_hash, load_recipe, save_resolved, split_cli_overrides
+from tir.config import RECIPES_DIR, RecipeError, config_hash, load_recipe, save_resolved, split_cli_overrides
 
 
 def write(path: Path, text: str) -> Path:
@@ -86,3 +87,35 @@ def test_rollout_choices_is_a_recipe_key(tmp_path):
     assert list(load_recipe(path).rollout.choices) == replies[:1]
     with pytest.raises(RecipeError, match=r"key 'rollout.choices' expects"):
         load_recipe("tiny_cpu", ["rollout.choices=3"])
+
+
+def test_a_yaml_syntax_error_names_the_file_and_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("trainer:\n  total_steps: 3\n  batch_size: [1, 2\n")
+    with pytest.raises(RecipeError, match=r"bad\.yaml:\d+: not valid YAML") as err:
+        load_recipe(bad)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("trainer.total_steps=-5", "trainer.total_steps=-5 is out of range: expected >= 1"),
+        ("trainer.batch_size=0", "trainer.batch_size=0 is out of range: expected >= 1"),
+        ("actor.lr=-1", "actor.lr=-1.0 is out of range: expected > 0"),
+        ("pool.num_replicas=0", "pool.num_replicas=0 is out of range: expected >= 1"),
+        ("rollout.engine=foo", "rollout.engine='foo' is out of range: expected one of hf, vllm"),
+        ("rollout.n=0", "rollout.n=0 is out of range"),
+        ("model.perception=magic", "expected one of thresholds, learned"),
+        ("model.cue_style=long", "expected one of full, guess"),
+        ("model.tool_prompt=some", "expected one of full, names"),
+    ],
+)
+def test_recipe_values_are_range_checked_at_load_time(override, words):
+    with pytest.raises(RecipeError, match=re.escape(words)):
+        load_recipe("tiny_cpu", [override])
+
+
+def test_every_packaged_recipe_is_in_range():
+    for path in sorted(RECIPES_DIR.glob("*.yaml")):
+        load_recipe(path)

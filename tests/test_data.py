@@ -190,6 +190,40 @@ def test_cli_writes_one_file(photo_folder, tmp_path, capsys):
     assert "groupZ" in capsys.readouterr().err
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_a_photo_smaller_than_the_crop_is_named_and_skipped(photo_folder, tmp_path, capsys):
+    write_rgb(photo_folder / "small.png", skimage.data.coffee()[:80, :100])  # 100x80: short side 80
+    with pytest.warns(UserWarning, match=r"skipping 'small.png' .*100x80 is smaller than --crop 96"):
+        batch = synthesize(photo_folder, "noise", crop=96, progress=False)
+    assert set(batch.column("image_id")) == {"b_coffee.png"}  # 120x100 is the only one big enough
+    assert {hq.shape for hq in batch.column("hq")} == {(96, 96, 3)}  # never a smaller crop
+    out = tmp_path / "x.parquet"
+    with pytest.warns(UserWarning, match="small.png"):
+        assert synth_main(parse(["--hq", str(photo_folder), "--crop", "96", "--no-progress", "--out", str(out)])) == 0
+    capsys.readouterr()
+    for argv, expected in [
+        (["--crop", "0"], "--crop must be >= 4"),
+        (["--crop", "-8"], "--crop must be >= 4"),
+        (["--resize-short", "0"], "--resize-short must be >= 4"),
+        (["--out", str(tmp_path)], "is a folder; expected a .parquet file"),
+        (["--shard-size", "2", "--out", str(out)], "is a file; with --shard-size it must be a folder"),
+    ]:
+        argv = argv if "--out" in argv else [*argv, "--out", str(tmp_path / "y.parquet")]
+        assert synth_main(parse(["--hq", str(photo_folder), "--no-progress", *argv])) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and expected in err, err
+
+
+def test_a_text_file_named_parquet_is_one_clear_error(tmp_path):
+    from tir.data.synth import SynthReadError
+
+    fake = tmp_path / "fake.parquet"
+    fake.write_text("not parquet")
+    with pytest.raises(SynthReadError, match=r"fake.parquet' is not a readable Parquet file") as err:
+        read_synth(fake)
+    assert "\n" not in str(err.value)
+
+
 def test_cli_shards_resume_after_an_interruption(tmp_path, capsys):
     out = tmp_path / "shards"
     argv = [

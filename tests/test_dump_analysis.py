@@ -13,6 +13,7 @@ import textwrap
 from collections import Counter
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -232,6 +233,29 @@ def test_statistics_of_hand_made_episodes():
         reader.parse_steps("a-b")
 
 
+def test_the_markdown_summary_escapes_html_from_trajectories():
+    evil = "</script><img src=x onerror=alert(1)>"
+    episodes = [
+        reader.episode_record(
+            1,
+            0,
+            {
+                "combo": "<!--<script>",
+                "tool_calls": [{"name": evil, "ok": True, "committed": True}],
+                "num_turns": 2,
+                "format_errors": 0,
+                "stop_reason": "<b>answer</b>",
+                "reward": 1.0,
+                "reward_terms": {"gain": {"<i>psnr": 1.0}, "contribution": {}},
+                "reward_weights": {"<i>psnr": 1.0},
+            },
+        )
+    ]
+    text = dump_analysis.markdown_report(dump_analysis.summarize(episodes))
+    assert "<" not in text and "&lt;img src=x onerror=alert(1)&gt;" in text
+    assert "&lt;!--&lt;script&gt;" in text and "&lt;b&gt;answer&lt;/b&gt;" in text
+
+
 # ---------------------------------------------------------------- the commands
 
 
@@ -331,6 +355,22 @@ def sections(dom):
     ]
 
 
+def poisoned_copy(folder, out):
+    """A copy of the dumps whose first policy message holds HTML that could break the page."""
+    shutil.copytree(folder, out)
+    path = list_dumps(out)[STEPS[0]]
+    table = pq.read_table(path)
+    messages = table.column("messages").to_pylist()
+    chat = json.loads(messages[0])
+    reply = next(m for m in chat if m["role"] == "assistant")
+    reply["text"] = "<!--<script> " + reply["text"] + " </script><img src=x onerror=alert(1)>"
+    messages[0] = json.dumps(chat)
+    index = table.schema.get_field_index("messages")
+    table = table.set_column(index, table.schema.field(index), pa.array(messages, table.schema.field(index).type))
+    pq.write_table(table, path)
+    return out
+
+
 @pytest.mark.browser
 def test_viewer_renders_every_trajectory_in_headless_chromium(dumps, tmp_path, capsys):
     out = tmp_path / "report.html"
@@ -365,6 +405,17 @@ def test_viewer_renders_every_trajectory_in_headless_chromium(dumps, tmp_path, c
     low = sorted(r["reward"] for r in rows)[4]
     dom = load_page(out.as_uri() + f"#rmin={low}", profile, "--dump-dom")
     assert len([1 for hidden, *_ in sections(dom) if not hidden]) == sum(r["reward"] >= low for r in rows)
+
+    # a policy message that would end or stall the embedded JSON: every trajectory is still shown
+    poisoned = poisoned_copy(dumps, tmp_path / "poisoned")
+    evil = tmp_path / "evil.html"
+    assert dumps_main(parse("view", str(poisoned), "--out", str(evil))) == 0
+    dom = load_page(evil.as_uri(), profile, "--dump-dom")
+    body = re.search(r"<body[^>]*>", dom).group(0)
+    assert 'data-ready="1"' in body and "data-error" not in body and 'data-shown="8"' in body, body
+    page = evil.read_text()
+    assert "<!--<script>" not in page and "<img src=x" not in page
+    assert "onerror=alert(1)" in dom and '<img src="x"' not in dom  # shown as text, never as markup
 
     shot = tmp_path / "report.png"
     load_page(out.as_uri(), profile, "--window-size=1400,1800", f"--screenshot={shot}")

@@ -202,3 +202,96 @@ def test_bad_construction_and_images_are_named(noisy):
         RestorationEnv(LocalPool(), [])
     with pytest.raises(ValueError, match="uint8 HxWx3"):
         run(make_env().reset(noisy.astype(np.float32)))
+
+
+class CountingPool(LocalPool):
+    """A LocalPool that counts the tool calls that reach it."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.calls: list[str] = []
+
+    async def run(self, tool, image, **args):
+        self.calls.append(tool)
+        return await super().run(tool, image, **args)
+
+
+def test_a_call_over_the_size_limits_is_refused_as_a_tool_error_and_never_runs():
+    pool = CountingPool(TOOLS)
+    env = RestorationEnv(pool, SCHEMAS, max_turns=4, max_side=1000, max_pixels=10**6)
+    image = np.full((300, 200, 3), 128, np.uint8)
+
+    async def episode():
+        await env.reset(image)
+        return await env.step(call("sr_bicubic"))
+
+    step = run(episode())
+    assert pool.calls == [] and env.image is image and not step.done
+    assert step.observation.image is None and "over the limit" in prompts.message_text(step.observation.message)
+    [record] = env.tool_calls
+    assert not record["ok"] and record["error_kind"] == "too_large" and "800x1200" in record["error"]
+    assert env.summary()["tool_errors"] == 1 and env.log[-1]["kind"] == "tool_error"
+    # within the limits the same call runs; the pixel limit counts too
+    assert run(env.try_tool(prompts.ToolCall("sr_bicubic", {}), image[:250])) is not None
+    assert pool.calls == ["sr_bicubic"]
+    narrow = RestorationEnv(pool, SCHEMAS, max_side=1000, max_pixels=800 * 800)
+    run(narrow.reset(image))
+    assert run(narrow.try_tool(prompts.ToolCall("sr_bicubic", {}), image[:250])) is None
+    assert narrow.tool_calls[-1]["error_kind"] == "too_large" and pool.calls == ["sr_bicubic"]
+    with pytest.raises(ValueError, match="max_side"):
+        RestorationEnv(pool, SCHEMAS, max_side=0)
+
+
+def test_the_size_limits_come_from_the_recipe():
+    from tir.agent.env import MAX_PIXELS, MAX_SIDE, recipe_limits
+    from tir.agent.loop import LoopSettings
+    from tir.config import load_recipe
+
+    cfg = load_recipe(None, ["env.max_side=512", "env.max_pixels=1000"])
+    assert recipe_limits(cfg) == {"max_side": 512, "max_pixels": 1000}
+    settings = LoopSettings.from_recipe(cfg.rollout, cfg.env)
+    assert (settings.max_side, settings.max_pixels) == (512, 1000)
+    defaults = {"max_side": MAX_SIDE, "max_pixels": MAX_PIXELS}
+    assert recipe_limits(load_recipe(None)) == defaults == {"max_side": 4096, "max_pixels": 4096 * 4096}
+
+
+def test_soak_adversarial_super_resolution_every_turn_stays_bounded():
+    """A scripted policy that asks for x4 super-resolution every turn, 200 turns from 128x128: the
+    image stops at the limit, every refused call is a tool-error observation, and memory stays
+    bounded (the stated bound: 400 MB of peak RSS growth, 200 MB of peak traced allocation)."""
+    import resource
+    import tracemalloc
+
+    turns = 200
+    pool = CountingPool(TOOLS)
+    env = RestorationEnv(pool, SCHEMAS, max_turns=turns)
+    image = np.random.default_rng(0).integers(0, 256, (128, 128, 3), dtype=np.uint8)
+
+    async def episode():
+        observations = [await env.reset(image)]
+        while not env.done:
+            step = await env.step(call("sr_bicubic"))
+            observations.append(step.observation)
+        return observations
+
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    tracemalloc.start()
+    try:
+        observations = run(episode())
+        _, traced_peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    rss_growth = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) * 1024
+
+    assert env.turns == turns and env.stop_reason == "max_turns"
+    assert env.image.shape == (2048, 2048, 3)  # 128 -> 512 -> 2048; 8192 would pass 4096
+    assert max(env.image.shape[:2]) <= env.max_side and env.image.shape[0] * env.image.shape[1] <= env.max_pixels
+    assert pool.calls == ["sr_bicubic"] * 2  # refused calls never reach the pool
+    refused = [r for r in env.tool_calls if not r["ok"]]
+    assert len(refused) == turns - 2 and all(r["error_kind"] == "too_large" for r in refused)
+    shown = [o for o in observations[3:] if o is not None]
+    assert len(shown) == turns - 3  # the last turn ends the episode: nothing more is shown
+    assert all(o.image is None and "over the limit" in prompts.message_text(o.message) for o in shown)
+    assert len(env.images_shown) == 3
+    assert traced_peak < 200e6, f"peak traced allocation {traced_peak / 1e6:.0f} MB"
+    assert rss_growth < 400e6, f"peak RSS grew by {rss_growth / 1e6:.0f} MB"

@@ -268,6 +268,41 @@ def test_a_folder_that_is_no_policy_and_a_missing_path_are_refused(tmp_path):
         parse_agents("runs/nowhere/sft/hf")
 
 
+def test_a_checkpoint_folder_without_weights_fails_before_any_agent_runs(tmp_path, policy):
+    no_weights = tmp_path / "no_weights"
+    no_weights.mkdir()
+    for file in Path(policy).iterdir():
+        if file.is_file() and not file.name.endswith((".safetensors", ".bin")):
+            (no_weights / file.name).write_bytes(file.read_bytes())
+    with pytest.raises(EvalError, match=r"no_weights' lacks the model weights"):
+        parse_agents(f"identity,broken={no_weights}")
+
+
+def test_a_mistyped_hub_name_fails_fast_offline(monkeypatch):
+    import time
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    started = time.perf_counter()
+    with pytest.raises(EvalError, match=r"'foo/bar' is not a local folder and not in the hub cache"):
+        parse_agents("identity,foo/bar")
+    assert time.perf_counter() - started < 5
+
+
+def test_the_finished_agents_results_are_written_when_one_fails(test_set, tmp_path):
+    from tir.eval.agent_specs import AgentSpec
+
+    agents = {
+        "identity": AgentSpec("identity", "identity", name="identity"),
+        "broken": AgentSpec("broken", "policy", path=str(tmp_path / "gone")),  # vanished after the check
+    }
+    out = tmp_path / "out"
+    with pytest.raises(EvalError, match=r"agent 'broken' failed: .*the results of identity are in .*eval.json"):
+        evaluate_agents(agents, test_set.slice(0, 2), LocalPool(TOOLS), settings=settings(), out_dir=out)
+    written = json.loads((out / "eval.json").read_text())
+    assert list(written["aggregates"]) == ["identity"] and len(written["rows"]) == 2
+    assert "broken" in written["meta"]["failed"] and "identity" in (out / "report.md").read_text()
+
+
 def test_the_cli_reports_bad_input_in_one_line(tmp_path, capsys):
     parser = eval_cli.add_eval_arguments(__import__("argparse").ArgumentParser())
     code = eval_cli.eval_main(
@@ -283,3 +318,9 @@ def test_the_cli_reports_bad_input_in_one_line(tmp_path, capsys):
         )
     )
     assert code == 2 and "did you mean 'identity'" in capsys.readouterr().err
+    (tmp_path / "text.parquet").write_text("not parquet")
+    code = eval_cli.eval_main(
+        parser.parse_args(["--test", str(tmp_path / "text.parquet"), "--agents", "identity", "--out", str(tmp_path)])
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "text.parquet' is not a readable Parquet file" in err, err

@@ -356,3 +356,22 @@ def test_a_killed_run_resumes_without_redoing_finished_samples(tmp_path):
         np.array_equal(a, run_tools(lq, tools))
         for a, lq, tools in zip(batch.column("final_image"), batch.column("lq"), batch.column("tools"))
     )
+
+
+def test_the_search_runs_a_bounded_number_of_calls_at_once():
+    from tir.data.expert import SEARCH_CONCURRENCY, bounded_gather
+
+    state = {"now": 0, "most": 0}
+
+    async def job(i):
+        state["now"] += 1
+        state["most"] = max(state["most"], state["now"])
+        await asyncio.sleep(0.001)
+        state["now"] -= 1
+        return i
+
+    assert asyncio.run(bounded_gather(job(i) for i in range(20))) == list(range(20))
+    assert state["most"] == SEARCH_CONCURRENCY == 4
+    state["most"] = 0
+    asyncio.run(bounded_gather((job(i) for i in range(5)), limit=2))
+    assert state["most"] == 2

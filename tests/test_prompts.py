@@ -224,6 +224,33 @@ def test_echoed_policy_text_is_clipped():
     assert result.kind == "unknown_tool" and len(result.message) < 300
 
 
+@pytest.mark.parametrize(
+    "body",
+    [
+        '{"name": "denoise_tv", "arguments": {"strength": "\\ud800"}}',
+        '{"name": "denoise_tv", "arguments": {"\\udfff": 1}}',
+        '{"name": "\\ud800tv", "arguments": {}}',
+        '{"name": "denoise_tv", "arguments": {"strength": 1, "strength": "\\ud800"}}',
+    ],
+)
+def test_lone_surrogates_give_an_error_that_encodes_to_utf8(body):
+    result = parse_action(call_text(body), SCHEMAS)
+    assert isinstance(result, ParseError), result
+    result.message.encode("utf-8")  # the tokenizer must be able to read the observation
+
+
+def test_the_duplicate_key_check_is_linear():
+    import time
+
+    many = "{" + ", ".join(f'"k{i}": {i}' for i in range(40_000)) + "}"
+    start = time.perf_counter()
+    result = parse_action(call_text('{"name": "denoise_tv", "arguments": ' + many + "}"), SCHEMAS)
+    assert time.perf_counter() - start < 1.0 and isinstance(result, ParseError)
+    dup = many[:-1] + ', "k7": 0}'
+    result = parse_action(call_text('{"name": "denoise_tv", "arguments": ' + dup + "}"), SCHEMAS)
+    assert result.kind == "bad_json" and "duplicate key 'k7'" in result.message
+
+
 def test_additional_properties_true_allows_unknown_arguments():
     schemas = [
         {

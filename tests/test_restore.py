@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 
 import cv2
 import numpy as np
@@ -105,6 +106,21 @@ def test_bad_input_gets_one_line_and_exit_code_2(photo, checkpoint, tmp_path, ca
         assert err.count("\n") == 1 and err.startswith("tir restore: error: ") and expected in err, err
     assert restore(photo[0], "--agent", "random", "--out", tmp_path / "out.txt") == 2
     assert "image extension" in capsys.readouterr().err
+    # --out and --trace are checked before any work (else the restoration is lost at the end)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    for extra, expected in [
+        (["--out", a_file / "out.png"], "is not a folder"),
+        (["--out", a_file / "deeper" / "out.png"], "is not a folder"),
+        (["--out", tmp_path / "folder.png"], "is a folder"),
+        (["--out", tmp_path / "out.png", "--trace", a_file], "is a file"),
+        (["--out", tmp_path / "out.png", "--trace", a_file / "trace"], "is not a folder"),
+    ]:
+        if extra[1] == tmp_path / "folder.png":
+            extra[1].mkdir()
+        assert restore(photo[0], "--agent", "random", *extra) == 2, extra
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and expected in err, err
     assert not (tmp_path / "out.png").exists()
 
 
@@ -147,3 +163,12 @@ def test_restore_through_the_serve_pool(photo, tmp_path, serve_pool, capsys):
         == 0
     )
     assert "turn 1  denoise_tv" in capsys.readouterr().out and out.is_file()
+
+
+def test_a_mistyped_hub_name_fails_at_once_offline(photo, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    started = time.perf_counter()
+    assert restore(photo[0], "--agent", "foo/bar", "--out", tmp_path / "out.png") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'foo/bar' is not a local folder and not in the hub cache" in err, err
+    assert time.perf_counter() - started < 5 and not (tmp_path / "out.png").exists()

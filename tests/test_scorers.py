@@ -252,3 +252,20 @@ def test_weights_folder_is_used(empty_caches, monkeypatch, photo):
     with torch.no_grad():
         expected = reference_net(torch.from_numpy(photo).permute(2, 0, 1)[None].float() / 255)
     np.testing.assert_allclose(got, expected.reshape(-1).numpy(), rtol=1e-5)
+
+
+def test_no_reference_metrics_score_large_images_on_a_bounded_centre_crop():
+    from tool_pool.scorers import NR_MAX_PIXELS, bounded_view, get_scorer
+
+    rng = np.random.default_rng(0)
+    big = rng.integers(0, 256, (1500, 1000, 3), dtype=np.uint8)
+    view = bounded_view(big)
+    assert view.shape[0] * view.shape[1] <= NR_MAX_PIXELS and view.base is None  # a compact copy
+    assert abs(view.shape[0] / view.shape[1] - 1.5) < 0.01  # the aspect kept
+    top, left = (1500 - view.shape[0]) // 2, (1000 - view.shape[1]) // 2
+    assert np.array_equal(view, big[top : top + view.shape[0], left : left + view.shape[1]])
+    small = big[:200, :300]
+    assert bounded_view(small) is small
+    assert bounded_view(big[:4000, :5], max_pixels=100, min_side=5).shape == (20, 5, 3)
+    niqe = get_scorer("niqe")
+    assert niqe.score([big])[0] == pytest.approx(niqe.score([view])[0])

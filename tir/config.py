@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
@@ -114,6 +115,13 @@ class RolloutConfig:
 
 
 @dataclass
+class EnvConfig:
+    # the largest image a tool call may produce (tir.agent.env): a call over it is refused
+    max_side: int = 4096
+    max_pixels: int = 16_777_216  # 4096 x 4096
+
+
+@dataclass
 class ActorConfig:
     engine: str = "fsdp2"  # "fsdp2" or "deepspeed"
     num_workers: int = 1
@@ -197,6 +205,7 @@ class Recipe:
     data: DataConfig = field(default_factory=DataConfig)
     pool: PoolConfig = field(default_factory=PoolConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
     actor: ActorConfig = field(default_factory=ActorConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
@@ -261,7 +270,13 @@ def _layers(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[str, DictConf
     """The chain of recipe files, base first."""
     if path in seen:
         raise RecipeError(f"recipe {path} names itself as a base (chain: {[str(p) for p in seen]})")
-    loaded = OmegaConf.load(path)
+    try:
+        loaded = OmegaConf.load(path)
+    except yaml.YAMLError as err:  # a syntax error: one line naming the file and the line
+        mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise RecipeError(f"{where}: not valid YAML ({problem})") from None
     if not isinstance(loaded, DictConfig):
         raise RecipeError(f"{path}: expected a mapping of sections, got {type(loaded).__name__}")
     base = loaded.pop("base", None)
@@ -288,8 +303,58 @@ def load_recipe(recipe: str | os.PathLike | None = None, overrides: list[str] | 
         OmegaConf.resolve(cfg)
     except Exception as err:  # noqa: BLE001
         raise RecipeError(f"cannot resolve interpolations: {err}") from err
+    check_ranges(cfg)
     OmegaConf.set_readonly(cfg, True)
     return cfg
+
+
+# key -> (the check, the range as the error says it); a value outside it fails at load time
+_AT_LEAST_1 = (lambda v: v >= 1, ">= 1")
+_POSITIVE = (lambda v: v > 0, "> 0")
+_NON_NEGATIVE = (lambda v: v >= 0, ">= 0")
+
+
+def _one_of(*names: str) -> tuple:
+    return (lambda v: v in names, "one of " + ", ".join(names))
+
+
+RANGES: dict[str, tuple] = {
+    "trainer.total_steps": _AT_LEAST_1,
+    "trainer.batch_size": _AT_LEAST_1,
+    "trainer.save_every": _NON_NEGATIVE,
+    "trainer.log_every": _AT_LEAST_1,
+    "actor.lr": _POSITIVE,
+    "actor.num_workers": _AT_LEAST_1,
+    "actor.micro_batch_size": _AT_LEAST_1,
+    "pool.num_replicas": _AT_LEAST_1,
+    "pool.max_batch_size": _AT_LEAST_1,
+    "rollout.n": _AT_LEAST_1,
+    "rollout.num_replicas": _AT_LEAST_1,
+    "rollout.max_turns": _AT_LEAST_1,
+    "rollout.max_new_tokens": _AT_LEAST_1,
+    "rollout.max_length": _AT_LEAST_1,
+    "rollout.temperature": _NON_NEGATIVE,
+    "rollout.top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "data.crop": _AT_LEAST_1,
+    "data.per_image": _AT_LEAST_1,
+    "env.max_side": _AT_LEAST_1,
+    "env.max_pixels": _AT_LEAST_1,
+    "model.perception": _one_of("thresholds", "learned"),  # tir.agent.perceive.PERCEPTIONS
+    "model.cue_style": _one_of("full", "guess"),  # tir.data.perception.CUE_STYLES
+    "model.tool_prompt": _one_of("full", "names"),  # tir.agent.prompts.TOOL_PROMPTS
+}
+
+
+def check_ranges(cfg: DictConfig) -> None:
+    """Each value of ``RANGES`` (and ``rollout.engine`` among the registered rollout engines) in
+    its range, or a ``RecipeError`` naming the key, the value and the range."""
+    from workers.rollout.base import ROLLOUT_ENGINES  # the registry (a new backend adds itself)
+
+    checks = dict(RANGES, **{"rollout.engine": _one_of(*sorted(ROLLOUT_ENGINES))})
+    for key, (ok, allowed) in checks.items():
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is not None and not ok(value):
+            raise RecipeError(f"{key}={value!r} is out of range: expected {allowed}")
 
 
 def split_cli_overrides(args: list[str]) -> tuple[str | None, list[str]]:

@@ -146,11 +146,21 @@ def show(value: Any, limit: int = 60) -> str:
     if isinstance(value, np.generic):
         value = value.item()
     try:
-        return clip(json.dumps(value, ensure_ascii=False), limit)
+        return clip(json.dumps(value, ensure_ascii=True), limit)
     except (ValueError, TypeError, RecursionError):
         return json_type(value)
 
 
 def clip(text: str, limit: int = 60) -> str:
-    """At most ``limit`` characters of ``text`` (echoing the policy's text back to it)."""
-    return text if len(text) <= limit else text[:limit] + "..."
+    """At most ``limit`` characters of ``text`` (echoing the policy's text back to it), with lone
+    surrogates escaped (``utf8_safe``)."""
+    return utf8_safe(text if len(text) <= limit else text[:limit] + "...")
+
+
+def utf8_safe(text: str) -> str:
+    """``text`` with anything UTF-8 cannot encode (lone surrogates) written as ``\\udXXX``."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text

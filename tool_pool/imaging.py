@@ -112,3 +112,29 @@ def hsv_value_map(image: np.ndarray, fn) -> np.ndarray:
     hsv = cv2.cvtColor(image, cv2.COLOR_RGB2HSV)
     hsv[..., 2] = np.clip(np.rint(fn(hsv[..., 2].astype(np.float32))), 0, 255).astype(np.uint8)
     return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+
+
+# No-reference metrics score at most this many pixels of an image (tool_pool.scorers): a larger
+# one is scored on its centre crop of this area. NIQE takes ~380 bytes a pixel, so a 4000x3000
+# photo would ask 4.6 GB; its 1 Mpx centre about 0.4 GB.
+NR_MAX_PIXELS = 1 << 20
+
+
+def bounded_view(image: np.ndarray, max_pixels: int = NR_MAX_PIXELS, min_side: int = 1) -> np.ndarray:
+    """``image`` itself, or when it has more than ``max_pixels`` pixels its centre crop of about
+    that area and the same aspect (each side kept at least ``min_side``), as a compact copy.
+    A crop, not a downscale: no-reference statistics (NIQE's, PIQE's) are scale-dependent, and a
+    crop keeps the image's own scale."""
+    h, w = image.shape[:2]
+    if h * w <= max_pixels:
+        return image
+    factor = (max_pixels / (h * w)) ** 0.5
+    ch, cw = int(h * factor), int(w * factor)
+    if ch < min_side:  # a thin image: the short side as the metric needs, the long one what is left
+        ch = min(h, min_side)
+        cw = min(w, max(min_side, max_pixels // ch))
+    elif cw < min_side:
+        cw = min(w, min_side)
+        ch = min(h, max(min_side, max_pixels // cw))
+    top, left = (h - ch) // 2, (w - cw) // 2
+    return image[top : top + ch, left : left + cw].copy()

@@ -37,6 +37,7 @@ from pyiqa.default_model_configs import DEFAULT_CONFIGS
 
 import tir  # noqa: F401  (environment shims: before torchvision / pyiqa)
 from tir.registry import Registry
+from tool_pool.imaging import NR_MAX_PIXELS, bounded_view  # noqa: F401  (no-reference scoring's view)
 
 METRICS = Registry("metric")
 
@@ -327,7 +328,13 @@ class Scorer:
     def score(self, images: Sequence, references: Sequence | None = None, batch_size: int = 16) -> np.ndarray:
         """Scores of ``images`` (a list of HxWx3 uint8 arrays). Full-reference metrics need one
         reference per image; an image at 1/4 of its reference is upscaled x4 first. No-reference
-        metrics ignore ``references``."""
+        metrics ignore ``references`` and score images over ``NR_MAX_PIXELS`` on their centre crop
+        of that area (``bounded_view``)."""
+        if not self.full_reference:  # crop the uint8 image first: only the crop becomes float
+            images = [
+                bounded_view(im, min_side=self.spec.min_side) if isinstance(im, np.ndarray) and im.ndim == 3 else im
+                for im in images
+            ]
         images = [as_float_image(im, f"images[{i}]") for i, im in enumerate(images)]
         refs = None
         if self.full_reference:

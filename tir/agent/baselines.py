@@ -7,6 +7,8 @@ teachers (their chats, in ``messages``, render like the policy's).
 - ``exhaustive`` (AgenticIR-like): for each needed subtask, in the same order, run every tool of
   the subtask, keep the best output by a no-reference score if it beats the current image; if
   none does (or every tool failed), roll back and retry that subtask once after the others.
+  At most ``concurrency`` (4) candidates run and are scored at a time, one at a time on a photo
+  over ``pixel_budget`` / 2 (8 Mpx): memory stays bounded.
 
 The degradations come from the sample (``degradations``, when known and allowed) or are
 perceived (``tir.agent.perceive``: the cue thresholds, or the learned recogniser). Each episode reports its tool calls
@@ -135,8 +137,15 @@ class ExhaustiveAgent:
     name = "exhaustive"
     needs_degradations = True
 
-    def __init__(self, metric: str = "niqe", retries: int = 1):
-        self.metric, self.retries = metric, retries
+    def __init__(self, metric: str = "niqe", retries: int = 1, concurrency: int = 4, pixel_budget: int = 1 << 24):
+        if concurrency < 1 or pixel_budget < 1:
+            raise ValueError(f"concurrency and pixel_budget must be >= 1, got {concurrency} and {pixel_budget}")
+        self.metric, self.retries, self.concurrency, self.pixel_budget = metric, retries, concurrency, pixel_budget
+
+    def slots(self, image: np.ndarray) -> int:
+        """Candidates run at once on ``image``: ``concurrency``, fewer for a large image (their
+        inputs' pixels within ``pixel_budget``), at least one."""
+        return max(1, min(self.concurrency, self.pixel_budget // (image.shape[0] * image.shape[1])))
 
     async def act(self, env: RestorationEnv, degradations: Sequence[str], episode: int = 0) -> None:
         served = tools_by_subtask([schema["name"] for schema in env.tool_schemas])
@@ -145,10 +154,19 @@ class ExhaustiveAgent:
         failures: dict[str, int] = {}
         while queue and not env.done:
             degradation = queue.popleft()
+            slots = asyncio.Semaphore(self.slots(env.image))
             calls = [prompts.ToolCall(name, {}) for name in served.get(SUBTASK_FOR_DEGRADATION[degradation], [])]
-            outputs = await asyncio.gather(*(env.try_tool(call) for call in calls))
-            tried = [(call, out) for call, out in zip(calls, outputs) if out is not None]
-            scores = await asyncio.gather(*(nr_score(env.pool, out, self.metric) for _, out in tried))
+
+            async def run_and_score(call: prompts.ToolCall, slots: asyncio.Semaphore):
+                async with slots:  # a bounded number of candidates (and their scoring) in memory at once
+                    out = await env.try_tool(call)
+                    return None if out is None else (call, out, await nr_score(env.pool, out, self.metric))
+
+            results = [
+                r for r in await asyncio.gather(*(run_and_score(call, slots) for call in calls)) if r is not None
+            ]
+            tried = [(call, out) for call, out, _ in results]
+            scores = [score for _, _, score in results]
             best = max(range(len(tried)), key=lambda i: _rank(scores[i], self.metric), default=None)
             if best is not None and better(scores[best], current, self.metric):
                 await env.commit(*tried[best])

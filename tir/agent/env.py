@@ -10,6 +10,12 @@ and the format-error limit end the episode; the final image is the current one.
 Training-free baselines use the same object: ``try_tool`` runs a call on the current image
 without taking a turn (exploration, still recorded and timed), ``commit`` makes one of those
 outputs the next turn, ``undo`` rolls the last turn back.
+
+Size limits (``max_side``, ``max_pixels``; a recipe's ``env`` section): a call whose output would
+exceed them (the input's sides times the tool's ``scale``, 4 for super-resolution) is refused
+before it runs, as a tool-error observation (``error_kind`` "too_large"); an output that exceeds
+them anyway is refused the same way. So repeated super-resolution cannot grow the image without
+bound.
 """
 
 from __future__ import annotations
@@ -33,6 +39,10 @@ STOP_REASONS = ("answer", "max_turns", "parse_error_limit", "max_length")
 # A perception-cue function: image -> {cue: value} or a rendered line, shown beside the image; or
 # an async one, (image, pool) -> line, for perceptions the pool serves (tir.agent.perceive).
 Cues = Callable[..., "Mapping[str, float] | str"]
+
+# The largest image a tool call may produce: sides and pixels (4096 x 4096, 16.8 Mpx).
+MAX_SIDE = 4096
+MAX_PIXELS = 4096 * 4096
 
 
 @dataclass
@@ -78,6 +88,26 @@ def recipe_cues(model_cfg) -> Cues | None:
     return perception_cues(style=model_cfg.cue_style, perception=Perception.from_recipe(model_cfg))
 
 
+def recipe_limits(cfg) -> dict:
+    """``{"max_side", "max_pixels"}`` from a recipe's ``env`` section (the defaults where absent)."""
+    section = cfg.get("env") if cfg is not None else None
+    section = section if section is not None else {}
+    return {
+        "max_side": int(section.get("max_side") or MAX_SIDE),
+        "max_pixels": int(section.get("max_pixels") or MAX_PIXELS),
+    }
+
+
+def tool_scale(name: str) -> int:
+    """Output side / input side of the registered tool ``name`` (1 when it is not registered here)."""
+    from tool_pool.tools import get_tool
+
+    try:
+        return int(getattr(get_tool(name), "scale", 1) or 1)
+    except KeyError:
+        return 1
+
+
 class RestorationEnv:
     """One episode at a time: ``await reset(lq)``, then ``await step(reply)`` until ``done``."""
 
@@ -88,9 +118,16 @@ class RestorationEnv:
         max_turns: int = 4,
         max_format_errors: int = 3,
         cues: Cues | None = None,
+        max_side: int = MAX_SIDE,
+        max_pixels: int = MAX_PIXELS,
+        tool_scales: Mapping[str, int] | None = None,
     ):
         if max_turns < 1 or max_format_errors < 1:
             raise ValueError(f"max_turns and max_format_errors must be >= 1, got {max_turns} and {max_format_errors}")
+        if max_side < 1 or max_pixels < 1:
+            raise ValueError(f"max_side and max_pixels must be >= 1, got {max_side} and {max_pixels}")
+        self.max_side, self.max_pixels = int(max_side), int(max_pixels)
+        self.tool_scales = dict(tool_scales or {})  # name -> scale; others: the registered tool's
         if not tool_schemas:
             raise ValueError("RestorationEnv needs at least one tool schema")
         self.pool, self.tool_schemas = pool, list(tool_schemas)
@@ -222,11 +259,18 @@ class RestorationEnv:
             "error": None,
             "committed": committed,
         }
+        source = self.image if image is None else image
         try:
+            scale = self.tool_scales.get(call.name) or tool_scale(call.name)
+            refusal = self._too_large(call.name, source.shape[0] * scale, source.shape[1] * scale)
+            if refusal:
+                raise _TooLarge(refusal)
             output = check_image(
-                await self.pool.run(call.name, self.image if image is None else image, **call.arguments),
-                f"the output of {call.name!r}",
+                await self.pool.run(call.name, source, **call.arguments), f"the output of {call.name!r}"
             )
+            refusal = self._too_large(call.name, *output.shape[:2])
+            if refusal:
+                raise _TooLarge(refusal)
         except PoolError as err:
             output, record["ok"], record["error_kind"], record["error"] = (
                 None,
@@ -234,11 +278,22 @@ class RestorationEnv:
                 err.kind,
                 str(err).split("] ", 1)[-1],
             )
+        except _TooLarge as err:  # refused by the size limits: never run, or its output dropped
+            output, record["ok"], record["error_kind"], record["error"] = None, False, "too_large", str(err)
         except ValueError as err:  # the tool returned something that is not an image
             output, record["ok"], record["error_kind"], record["error"] = None, False, "tool_failed", str(err)
         record["seconds"] = time.perf_counter() - started
         self.tool_calls.append(record)
         return output, record
+
+    def _too_large(self, name: str, height: int, width: int) -> str | None:
+        """Why an output of ``height`` x ``width`` is refused, or None when it fits the limits."""
+        if max(height, width) <= self.max_side and height * width <= self.max_pixels:
+            return None
+        return (
+            f"refused: {name!r} would make the image {width}x{height}, over the limit of "
+            f"{self.max_side} px a side and {self.max_pixels} pixels; the image is unchanged"
+        )
 
     async def _cues(self, image: np.ndarray):
         if self.cues is None:
@@ -272,6 +327,10 @@ class RestorationEnv:
     def _end(self, reason: str, action, record: dict | None = None) -> StepResult:
         self.done, self.stop_reason = True, reason
         return StepResult(None, True, reason, action, record)
+
+
+class _TooLarge(Exception):
+    """A tool call refused by the size limits."""
 
 
 def _action_text(action: prompts.Action) -> str:

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field, fields, replace
 import numpy as np
 
 from tir.agent import prompts
-from tir.agent.env import Cues, RestorationEnv
+from tir.agent.env import MAX_PIXELS, MAX_SIDE, Cues, RestorationEnv
 from tir.protocol import Batch
 
 # Columns every trajectory row has (beside the sample's own), and their Batch kinds.
@@ -68,17 +68,20 @@ class LoopSettings:
     max_format_errors: int = 3
     concurrency: int = 64  # episodes in flight
     image_column: str = "lq"
+    max_side: int = MAX_SIDE  # the env's size limits (a recipe's env section): larger outputs are refused
+    max_pixels: int = MAX_PIXELS
 
     def __post_init__(self):
         if self.max_new_tokens < 1 or self.min_reply_tokens < 1 or self.concurrency < 1 or self.max_turns < 1:
             raise ValueError(f"max_turns, max_new_tokens, min_reply_tokens and concurrency must be >= 1: {self}")
 
     @classmethod
-    def from_recipe(cls, rollout_cfg, **overrides) -> LoopSettings:
+    def from_recipe(cls, rollout_cfg, env_cfg=None, **overrides) -> LoopSettings:
         """The settings a recipe's ``rollout`` section names (keys this class does not know, such
-        as ``engine`` or ``n``, belong to others and are skipped)."""
+        as ``engine`` or ``n``, belong to others and are skipped), and its ``env`` section's limits."""
         known = {f.name for f in fields(cls)}
         values = {key: rollout_cfg[key] for key in rollout_cfg if key in known}
+        values.update({key: env_cfg[key] for key in env_cfg or {} if key in ("max_side", "max_pixels")})
         if values.get("choices") is not None:  # a recipe's list (rollout.choices): a tuple, as the field says
             values["choices"] = tuple(values["choices"])
         return cls(**{**values, **overrides})
@@ -290,7 +293,15 @@ async def rollout(
 
     async def one(row: int) -> dict:
         async with slots:
-            env = RestorationEnv(pool, schemas, settings.max_turns, settings.max_format_errors, cues)
+            env = RestorationEnv(
+                pool,
+                schemas,
+                settings.max_turns,
+                settings.max_format_errors,
+                cues,
+                max_side=settings.max_side,
+                max_pixels=settings.max_pixels,
+            )
             seed = None if settings.seed is None else settings.seed * 1_000_003 + row
             return await run_episode(engine, processor, env, images[row], settings, origin, seed)
 

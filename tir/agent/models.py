@@ -70,9 +70,12 @@ def resolve_policy(path_or_name: str | os.PathLike, *, need_processor: bool = Tr
       with ``runs/``, ``.``, ``/`` or ``~``), returned as given;
     - otherwise FileNotFoundError saying what was expected and how to make a checkpoint.
 
-    A local folder must also hold the tokenizer's and the processor's files (what
+    A local folder must also hold the weights and the tokenizer's and the processor's files (what
     ``save_pretrained`` of a model and its processor writes), checked here so that a half-written
-    folder fails fast; ``need_processor=False`` asks for ``config.json`` alone."""
+    folder fails fast; a hub name must be in the local hub cache when the hub cannot be reached
+    (``HF_HUB_OFFLINE=1`` or no network), so that a mistyped name fails at once rather than after
+    minutes of retries. ``need_processor=False`` asks for ``config.json`` alone and takes any hub
+    name (a driver whose workers load the model, maybe on other nodes)."""
     text = str(path_or_name)
     path = Path(text).expanduser()
     make_one = f"make one with `tir model tiny --out {text}` or `tir train sft`"
@@ -83,6 +86,8 @@ def resolve_policy(path_or_name: str | os.PathLike, *, need_processor: bool = Tr
         missing = [name for name in needed if not (path / name).is_file()]
         if need_processor and not any((path / name).is_file() for name in PROCESSOR_FILES):
             missing.append(PROCESSOR_FILES[0])
+        if need_processor and not any(any(path.glob(pattern)) for pattern in WEIGHT_FILES):
+            missing.append("the model weights (*.safetensors or *.bin)")
         if missing:
             raise FileNotFoundError(
                 f"policy checkpoint {str(path)!r} lacks {', '.join(missing)} (expected a folder written by save_pretrained,"
@@ -92,11 +97,59 @@ def resolve_policy(path_or_name: str | os.PathLike, *, need_processor: bool = Tr
     if path.exists():
         raise FileNotFoundError(f"policy checkpoint {text!r} is a file; expected a checkpoint folder ({make_one})")
     if HUB_NAME.fullmatch(text) and not text.startswith("runs/"):
+        if need_processor:
+            _check_hub_name(text)
         return text
     raise FileNotFoundError(
         f"policy checkpoint {text!r} does not exist (expected a checkpoint folder, a run folder whose hf/ holds"
         f" one, or a hub name like Qwen/Qwen2.5-VL-3B-Instruct); {make_one}"
     )
+
+
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
+
+
+def _check_hub_name(name: str) -> None:
+    """Nothing when ``name`` is in the local hub cache or the hub can be reached; else
+    FileNotFoundError at once (``from_pretrained`` would retry for minutes)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(name, "config.json", cache_dir=os.environ.get("HF_HUB_CACHE") or None)
+    except Exception:  # noqa: BLE001 - a name the hub library refuses: let from_pretrained say why
+        return
+    if isinstance(cached, str):
+        return
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    if offline or not _hub_reachable():
+        why = "HF_HUB_OFFLINE is set" if offline else "the hub cannot be reached"
+        raise FileNotFoundError(
+            f"policy {name!r} is not a local folder and not in the hub cache, and {why}"
+            f" (a mistyped name? a checkpoint folder's path? else download it first: `huggingface-cli download {name}`)"
+        )
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the hub's host answers a TCP connection within ``timeout`` seconds."""
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+    result: list[bool] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            result.append(True)
+        except OSError:
+            result.append(False)
+
+    thread = threading.Thread(target=probe, daemon=True)  # bounds a slow DNS look-up too
+    thread.start()
+    thread.join(timeout + 0.5)
+    return bool(result and result[0])
 
 
 def _first_line(err: Exception) -> str:

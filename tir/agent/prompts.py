@@ -84,6 +84,11 @@ class ParseError:
     kind: str  # one of ERROR_KINDS
     message: str  # shown to the policy as the observation
 
+    def __post_init__(self) -> None:
+        # The message echoes the policy's text, which may hold lone surrogates: escape them so the
+        # observation always encodes to UTF-8 (the tokenizer would raise on them).
+        object.__setattr__(self, "message", json_schema.utf8_safe(self.message))
+
 
 Action = ToolCall | Stop | ParseError
 
@@ -329,11 +334,12 @@ def check_arguments(tool_name: str, parameters: Mapping, arguments: Mapping) -> 
 
 
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
-    keys = [key for key, _ in pairs]
-    duplicates = sorted({key for key in keys if keys.count(key) > 1})
-    if duplicates:
+    out = dict(pairs)  # linear: a duplicate shows as fewer keys than pairs
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        duplicates = sorted({key for key, _ in pairs if key in seen or seen.add(key)})
         raise ValueError(f"duplicate key {json_schema.clip(duplicates[0])!r}")
-    return dict(pairs)
+    return out
 
 
 def _no_constants(name: str) -> Any:

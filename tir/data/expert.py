@@ -130,6 +130,21 @@ class ExpertSettings:
         return cls(**values)
 
 
+# Tool calls (and scorings) of one search in flight at once: their intermediates stay bounded.
+SEARCH_CONCURRENCY = 4
+
+
+async def bounded_gather(coroutines, limit: int = SEARCH_CONCURRENCY) -> list:
+    """``asyncio.gather`` of ``coroutines`` (results in order), at most ``limit`` running at once."""
+    slots = asyncio.Semaphore(limit)
+
+    async def one(coroutine):
+        async with slots:
+            return await coroutine
+
+    return await asyncio.gather(*(one(c) for c in coroutines))
+
+
 @dataclass
 class Cost:
     tool_calls: int = 0
@@ -226,7 +241,7 @@ async def search_expert(
             if subtask not in {subtask_of[t] for t in schedule.tools}
             for tool in tools_by_subtask[subtask]
         ]
-        children = await asyncio.gather(*(extend(pool, schedule, tool, cost) for schedule, tool in moves))
+        children = await bounded_gather(extend(pool, schedule, tool, cost) for schedule, tool in moves)
         frontier = [child for child in children if child is not None]
         if not frontier:
             raise RuntimeError(f"every schedule failed at step {depth + 1} (subtasks {subtasks})")
@@ -246,7 +261,7 @@ async def best_first(
     pool, schedules: list[Schedule], hq: np.ndarray, input_scores: Mapping, settings: ExpertSettings, cost: Cost
 ) -> list[Schedule]:
     """``schedules`` scored against HQ and sorted best first (ties: the order they came in)."""
-    scores = await asyncio.gather(*(score(pool, s.image, hq, settings.metrics, cost) for s in schedules))
+    scores = await bounded_gather(score(pool, s.image, hq, settings.metrics, cost) for s in schedules)
     for schedule, values, value in zip(schedules, scores, quality(scores, input_scores, settings)):
         schedule.scores, schedule.quality = values, float(value)
     return sorted(schedules, key=lambda s: -s.quality)

@@ -216,16 +216,37 @@ def _rows(plan: Iterable[SampleSpec], bar: tqdm, **crop_args) -> list[dict]:
     rows, cache = [], {}
     for spec in plan:
         if spec.source not in cache:  # the plan is ordered by image: keep only the current one
-            cache = {spec.source: load_source(spec.source)}
+            cache = {spec.source: _big_enough(load_source(spec.source), spec.source, **crop_args)}
         if cache[spec.source] is not None:
             rows.append(make_sample(spec, cache[spec.source], **crop_args))
         bar.update(1)
     return rows
 
 
+def _big_enough(loaded: Loaded | None, source: SourceImage, crop=None, resize_short=None, **_) -> Loaded | None:
+    """``loaded``, or None with a warning naming the photo when its short side (after
+    ``resize_short``) is under ``crop``: it is skipped, never cropped smaller than asked."""
+    if loaded is None or crop is None or min(*loaded.image.shape[:2], resize_short or crop) >= crop:
+        return loaded
+    height, width = loaded.image.shape[:2]
+    after = f" (--resize-short {resize_short})" if resize_short and resize_short < min(height, width) else ""
+    warnings.warn(
+        f"skipping {source.image_id!r} ({source.path or 'builtin'}): {width}x{height}{after} is smaller than --crop {crop}",
+        stacklevel=2,
+    )
+    return None
+
+
+def check_sizes(crop: int | None, resize_short: int | None) -> None:
+    """``--crop`` and ``--resize-short`` in range (ValueError naming the flag)."""
+    for flag, value in (("--crop", crop), ("--resize-short", resize_short)):
+        if value is not None and value < 4:
+            raise ValueError(f"{flag} must be >= 4 (pixels; trimmed to a multiple of 4), got {value}")
+
+
 def rows_to_batch(rows: list[dict], meta: dict) -> Batch:
     if not rows:
-        raise ValueError("no samples were produced (every source image was unreadable?)")
+        raise ValueError("no samples were produced (every source image was unreadable or smaller than --crop?)")
     return Batch.from_rows(rows, meta=meta, kinds={"params": "json", "lq": "image", "hq": "image"})
 
 
@@ -254,6 +275,7 @@ def synthesize(
     "groupA,noise+jpeg" or a list of (group, combo) pairs. Columns: image_id, combo, group,
     degradations, params (json), depth_source, seed, crop_box, lq, hq.
     """
+    check_sizes(crop, resize_short)
     sources, combos = _resolve(sources, combos, recursive, depth_dir)
     plan = plan_samples(sources, combos, per_image, seed)
     with tqdm(total=len(plan), desc="synth", unit="sample", disable=not progress) as bar:
@@ -291,7 +313,10 @@ def synthesize_shards(
     """
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    check_sizes(crop, resize_short)
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out {str(out_dir)!r} is a file; with --shard-size it must be a folder")
     sources, combos = _resolve(sources, combos, recursive, depth_dir)
     plan = plan_samples(sources, combos, per_image, seed)
     settings = {
@@ -342,8 +367,22 @@ def read_synth(path: str | Path) -> Batch:
         parts = sorted(path.glob("part-*.parquet"))
         if not parts:
             raise FileNotFoundError(f"no part-*.parquet shards in {path}")
-        return Batch.concat([Batch.from_parquet(p) for p in parts])
-    return Batch.from_parquet(path)
+        return Batch.concat([_read_part(p) for p in parts])
+    return _read_part(path)
+
+
+class SynthReadError(ValueError):
+    """A file that is not a readable Parquet file (one line naming it)."""
+
+
+def _read_part(path: Path) -> Batch:
+    try:
+        return Batch.from_parquet(path)
+    except (ValueError, OSError) as err:  # pyarrow's ArrowInvalid is a ValueError
+        if isinstance(err, FileNotFoundError):
+            raise
+        reason = (str(err).splitlines() or [type(err).__name__])[0]
+        raise SynthReadError(f"{str(path)!r} is not a readable Parquet file from `tir data synth` ({reason})") from None
 
 
 # ------------------------------------------------------------------------------ CLI
@@ -390,6 +429,8 @@ def synth_main(args: argparse.Namespace) -> int:
         "progress": not args.no_progress,
     }
     try:
+        if not args.shard_size and Path(args.out).is_dir():
+            raise ValueError(f"--out {args.out!r} is a folder; expected a .parquet file (or pass --shard-size)")
         if args.shard_size:
             paths = synthesize_shards(args.out, args.hq, args.combos, args.shard_size, **common)
             count = sum(len(Batch.from_parquet(p, columns=["seed"])) for p in paths)

@@ -4,6 +4,7 @@ the ``tir dumps`` command line (``view`` is ``tir.dumps.viewer``). The dump sche
 
 from __future__ import annotations
 
+import html
 import math
 from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping, Sequence
@@ -227,7 +228,7 @@ def markdown_report(summary: Mapping, max_rows: int = 30) -> str:
                     _fmt(s["format"]["per_episode"]),
                     s["format"]["tool_errors"],
                     s["format"]["crashed"],
-                    ", ".join(f"{k} {v}" for k, v in s["lengths"]["stop_reasons"].items()),
+                    ", ".join(f"{_esc(k)} {v}" for k, v in s["lengths"]["stop_reasons"].items()),
                 ]
                 for name, s in rows
             ],
@@ -238,7 +239,7 @@ def markdown_report(summary: Mapping, max_rows: int = 30) -> str:
         out += [
             "## Reward per metric (input -> final, mean gain, share improved)",
             _table(
-                ["step", *metrics],
+                ["step", *map(_esc, metrics)],
                 [[name] + [_metric_cell(s["reward"]["metrics"].get(m)) for m in metrics] for name, s in rows],
             ),
         ]
@@ -247,14 +248,17 @@ def markdown_report(summary: Mapping, max_rows: int = 30) -> str:
         wsteps = shown_steps(list(summary["weights"]), max_rows)
         out += [
             "## Reward weights over steps",
-            _table(["step", *names], [[s] + [_fmt(summary["weights"][s].get(m), 3) for m in names] for s in wsteps]),
+            _table(
+                ["step", *map(_esc, names)],
+                [[s] + [_fmt(summary["weights"][s].get(m), 3) for m in names] for s in wsteps],
+            ),
         ]
     subtasks = list(summary["all"]["subtasks"])
     if subtasks:
         out += [
             "## Tool calls by subtask (share of the step's calls)",
             _table(
-                ["step", "calls", *subtasks],
+                ["step", "calls", *map(_esc, subtasks)],
                 [
                     [name, sum(s["subtasks"].values())]
                     + [_share(s["subtasks"].get(t, 0), sum(s["subtasks"].values())) for t in subtasks]
@@ -267,7 +271,7 @@ def markdown_report(summary: Mapping, max_rows: int = 30) -> str:
             _table(
                 ["position", "calls", "tools (count)"],
                 [
-                    [p, sum(c.values()), ", ".join(f"{n} {v}" for n, v in list(c.items())[:6])]
+                    [p, sum(c.values()), ", ".join(f"{_esc(n)} {v}" for n, v in list(c.items())[:6])]
                     for p, c in summary["positions"].items()
                 ],
             ),
@@ -278,8 +282,8 @@ def markdown_report(summary: Mapping, max_rows: int = 30) -> str:
             ["combo", "sequence", "count", "share", "mean reward"],
             [
                 [
-                    combo,
-                    " > ".join(r["sequence"]) or "(no tool)",
+                    _esc(combo),
+                    " > ".join(map(_esc, r["sequence"])) or "(no tool)",
                     r["count"],
                     _share(r["count"], r["count"] / r["share"]),
                     _fmt(r["reward_mean"]),
@@ -304,6 +308,12 @@ def _table(header: Sequence, rows: Sequence[Sequence]) -> str:
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"
     return "\n".join([line(cells[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, cells[1:])])
+
+
+def _esc(text) -> str:
+    """Text taken from trajectories (tool names, combos, stop reasons), HTML-escaped: a Markdown
+    viewer must show it, never run it."""
+    return html.escape(str(text), quote=False)
 
 
 def _fmt(value, digits: int = 2) -> str:

@@ -217,7 +217,9 @@ def write_viewer(
 
 
 def render_html(title: str, data: dict) -> str:
-    payload = json.dumps(data, allow_nan=False, separators=(",", ":")).replace("</", "<\\/")  # no "</script>" inside
+    # "<", ">" and "&" as JSON escapes: no "</script>" or "<!--" can end or stall the data block
+    payload = json.dumps(data, allow_nan=False, separators=(",", ":"))
+    payload = payload.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
     return PAGE.replace("__TITLE__", html.escape(title)).replace("__DATA__", payload)
 
 

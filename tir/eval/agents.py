@@ -92,7 +92,7 @@ class EvalSettings:
             "cue_style": str(cfg.model.cue_style),
             "perception": Perception.from_recipe(cfg.model),
             "tool_prompt": str(cfg.model.tool_prompt),
-            "loop": LoopSettings.from_recipe(cfg.rollout),
+            "loop": LoopSettings.from_recipe(cfg.rollout, cfg.get("env")),
             "policy_dtype": cfg.model.dtype,
             "expert": ExpertSettings.from_recipe(cfg, perturb=False),
         }
@@ -129,7 +129,7 @@ async def evaluate_agents_async(
     agents, test: Batch, pool, settings: EvalSettings, out_dir=None, meta: Mapping | None = None
 ) -> dict:
     from tir.agent.loop import pool_tool_schemas
-    from tir.eval.report import render_markdown, write_outputs
+    from tir.eval.report import write_outputs
 
     specs = parse_agents(agents)
     check_test_set(
@@ -147,17 +147,37 @@ async def evaluate_agents_async(
         input_scores = await _gather_limited(
             [scorer.score(lq, hq, bar) for lq, hq in zip(lqs, hqs)], settings.concurrency
         )
-    rows = []
+    rows, done = [], []
     for spec in specs.values():
-        episodes = await run_agent(spec, test, pool, schemas, settings)
-        with _progress(len(test), f"score {spec.label}", settings.progress) as bar:
-            finals = await _gather_limited(
-                [scorer.score(e.pop("final_image"), hq, bar) for e, hq in zip(episodes, hqs)], settings.concurrency
-            )
+        try:
+            episodes = await run_agent(spec, test, pool, schemas, settings)
+            with _progress(len(test), f"score {spec.label}", settings.progress) as bar:
+                finals = await _gather_limited(
+                    [scorer.score(e.pop("final_image"), hq, bar) for e, hq in zip(episodes, hqs)],
+                    settings.concurrency,
+                )
+        except Exception as err:  # noqa: BLE001 - keep the finished agents' results, then fail in one line
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            message = f"agent {spec.label!r} failed: {reason}"
+            if done and out_dir is not None:
+                partial = _report(specs, done, rows, test, schemas, settings, started, meta, {spec.label: reason})
+                files = write_outputs(partial, out_dir)
+                message += f"; the results of {', '.join(done)} are in {', '.join(files.values())}"
+            raise EvalError(message) from err
         rows += [
             image_row(spec, test, index, episode, final, input_scores[index])
             for index, (episode, final) in enumerate(zip(episodes, finals))
         ]
+        done.append(spec.label)
+    report = _report(specs, done, rows, test, schemas, settings, started, meta)
+    if out_dir is not None:
+        report["files"] = write_outputs(report, out_dir)
+    return report
+
+
+def _report(specs, done, rows, test, schemas, settings, started, meta, failed=None) -> dict:
+    from tir.eval.report import render_markdown
+
     report = {
         "meta": {
             "images": len(test),
@@ -167,7 +187,8 @@ async def evaluate_agents_async(
             "baseline_degradations": settings.baseline_degradations,
             "tools": [s["name"] for s in schemas],
             "cues": settings.cues,
-            "agents": {label: spec.describe() for label, spec in specs.items()},
+            "agents": {label: specs[label].describe() for label in done},
+            **({"failed": failed, "not_run": [label for label in specs if label not in done]} if failed else {}),
             "wall_s": time.perf_counter() - started,
             **(meta or {}),
         },
@@ -175,8 +196,6 @@ async def evaluate_agents_async(
     }
     report["markdown"] = render_markdown(report)
     report["rows"] = rows
-    if out_dir is not None:
-        report["files"] = write_outputs(report, out_dir)
     return report
 
 
@@ -270,7 +289,15 @@ async def policy_episodes(path: str, test: Batch, pool, schemas, settings: EvalS
     schemas = prompts.policy_schemas(schemas, settings.tool_prompt)
 
     async def one(row: int, lq) -> dict:
-        env = RestorationEnv(pool, schemas, loop.max_turns, loop.max_format_errors, cues)
+        env = RestorationEnv(
+            pool,
+            schemas,
+            loop.max_turns,
+            loop.max_format_errors,
+            cues,
+            max_side=loop.max_side,
+            max_pixels=loop.max_pixels,
+        )
         out = await run_episode(engine, processor, env, lq, loop, seed=loop.seed * 1_000_003 + row)
         return _tick(bar, episode_summary(out, out["timings"]["wall_s"], error=out["error"]))
 

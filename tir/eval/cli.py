@@ -75,7 +75,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
 def eval_main(args: argparse.Namespace) -> int:
     from tir.config import RecipeError, load_recipe
     from tir.data.expert_run import open_pool
-    from tir.data.synth import read_synth
+    from tir.data.synth import SynthReadError, read_synth
 
     try:
         overrides = list(args.overrides) + ([f"pool.backend={args.pool}"] if args.pool != "recipe" else [])
@@ -98,7 +98,7 @@ def eval_main(args: argparse.Namespace) -> int:
         )
         for spec in specs.values():
             warn_if_trained_otherwise(spec, cfg)
-    except (EvalError, RecipeError, FileNotFoundError) as err:
+    except (EvalError, RecipeError, FileNotFoundError, SynthReadError) as err:
         print(f"tir eval: error: {err}", file=sys.stderr)
         return 2
     pool, release = open_pool(cfg)

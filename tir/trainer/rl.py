@@ -296,7 +296,7 @@ def loop_settings(cfg, step: int):
     from tir.agent.loop import LoopSettings
 
     # rollout.choices (replies constrained to these texts: smoke runs) comes with the section
-    return LoopSettings.from_recipe(cfg.rollout, seed=step_seed(cfg.run.seed, step))
+    return LoopSettings.from_recipe(cfg.rollout, cfg.get("env"), seed=step_seed(cfg.run.seed, step))
 
 
 def recompute_old_logprobs(cfg) -> bool:

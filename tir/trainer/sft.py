@@ -68,7 +68,7 @@ def run_sft(cfg) -> int:
     model, processor = load_policy(cfg.model.path, dtype=cfg.model.dtype)
     schemas = policy_schemas(asyncio.run(pool_tool_schemas(pool, list(cfg.pool.tools) or None)), cfg.model.tool_prompt)
     cues = recipe_cues(cfg.model)
-    loop = LoopSettings.from_recipe(cfg.rollout)
+    loop = LoopSettings.from_recipe(cfg.rollout, cfg.get("env"))
     tie_margin = ExpertSettings.from_recipe(cfg).tie_margin  # what the expert counted as a tie
 
     data_path = value_or(cfg, "sft.data_path", f"{cfg.run.output_dir}/data/sft.parquet")
