@@ -23,7 +23,13 @@ from tir.dumps.writer import DumpWriter
 from tir.protocol import Batch
 from tir.trainer import rl, rl_setup
 from tir.trainer.checkpoint import DataStream, latest_checkpoint
-from tir.trainer.run_log import busy_seconds, read_records
+from tir.trainer.run_log import (
+    advantage_metrics,
+    busy_seconds,
+    exploration_metrics,
+    no_signal_warning,
+    read_records,
+)
 from tool_pool.client import LocalPool
 from tool_pool.tools import tool_schemas
 
@@ -33,6 +39,27 @@ STEPS = 3
 
 
 # ---------------------------------------------------------------- pieces of a step
+
+
+def test_step_diagnostics_say_whether_a_step_can_teach_anything():
+    # two groups of 3: the first explores (2 distinct sequences, first tools a, a, b), the second does not
+    sequences = [["a", "x"], ["a", "x"], ["b"], ["c"], ["c"], ["c"]]
+    explore = exploration_metrics(sequences, 3)
+    first_entropy = -(2 / 3 * np.log(2 / 3) + 1 / 3 * np.log(1 / 3))
+    assert explore["explore/distinct_sequences"] == pytest.approx((2 + 1) / 2)
+    assert explore["explore/first_tool_entropy"] == pytest.approx(first_entropy / 2)
+    assert exploration_metrics([[], []], 2)["explore/first_tool_entropy"] == 0.0  # "none" twice: no choice
+    rewards = np.array([1.0, 2.0, 3.0, 5.0, 5.0, 5.0])
+    advantages = np.array([-1.0, 0.0, 1.0, 0.0, 0.0, 0.0])
+    masks = [[1, 1], [1, 1], [1, 0], [1, 1, 1], [1], [1]]  # 5 + 5 policy tokens; 3 of them move
+    metrics = advantage_metrics(rewards, advantages, 3, masks)
+    assert metrics["advantage/flat_groups"] == 0.5 and metrics["advantage/signal_tokens"] == pytest.approx(3 / 10)
+    assert no_signal_warning(metrics) is None
+    flat = advantage_metrics(np.full(6, 0.3), np.zeros(6), 3, masks)
+    assert flat["advantage/signal_tokens"] == 0.0
+    assert "no learning signal" in no_signal_warning({**flat, **explore})
+    with pytest.raises(ValueError, match="do not split into groups of 4"):
+        exploration_metrics(sequences, 4)
 
 
 def test_missing_scores_count_as_the_worst_of_the_group():

@@ -53,7 +53,9 @@ from tir.trainer.run_log import (
     RunLogger,
     StepTimer,
     advantage_metrics,
+    committed_tools,
     episode_metrics,
+    exploration_metrics,
     summarize,
 )
 
@@ -247,7 +249,8 @@ def rl_step(run: Run, state: checkpoint.TrainState, step: int) -> tuple[checkpoi
         **reward.log_dict("reward/"),
         **episode_metrics(trajectories),
         **{f"actor/{k}": v for k, v in update.items()},
-        **advantage_metrics(reward.rewards, advantages.numpy(), n),
+        **advantage_metrics(reward.rewards, advantages.numpy(), n, trajectories.column("loss_mask")),
+        **exploration_metrics(committed_tools(trajectories), n),
         **timer.breakdown(trajectories),
     }
     dump = step_dump(trajectories, batch, reward, advantages.tolist(), finals, inputs).with_meta(

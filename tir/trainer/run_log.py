@@ -34,6 +34,8 @@ CONSOLE = (
     ("episode/format_errors", "fmt_err", "{:.2f}"),
     ("actor/kl", "kl", "{:.4f}"),
     ("actor/entropy", "entropy", "{:.3f}"),
+    ("advantage/flat_groups", "flat", "{:.0%}"),
+    ("explore/distinct_sequences", "distinct", "{:.2f}"),
     ("nll", "nll", "{:.3f}"),  # SFT
     ("grad_norm", "grad norm", "{:.2f}"),
     ("lr", "lr", "{:.2e}"),
@@ -153,6 +155,9 @@ class RunLogger:
             self.bar.set_postfix(reward=f"{reward:+.3f}", refresh=False)
         if step % self.every == 0 or step == self.total:
             self.print(console_line(step, self.total, metrics))
+        warning = no_signal_warning(metrics)
+        if warning:
+            self.print(warning)
 
     def close(self) -> None:
         self.bar.close()
@@ -205,6 +210,11 @@ def busy_seconds(timings: list[dict], kind: str) -> float:
     return total
 
 
+def committed_tools(trajectories) -> list[list[str]]:
+    """Each trajectory's tool sequence: the names of its committed calls, in order."""
+    return [[c["name"] for c in calls if c.get("committed", True)] for calls in trajectories.column("tool_calls")]
+
+
 def episode_metrics(trajectories) -> dict[str, float]:
     def mean(column):
         return float(np.mean(trajectories.column(column)))
@@ -226,14 +236,52 @@ def episode_metrics(trajectories) -> dict[str, float]:
     return out
 
 
-def advantage_metrics(rewards: np.ndarray, advantages: np.ndarray, group_size: int) -> dict[str, float]:
+def advantage_metrics(
+    rewards: np.ndarray, advantages: np.ndarray, group_size: int, loss_masks: list | None = None
+) -> dict[str, float]:
+    """How much learning signal a step holds: groups whose trajectories all scored the same have
+    zero advantage (``flat_groups``), and ``signal_tokens`` is the share of the policy's tokens
+    whose advantage is not zero (what the policy gradient actually moves)."""
     groups = rewards.reshape(-1, group_size)
-    return {
+    out = {
         "advantage/abs_mean": float(np.abs(advantages).mean()),
         "reward/std": float(rewards.std()),
-        # groups whose trajectories all scored the same carry no learning signal
         "advantage/flat_groups": float(np.mean(groups.max(axis=1) - groups.min(axis=1) < 1e-9)),
     }
+    if loss_masks is not None:
+        tokens = np.array([sum(mask) for mask in loss_masks], float)
+        moving = tokens * (np.abs(np.asarray(advantages, float)) > 1e-9)
+        out["advantage/signal_tokens"] = float(moving.sum() / max(tokens.sum(), 1.0))
+    return out
+
+
+def exploration_metrics(tool_sequences: list[list[str]], group_size: int) -> dict[str, float]:
+    """Whether the n trajectories of a group explore: the mean number of distinct tool sequences
+    per group (1: all n did the same), and the mean entropy (nats) of the first tool choice within
+    a group (0: every trajectory started with the same tool; "none" counts as a choice)."""
+    if not tool_sequences or len(tool_sequences) % group_size:
+        raise ValueError(f"{len(tool_sequences)} trajectories do not split into groups of {group_size}")
+    distinct, entropies = [], []
+    for start in range(0, len(tool_sequences), group_size):
+        group = [tuple(seq) for seq in tool_sequences[start : start + group_size]]
+        distinct.append(len(set(group)))
+        firsts = np.unique([seq[0] if seq else "none" for seq in group], return_counts=True)[1] / group_size
+        entropies.append(float(-(firsts * np.log(firsts)).sum()))
+    return {
+        "explore/distinct_sequences": float(np.mean(distinct)),
+        "explore/first_tool_entropy": float(np.mean(entropies)),
+    }
+
+
+def no_signal_warning(metrics: dict[str, Any]) -> str | None:
+    """A line for the console when a step cannot teach anything: every group flat."""
+    if metrics.get("advantage/flat_groups", 0.0) < 1.0:
+        return None
+    return (
+        "no learning signal this step: every group's trajectories scored the same (advantages all 0); "
+        f"distinct tool sequences per group {metrics.get('explore/distinct_sequences', float('nan')):.2f}. "
+        "Raise rollout.temperature or rollout.n, or start RL from an earlier SFT checkpoint"
+    )
 
 
 def summarize(out: Path, hf: str) -> dict:
@@ -246,7 +294,7 @@ def summarize(out: Path, hf: str) -> dict:
         keys = [
             k
             for k in rows[0]
-            if k.startswith(("reward/", "episode/", "actor/")) and isinstance(rows[0][k], (int, float))
+            if k.startswith(("reward/", "episode/", "actor/", "advantage/", "explore/")) and isinstance(rows[0][k], (int, float))
         ]
         return {k: float(np.mean([r[k] for r in rows if k in r])) for k in keys}
 
