@@ -294,7 +294,8 @@ def summarize(out: Path, hf: str) -> dict:
         keys = [
             k
             for k in rows[0]
-            if k.startswith(("reward/", "episode/", "actor/", "advantage/", "explore/")) and isinstance(rows[0][k], (int, float))
+            if k.startswith(("reward/", "episode/", "actor/", "advantage/", "explore/"))
+            and isinstance(rows[0][k], (int, float))
         ]
         return {k: float(np.mean([r[k] for r in rows if k in r])) for k in keys}
 
