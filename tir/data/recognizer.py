@@ -8,7 +8,7 @@ combine it: a small MLP, multi-label (one sigmoid per degradation), on standardi
 
 A checkpoint is one folder: ``model.pt`` (the weights, the feature standardisation, the label
 order, each label's decision threshold, the feature names it was trained on) and
-``MODEL_CARD.md`` (command, data, seed, held-out scores). ``tir perception train`` writes it.
+``README.md`` (command, data, seed, held-out scores). ``tir perception train`` writes it.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ one combination of degradations (none, a single one, the protocol's groups A-C, 
 out-of-domain pair or triple) at the protocol's parameter ranges -> their features, in shards on
 disk (``features/``: a killed run recomputes only missing shards) -> the MLP (AdamW, one-cycle
 LR) -> each degradation's decision threshold, chosen on the validation photos -> the held-out
-scores (group-A crops of 128 px of photos it never saw) -> ``model.pt`` and ``MODEL_CARD.md``.
+scores (group-A crops of 128 px of photos it never saw) -> ``model.pt`` and ``README.md``.
 
 Every example is a function of (seed, index) alone, and training is seeded: the same command
 gives the same model on the same machine (float results may differ across CPUs).
@@ -196,13 +196,11 @@ def tune_thresholds(model: Recognizer, features: np.ndarray, labels: np.ndarray)
         truth = labels[:, j] > 0.5
         if not truth.any():
             continue
-        best = (-1.0, 0.5)
-        for t in np.linspace(0.1, 0.9, 33):
+        f1 = {}
+        for t in np.linspace(0.1, 0.9, 33).tolist():
             guess = probs[:, j] >= t
-            tp = float((guess & truth).sum())
-            f1 = 2 * tp / (guess.sum() + truth.sum())
-            best = max(best, (f1, -abs(t - 0.5), float(t)))[:2] + (float(t),) if f1 > best[0] else best
-        thresholds[j] = best[-1]
+            f1[t] = 2 * float((guess & truth).sum()) / (guess.sum() + truth.sum())
+        thresholds[j] = max(f1, key=f1.get)  # the lowest threshold among equal F1s
     return thresholds
 
 
@@ -268,18 +266,25 @@ def model_card(
     seconds: float,
 ) -> str:
     lines = [
-        "# Degradation recogniser",
+        "# Model card: degradation recogniser",
         "",
         "A small MLP over image statistics (tir/data/recognizer_features.py) that names which of the eight",
-        "degradations a photo shows (multi-label). Produced by the project's own command:",
+        "degradations a photo shows (multi-label).",
+        "",
+        "## Command (the project's own)",
         "",
         f"    {command}",
         "",
-        f"- seed {args.seed}; {args.samples} synthetic training examples ({', '.join(map(str, CROP_SIDES))} px crops, flips, mild",
-        f"  exposure/colour changes; kinds weighted {KIND_WEIGHTS}); {args.steps} AdamW steps, hidden {args.hidden}",
+        f"## Seed: {args.seed}",
+        "",
+        f"{args.samples} synthetic training examples ({', '.join(map(str, CROP_SIDES))} px crops, flips, mild exposure/colour",
+        f"changes; kinds weighted {KIND_WEIGHTS}); {args.steps} AdamW steps, hidden {args.hidden};",
+        f"wall time {seconds / 60:.1f} min on this machine.",
+        "",
+        "## Data source",
+        "",
         f"- training photos: {len(ids)} from {', '.join(args.hq)} (validation, for the thresholds: {len(validation_ids)} of them)",
         f"- held-out photos (never trained on): {', '.join(heldout_ids) if heldout_ids else 'none'}",
-        f"- wall time {seconds / 60:.1f} min on this machine",
         "",
         "## Held-out scores (128 px crops of the held-out photos)",
         "",
@@ -314,9 +319,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         "--workers", type=int, default=max(1, min(4, os.cpu_count() or 1)), help="processes computing features"
     )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--out", required=True, help="checkpoint folder (model.pt, MODEL_CARD.md, scores.json, features/)"
-    )
+    parser.add_argument("--out", required=True, help="checkpoint folder (model.pt, README.md, scores.json, features/)")
     return parser
 
 
@@ -344,7 +347,8 @@ def train_main(args: argparse.Namespace) -> int:
     out = Path(args.out)
     order = np.random.default_rng(args.seed).permutation(len(photos))
     validation = sorted(order[: max(1, len(photos) // 10)].tolist())
-    train = [photos[i] for i in range(len(photos)) if i not in set(validation)]
+    held = set(validation)
+    train = [photo for i, photo in enumerate(photos) if i not in held]
     features, labels = example_features(
         train, args.samples, args.seed, workers=args.workers, shard_dir=out / "features"
     )
@@ -366,13 +370,13 @@ def train_main(args: argparse.Namespace) -> int:
         if sys.argv[1:3] == ["perception", "train"]
         else "tir perception train ..."
     )
-    (out / "MODEL_CARD.md").write_text(
+    (out / "README.md").write_text(
         model_card(args, command, ids, heldout, [ids[i] for i in validation], scores, time.perf_counter() - started)
     )
     (out / "scores.json").write_text(json.dumps(scores, indent=1))
     for label, score in scores.items():
         print(f"{label}: exact set {score['exact_set']:.1%} on {score['samples']} crops")
-    print(f"wrote {out / 'model.pt'} and {out / 'MODEL_CARD.md'} ({(time.perf_counter() - started) / 60:.1f} min)")
+    print(f"wrote {out / 'model.pt'} and {out / 'README.md'} ({(time.perf_counter() - started) / 60:.1f} min)")
     return 0
 
 

@@ -28,29 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
-from tir.dumps.reader import DumpError, dump_files, first_line, read_batch
+from tir.dumps.reader import SUMMARY_COLUMNS, DumpError, dump_files, first_line, read_batch
 
-VIEW_COLUMNS = (
-    "image_id",
-    "combo",
-    "lq",
-    "hq",
-    "images",
-    "final_image",
-    "messages",
-    "tool_calls",
-    "num_turns",
-    "format_errors",
-    "tool_errors",
-    "stop_reason",
-    "error",
-    "final_scores",
-    "input_scores",
-    "reward",
-    "reward_terms",
-    "reward_weights",
-    "advantage",
-)
+# the summary's columns plus the images and the chat
+VIEW_COLUMNS = ("lq", "hq", "images", "final_image", "messages", *SUMMARY_COLUMNS)
 REQUIRED = ("lq", "final_image", "messages", "stop_reason")
 
 
