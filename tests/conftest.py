@@ -45,10 +45,12 @@ def tiny_policy_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """A real local Ray cluster (dashboard on loopback), shared by every test that needs one."""
+    """A real local Ray cluster (all listeners on loopback), shared by every test that needs one."""
     import ray
 
-    ray.init(
+    from tir.cluster import start_local_ray
+
+    start_local_ray(  # every listener on loopback, as for any single-node run
         num_cpus=8,  # logical CPUs: lets the pool and several small groups share this 2-core machine
         include_dashboard=True,
         dashboard_host="127.0.0.1",

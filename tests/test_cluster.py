@@ -1,6 +1,7 @@
 """``init_ray`` picks the cluster to attach to (no cluster is started here: ``ray.init`` is
 recorded, not run, so that the choice itself is what is tested)."""
 
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -25,9 +26,12 @@ def cfg(address=None):
     return SimpleNamespace(address=address, num_cpus=3, dashboard_host="127.0.0.1")
 
 
-def test_without_a_cluster_a_local_one_starts(calls):
+def test_without_a_cluster_a_local_one_starts_on_loopback(calls, monkeypatch):
+    monkeypatch.delenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", raising=False)
     cluster.init_ray(cfg())
     assert calls == [{"num_cpus": 3, "dashboard_host": "127.0.0.1", "log_to_driver": False}]
+    assert services.get_node_ip_address() == "127.0.0.1"  # what every Ray server of the node binds to
+    assert os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0"  # Ray's child processes agree
 
 
 def test_a_job_driver_attaches_to_its_cluster(calls, monkeypatch):

@@ -207,6 +207,8 @@ def test_a_photo_smaller_than_the_crop_is_named_and_skipped(photo_folder, tmp_pa
         (["--resize-short", "0"], "--resize-short must be >= 4"),
         (["--out", str(tmp_path)], "is a folder; expected a .parquet file"),
         (["--shard-size", "2", "--out", str(out)], "is a file; with --shard-size it must be a folder"),
+        (["--out", str(out / "y.parquet")], "is not a folder"),  # under a file: refused before any work
+        (["--shard-size", "2", "--out", str(out / "deeper" / "shards")], "is not a folder"),
     ]:
         argv = argv if "--out" in argv else [*argv, "--out", str(tmp_path / "y.parquet")]
         assert synth_main(parse(["--hq", str(photo_folder), "--no-progress", *argv])) == 2, argv

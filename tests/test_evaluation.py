@@ -324,3 +324,12 @@ def test_the_cli_reports_bad_input_in_one_line(tmp_path, capsys):
     )
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "text.parquet' is not a readable Parquet file" in err, err
+    for out, expected in [
+        (tmp_path / "text.parquet", "is a file; expected a folder"),
+        (tmp_path / "text.parquet" / "x", "is not a folder"),
+    ]:
+        code = eval_cli.eval_main(
+            parser.parse_args(["--test", str(tmp_path / "test.parquet"), "--agents", "identity", "--out", str(out)])
+        )
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and expected in err, err  # before any agent runs

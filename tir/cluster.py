@@ -37,7 +37,29 @@ def init_ray(ray_cfg) -> None:
     if address:
         ray.init(address=address, log_to_driver=False)
     else:
-        ray.init(num_cpus=ray_cfg.num_cpus, dashboard_host=ray_cfg.dashboard_host, log_to_driver=False)
+        start_local_ray(num_cpus=ray_cfg.num_cpus, dashboard_host=ray_cfg.dashboard_host, log_to_driver=False)
+
+
+def start_local_ray(**init_kwargs) -> None:
+    """``ray.init`` for a single-node run with every listener on loopback: GCS, raylet, object
+    manager, workers and agents bind to the node IP, which is 127.0.0.1 here, so nothing on this
+    machine is reachable from the network. A multi-node cluster (``ray start``) is unaffected."""
+    import ray
+
+    use_loopback_node_ip()
+    ray.init(**init_kwargs)
+
+
+def use_loopback_node_ip() -> None:
+    """Make Ray pick 127.0.0.1 as this node's IP. Ray does so by itself on macOS and Windows; the
+    switch is RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (read by Ray's child processes, which inherit it)
+    and its constant, already read by the imported ``ray`` in this process."""
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    try:
+        from ray._private import ray_constants  # not public; absent -> the variable alone
+    except ImportError:
+        return
+    ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def started_cluster() -> str | None:
@@ -56,3 +78,26 @@ def started_cluster() -> str | None:
         return find_bootstrap_address(None) or None
     except Exception:  # noqa: BLE001 - an unreadable record is no cluster
         return None
+
+
+def keep_serve_replica_on_loopback() -> None:
+    """Called in a Serve replica's constructor. Serve then starts an inter-deployment gRPC server
+    on every interface ("[::]:0"); the pool never uses it (handles call the replica actor), so on
+    a loopback node (``use_loopback_node_ip``) it binds to 127.0.0.1 instead. Elsewhere: unchanged."""
+    import ray
+
+    if ray.util.get_node_ip_address() != "127.0.0.1":
+        return
+    try:
+        from ray.serve._private import replica  # not public; absent or renamed -> Serve's default
+    except ImportError:
+        return
+    bind = getattr(replica, "add_port_to_grpc_server", None)
+    if bind is None or getattr(bind, "on_loopback", False):
+        return
+
+    def on_loopback(server, address: str):
+        return bind(server, address.replace("[::]", "127.0.0.1", 1))
+
+    on_loopback.on_loopback = True
+    replica.add_port_to_grpc_server = on_loopback

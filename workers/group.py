@@ -18,7 +18,6 @@ import asyncio
 import datetime
 import enum
 import os
-import socket
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -28,6 +27,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from tir.protocol import Batch
+from workers import rendezvous
 
 
 class Dispatch(enum.Enum):
@@ -68,27 +68,23 @@ class Worker:
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK="0")
 
     def master_address(self) -> tuple[str, int]:
-        """This worker's node IP and a free port: rank 0 hosts the rendezvous."""
+        """This worker's node IP and a free port on it: rank 0 hosts the rendezvous."""
         host = ray.util.get_node_ip_address()
-        with socket.socket() as sock:
-            sock.bind(("", 0))
-            return host, sock.getsockname()[1]
+        return host, rendezvous.free_port(host)
 
     def init_distributed(self, host: str, port: int, backend: str, timeout_s: float) -> None:
         import torch.distributed as dist
 
         os.environ.update(MASTER_ADDR=host, MASTER_PORT=str(port))
+        if backend == "gloo":
+            rendezvous.keep_gloo_on_loopback(host)
         if backend == "nccl":
             import torch
 
             torch.cuda.set_device(0)  # Ray sets CUDA_VISIBLE_DEVICES to this actor's GPU
-        dist.init_process_group(
-            backend,
-            init_method=f"tcp://{host}:{port}",
-            rank=self.rank,
-            world_size=self.world_size,
-            timeout=datetime.timedelta(seconds=timeout_s),
-        )
+        timeout = datetime.timedelta(seconds=timeout_s)
+        store, self._store_listener = rendezvous.open_store(host, port, self.rank, self.world_size, timeout)
+        dist.init_process_group(backend, store=store, rank=self.rank, world_size=self.world_size, timeout=timeout)
 
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()

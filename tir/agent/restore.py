@@ -12,12 +12,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+from tir.paths import check_output_file, check_writable_folder
 
 
 class InputError(ValueError):
@@ -91,7 +92,10 @@ def restore_main(args: argparse.Namespace) -> int:
         if args.trace:
             if Path(args.trace).exists() and not Path(args.trace).is_dir():
                 raise InputError(f"--trace {args.trace!r} is a file; expected a folder")
-            _check_writable_folder(Path(args.trace), f"--trace {args.trace!r}")
+            try:
+                check_writable_folder(Path(args.trace), f"--trace {args.trace!r}")
+            except ValueError as err:
+                raise InputError(str(err)) from None
         if args.max_turns < 1:
             raise InputError(f"--max-turns must be >= 1, got {args.max_turns}")
         agent = resolve_agent(args)
@@ -145,21 +149,10 @@ def check_output_path(path: str) -> None:
         raise InputError(f"--out {path!r} needs an image extension (.png, .jpg, ...)")
     if out.is_dir():
         raise InputError(f"--out {path!r} is a folder; expected a file name such as restored.png")
-    if out.exists() and not os.access(out, os.W_OK):
-        raise InputError(f"--out {path!r} exists and is not writable")
-    _check_writable_folder(out.parent, f"--out {path!r}")
-
-
-def _check_writable_folder(folder: Path, what: str) -> None:
-    """``folder`` is, or can be made as, a writable folder (its missing parents are made later):
-    checked before any work, so a finished restoration is never lost to a bad path."""
-    existing = Path(os.path.abspath(folder))
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise InputError(f"{what}: {str(existing)!r} is not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise InputError(f"{what}: the folder {str(existing)!r} is not writable")
+    try:
+        check_output_file(out, f"--out {path!r}")
+    except ValueError as err:
+        raise InputError(str(err)) from None
 
 
 def resolve_agent(args: argparse.Namespace):

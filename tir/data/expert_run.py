@@ -18,6 +18,7 @@ import numpy as np
 
 from tir.data.degradations import stable_hash
 from tir.data.expert import ExpertSettings, search_batch, served_tools_by_subtask, settings_dict, trajectory_batch
+from tir.paths import check_output_file
 from tir.protocol import Batch
 
 
@@ -116,6 +117,7 @@ def expert_main(args: argparse.Namespace) -> int:
         if args.limit is not None:
             samples = samples.slice(0, args.limit)
         settings = ExpertSettings.from_recipe(cfg, perturb=False if args.no_perturb else None)
+        check_output_file(args.out, f"--out {args.out!r}")
     except (RecipeError, FileNotFoundError, ValueError) as err:
         print(f"tir data expert: error: {err}", file=sys.stderr)
         return 2

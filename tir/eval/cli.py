@@ -14,6 +14,7 @@ import numpy as np
 
 from tir.eval.agent_specs import KNOWN_AGENTS, AgentSpec, EvalError, parse_agents
 from tir.eval.agents import EvalSettings, evaluate_agents
+from tir.paths import check_writable_folder
 from tir.protocol import Batch
 
 
@@ -85,6 +86,12 @@ def eval_main(args: argparse.Namespace) -> int:
                 f"test set {args.test!r} does not exist; make one with `tir data synth --combos groupA,groupB,groupC --out {args.test}`"
             )
         specs = parse_agents(args.agents)
+        if Path(args.out).exists() and not Path(args.out).is_dir():
+            raise EvalError(f"--out {args.out!r} is a file; expected a folder")
+        try:
+            check_writable_folder(args.out, f"--out {args.out!r}")
+        except ValueError as err:
+            raise EvalError(str(err)) from None
         test = subset(read_synth(args.test), args.limit)
         metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip()) if args.metrics else None
         settings = EvalSettings.from_recipe(

@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from workers import rendezvous
+
 Spec = tuple[str, str, list[int]]  # (HF name, dtype name, shape)
 
 
@@ -54,14 +56,18 @@ def shm_dir() -> str:
 # ---------------------------------------------------------------- the broadcast group (both ends)
 
 
+_LISTENERS: list = []  # rank 0's rendezvous sockets (a new sender makes a new group: one socket each)
+
+
 def open_weight_group(host: str, port: int, rank: int, world_size: int, backend: str, timeout_s: float = 300.0):
     """A process group of its own (not the process's default group, which the trainer's FSDP and
     vLLM's tensor parallelism already use). Rank 0 is the trainer's sender and hosts the store.
     ``backend``: "nccl" (GPUs) or "gloo" (CPUs). Every rank must call this at the same time."""
-    from torch.distributed import TCPStore
-
     timeout = datetime.timedelta(seconds=timeout_s)
-    store = TCPStore(host, port, world_size, is_master=rank == 0, timeout=timeout)
+    if backend == "gloo":
+        rendezvous.keep_gloo_on_loopback(host)
+    store, listener = rendezvous.open_store(host, port, rank, world_size, timeout)
+    _LISTENERS.append(listener)  # the store's socket lives as long as the process's groups do
     if backend == "nccl":  # GPU path: written for GPUs, never run on the CPU machines it was built on
         from torch.distributed import ProcessGroupNCCL
 
