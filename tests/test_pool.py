@@ -37,11 +37,15 @@ def test_pool_runs_the_tool_as_a_local_call_would(serve_pool, image):
 def test_concurrent_calls_are_batched_and_models_loaded_once_per_replica(serve_pool, image):
     noisy, _ = image
 
+    images = [np.ascontiguousarray(np.roll(noisy, i, axis=1)) for i in range(1, 25)]  # distinct: no cache hits
+
     async def burst():
-        return await asyncio.gather(*(serve_pool.run(DENOISER, noisy) for _ in range(24)))
+        return await asyncio.gather(*(serve_pool.run(DENOISER, im) for im in images))
 
     outs = run(burst())
-    assert len(outs) == 24 and all(np.array_equal(o, outs[0]) for o in outs)
+    assert len(outs) == 24
+    for i in (0, 23):
+        np.testing.assert_array_equal(outs[i], TOOLS.get(DENOISER)([images[i]])[0])
     stats = run(serve_pool.stats())[f"tool:{DENOISER}"]
     assert stats["calls"] >= 24
     assert stats["max_batch"] > 1  # calls from different callers shared one tool invocation
@@ -95,8 +99,13 @@ def test_pool_is_found_by_name_from_another_process(serve_pool, image, ray_clust
 
 
 def test_no_call_is_lost_when_a_replica_is_killed_mid_burst(serve_pool, image, ray_cluster):
+    """A replica restart loses its cache, never a call: 16 distinct images, each asked 4 times
+    (so calls wait on the same computation in flight, and hit the cache), one replica killed."""
+    from tool_pool.cache import cache_totals
+
     ray = ray_cluster
-    noisy = np.ascontiguousarray(np.tile(image[0], (2, 2, 1)))  # 256 px: slow enough to be in flight
+    big = np.tile(image[0], (2, 2, 1))  # 256 px: slow enough to be in flight
+    images = [np.ascontiguousarray(np.roll(big, 3 * i, axis=0)) for i in range(16)]
     named = ray.util.list_named_actors(all_namespaces=True)
     replicas = [
         a["name"]
@@ -104,9 +113,10 @@ def test_no_call_is_lost_when_a_replica_is_killed_mid_burst(serve_pool, image, r
         if a["namespace"] == "serve" and a["name"].startswith(f"SERVE_REPLICA::{serve_pool.name}#")
     ]
     assert len(replicas) == 2, named
+    before = cache_totals(run(serve_pool.stats()))
 
     async def burst():
-        calls = [asyncio.ensure_future(serve_pool.run(DENOISER, noisy)) for _ in range(64)]
+        calls = [asyncio.ensure_future(serve_pool.run(DENOISER, images[i % 16])) for i in range(64)]
         await asyncio.sleep(0.5)
         in_flight = sum(not c.done() for c in calls)
         ray.kill(ray.get_actor(replicas[0], namespace="serve"), no_restart=True)
@@ -114,20 +124,26 @@ def test_no_call_is_lost_when_a_replica_is_killed_mid_burst(serve_pool, image, r
 
     in_flight, results = run(burst())
     assert in_flight > 0, "the burst finished before the kill: the test did not test anything"
-    expected = TOOLS.get(DENOISER)([noisy])[0]
-    for result in results:  # every call either succeeded (perhaps retried) or says clearly why not
+    expected = [TOOLS.get(DENOISER)([im])[0] for im in images]
+    for i, result in enumerate(results):  # every call either succeeded (perhaps retried) or says clearly why not
         if isinstance(result, BaseException):
             assert isinstance(result, PoolError) and result.kind in ("replica_failed", "timeout"), repr(result)
         else:
-            np.testing.assert_array_equal(result, expected)
+            np.testing.assert_array_equal(result, expected[i % 16])
     assert sum(not isinstance(r, BaseException) for r in results) >= 32
     # Calls running on the dead replica come back as ActorDiedError and the client re-sends them
     # (serve_pool.retries counts those); calls still queued in Serve's router are re-routed by
     # Serve itself, so how many the client re-sent depends on timing and is not asserted.
-    again = run(asyncio.wait_for(serve_pool.run(DENOISER, noisy), 120))  # the pool serves again
-    np.testing.assert_array_equal(again, expected)
+    again = run(asyncio.wait_for(serve_pool.run(DENOISER, images[0]), 120))  # the pool serves again
+    np.testing.assert_array_equal(again, expected[0])
     alive = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == "serve"}
     assert replicas[0] not in alive  # the kill really happened during the burst
+    # the dead replica's cache is gone from the stats; the counters of what it served are kept
+    after = cache_totals(run(serve_pool.stats()))
+    stats_actor = ray.get_actor(serve_pool.name + "_stats", namespace="tir")
+    assert replicas[0] not in ray.get(stats_actor.cache_replicas.remote())
+    served = sum(not isinstance(r, BaseException) for r in results)
+    assert after["cache_hits"] + after["cache_misses"] >= before["cache_hits"] + before["cache_misses"] + served
 
 
 def test_unknown_pool_name_is_a_clear_error(ray_cluster, image):

@@ -14,6 +14,8 @@ from tool_pool.tool_base import strength_argument, tool
 PATCH = 8
 HARD_THRESHOLD = 2.7  # x sigma: BM3D's hard-threshold factor
 STEP = 3  # stride between the overlapping patches: 1 is best and 9x slower; 3 loses ~0.3 dB
+BAND_ROWS = 256  # rows per band on tall images (memory: about 1 MB per column of the band)
+BAND_MARGIN = 24  # context rows each side of a band: a pixel depends on rows up to 2 * PATCH away
 
 
 def _dct_basis(n: int = PATCH) -> np.ndarray:
@@ -45,15 +47,33 @@ def _aggregate(patches: np.ndarray, weights: np.ndarray, grid: tuple[int, int], 
     return out / np.maximum(total, 1e-8)
 
 
-def dct_denoise_channel(x: np.ndarray, sigma: float) -> np.ndarray:
+def dct_denoise_channel(x: np.ndarray, sigma: float, band_rows: int = BAND_ROWS) -> np.ndarray:
     """Two-stage sliding-DCT shrinkage of one channel (float32, any range; sigma in its units).
 
     Stage 1 hard-thresholds the DCT of overlapping 8x8 patches at 2.7 sigma; stage 2 uses that
     estimate as a pilot for an empirical Wiener filter (BM3D's two steps without block
     matching). Patches are weighted by the inverse of how much they keep, as BM3D does.
+
+    Tall images go through in bands of ``band_rows`` rows with ``BAND_MARGIN`` rows of context each
+    side, on the whole image's patch grid: the result is the one-pass result, and memory is that
+    of one band (a 4000x3000 photo would otherwise need about 3 GB of patches).
     """
     pad = PATCH
     xp = np.pad(x.astype(np.float32), pad, mode="reflect")
+    height = x.shape[0]
+    if height <= band_rows + 2 * BAND_MARGIN:
+        return _two_stage(xp, sigma)[pad:-pad, pad:-pad]
+    out = np.empty(x.shape, np.float32)
+    for start in range(0, height, band_rows):
+        stop = min(start + band_rows, height)
+        lo = max(start + pad - BAND_MARGIN, 0)
+        lo -= lo % STEP  # on the whole image's patch grid
+        hi = min(stop + pad + BAND_MARGIN, xp.shape[0])
+        out[start:stop] = _two_stage(xp[lo:hi], sigma)[start + pad - lo : stop + pad - lo, pad:-pad]
+    return out
+
+
+def _two_stage(xp: np.ndarray, sigma: float) -> np.ndarray:
     noisy, grid = _patches(xp)
     coefficients = noisy @ DCT.T
     keep = np.abs(coefficients) > HARD_THRESHOLD * sigma
@@ -65,8 +85,7 @@ def dct_denoise_channel(x: np.ndarray, sigma: float) -> np.ndarray:
     power = pilot_coefficients**2
     shrink = power / (power + sigma**2)
     weights = 1.0 / np.maximum((shrink**2).sum(axis=1), 1e-3)
-    restored = _aggregate((coefficients * shrink) @ DCT, weights, grid, xp.shape)
-    return restored[pad:-pad, pad:-pad]
+    return _aggregate((coefficients * shrink) @ DCT, weights, grid, xp.shape)
 
 
 def dct_denoise(image: np.ndarray, sigma: float) -> np.ndarray:

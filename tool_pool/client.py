@@ -15,9 +15,11 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
+from functools import partial
 
 import numpy as np
 
+from tool_pool.cache import DEFAULT_CACHE_BYTES, ResultCache, Timed, is_deterministic, request_key
 from tool_pool.execution import (
     NAMESPACE,
     STATS_ACTOR_SUFFIX,
@@ -33,26 +35,27 @@ from tool_pool.execution import (
     validated_arguments,
 )
 
-# ------------------------------------------------------------------ shared request handling
-
 
 # ------------------------------------------------------------------ the local backend
 class LocalPool:
-    """Tools and scorers in the calling process: same interface, no batching across callers."""
+    """Tools and scorers in the calling process: same interface, no batching across callers.
+    Results of deterministic models are cached (``tool_pool.cache``; ``cache_bytes`` 0: off)."""
 
-    def __init__(self, tools: Sequence[str] | None = None):
+    def __init__(self, tools: Sequence[str] | None = None, cache_bytes: int = DEFAULT_CACHE_BYTES):
         self.allowed = list(tools or [])
         self.stats_ = PoolStats()
+        self.cache = ResultCache(cache_bytes)
         self._loaded: set[str] = set()
 
     async def run(self, tool: str, image: np.ndarray, **args) -> np.ndarray:
         tool_obj = resolve_tool(tool, self.allowed)
         check_image(image)
         args = validated_arguments(tool_obj, args)
-        self._count_load(f"tool:{tool}")
-        start = time.perf_counter()
-        out = await asyncio.to_thread(run_tool_batch, tool_obj, [image], args)
-        self.stats_.record_batch(f"tool:{tool}", 1, 0.0, time.perf_counter() - start)
+        model = f"tool:{tool}"
+        key = request_key(model, args, image) if is_deterministic(tool_obj) else None
+        out = await self.cache.get_or_compute(
+            model, key, partial(self._compute, model, run_tool_batch, tool_obj, [image], args)
+        )
         return out[0]
 
     async def score(
@@ -64,12 +67,13 @@ class LocalPool:
         result = {}
         for name in metrics:
             scorer = get_scorer_or_error(name)
-            self._count_load(f"metric:{name}")
-            start = time.perf_counter()
-            values = await asyncio.to_thread(
-                score_batch, scorer, [image], [reference] if reference is not None else None
+            model = f"metric:{name}"
+            refs = [reference] if reference is not None else None
+            read = reference if scorer.full_reference else None  # a no-reference metric ignores it
+            key = request_key(model, None, image, read) if is_deterministic(scorer) else None
+            values = await self.cache.get_or_compute(
+                model, key, partial(self._compute, model, score_batch, scorer, [image], refs)
             )
-            self.stats_.record_batch(f"metric:{name}", 1, 0.0, time.perf_counter() - start)
             result[name] = values[0]
         return result
 
@@ -78,11 +82,26 @@ class LocalPool:
         ``{"probabilities": {degradation: p}, "degradations": [...]}``."""
         check_image(image)
         recognizer = get_recognizer_or_error(checkpoint)
-        self._count_load(f"perception:{checkpoint}")
-        start = time.perf_counter()
-        out = await asyncio.to_thread(perceive_batch, recognizer, [image])
-        self.stats_.record_batch(f"perception:{checkpoint}", 1, 0.0, time.perf_counter() - start)
+        model = f"perception:{checkpoint}"
+        key = request_key(model, None, image) if is_deterministic(recognizer) else None
+        out = await self.cache.get_or_compute(
+            model, key, partial(self._compute, model, perceive_batch, recognizer, [image])
+        )
         return out[0]
+
+    async def _compute(self, model: str, fn, *args) -> Timed:
+        """``fn(*args)`` in a worker thread, counted in the stats as one call of ``model``: its
+        run time in the thread, and the wait for a thread as queue wait."""
+
+        def timed():
+            start = time.perf_counter()
+            return fn(*args), time.perf_counter() - start
+
+        self._count_load(model)
+        start = time.perf_counter()
+        out, run_s = await asyncio.to_thread(timed)
+        self.stats_.record_batch(model, 1, max(time.perf_counter() - start - run_s, 0.0), run_s)
+        return Timed(out, run_s)
 
     async def available_tools(self) -> list[str]:
         from tool_pool.tools import TOOLS
@@ -90,7 +109,7 @@ class LocalPool:
         return [name for name in TOOLS.names() if not self.allowed or name in self.allowed]
 
     async def stats(self) -> dict[str, dict[str, float]]:
-        return self.stats_.snapshot()
+        return self.stats_.snapshot(self.cache.snapshot())
 
     def _count_load(self, model: str) -> None:
         if model not in self._loaded:

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from tir import imaging
+from tool_pool.cache import FIELDS as CACHE_FIELDS
 
 STATS_ACTOR_SUFFIX = "_stats"
 NAMESPACE = "tir"  # the stats actor's namespace, so that every job of the cluster finds it
@@ -131,7 +132,9 @@ def score_batch(scorer, images: list[np.ndarray], references: list[np.ndarray] |
 
 
 class PoolStats:
-    """Per tool (or metric): calls, batches and their sizes, queue wait, model loads, errors."""
+    """Per tool (or metric): calls computed, batches and their sizes, queue wait, model loads,
+    errors, and the result cache's columns (``tool_pool.cache``: hits, misses, seconds saved,
+    bytes and entries held); a request served from the cache is a hit, not a call."""
 
     def __init__(self):
         self.by_model: dict[str, dict[str, float]] = defaultdict(
@@ -143,6 +146,7 @@ class PoolStats:
                 "run_s": 0.0,
                 "loads": 0,
                 "errors": 0,
+                **dict.fromkeys(CACHE_FIELDS, 0),
             }
         )
 
@@ -162,11 +166,18 @@ class PoolStats:
         for model, row in other.items():
             mine = self.by_model[model]
             for key, value in row.items():
+                if key.startswith("mean_"):  # derived in snapshot()
+                    continue
                 mine[key] = max(mine[key], value) if key == "max_batch" else mine[key] + value
 
-    def snapshot(self) -> dict[str, dict[str, float]]:
+    def snapshot(self, *caches: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+        """Per model, with the cache columns of ``caches`` (``ResultCache.snapshot()``s) added."""
+        merged = PoolStats()
+        merged.merge(self.by_model)
+        for cache in caches:
+            merged.merge(cache)
         out = {}
-        for model, row in self.by_model.items():
+        for model, row in merged.by_model.items():
             out[model] = dict(row)
             out[model]["mean_batch"] = row["calls"] / row["batches"] if row["batches"] else 0.0
             out[model]["mean_queue_wait_s"] = row["queue_wait_s"] / row["calls"] if row["calls"] else 0.0

@@ -9,7 +9,7 @@ def make_pool(pool_cfg):
     if pool_cfg.backend == "local":
         from tool_pool.client import LocalPool
 
-        return LocalPool(pool_cfg.tools)
+        return LocalPool(pool_cfg.tools, cache_bytes=pool_cfg.cache_bytes)
     if pool_cfg.backend == "serve":
         from tool_pool.serve_app import start_pool
 

@@ -313,6 +313,8 @@ def _same_shape_runs(images: Sequence[np.ndarray], batch_size: int) -> list[rang
 class Scorer:
     """A built metric: ``score(images, references=None) -> np.ndarray`` (float64, one per image)."""
 
+    deterministic = True  # eval mode, no sampling: the pool may cache scores (tool_pool.cache)
+
     def __init__(self, spec: MetricSpec, metric: torch.nn.Module, device: str):
         self.spec, self.metric, self.device = spec, metric, device
         self.name = spec.name

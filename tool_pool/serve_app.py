@@ -8,7 +8,11 @@ every IQA score of the cluster.
   queue per replica, not per model, so the model id travels with each request into the batch.
 - A bad request is answered with an error payload, never an exception that could take the
   replica (or the batch it shares with others) down.
-- Pool metrics go to one named stats actor, queryable from any process.
+- Result cache (``tool_pool.cache``): each replica keeps its own, checked before a request joins
+  a batch; identical requests in flight on a replica are computed once. A replica restart loses
+  its cache, never a call (the client re-sends calls of a dead replica).
+- Pool metrics go to one named stats actor, queryable from any process; each replica reports
+  its cache's counters there, and a dead replica's bytes and entries stop counting.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from collections import defaultdict
 import ray
 from ray import serve
 
+from tool_pool.cache import COUNTERS as CACHE_COUNTERS
+from tool_pool.cache import DEFAULT_CACHE_BYTES, ResultCache, is_deterministic, request_key
 from tool_pool.execution import (
     NAMESPACE,
     STATS_ACTOR_SUFFIX,
@@ -34,20 +40,39 @@ from tool_pool.execution import (
     validated_arguments,
 )
 
+SERVE_NAMESPACE = "serve"  # where Serve's replica actors live
+
 
 @ray.remote(num_cpus=0)
 class PoolStatsActor:
     def __init__(self):
         self.stats = PoolStats()
+        self.caches: dict[str, dict] = {}  # replica actor name -> its cache's latest snapshot
+        self.retired: dict[str, dict] = {}  # the counters (hits, misses, seconds saved) of dead replicas
 
-    def record(self, batches: list[tuple], loads: list[str]) -> None:
+    def record(self, batches: list[tuple], loads: list[str], cache: tuple[str, dict] | None = None) -> None:
         for model, size, wait, run_s, errors in batches:
             self.stats.record_batch(model, size, wait, run_s, errors)
         for model in loads:
             self.stats.record_load(model)
+        if cache is not None:
+            replica, rows = cache
+            self.caches[replica] = rows
 
     def snapshot(self) -> dict:
-        return self.stats.snapshot()
+        for replica in list(self.caches):
+            try:
+                ray.get_actor(replica, namespace=SERVE_NAMESPACE)
+            except ValueError:  # the replica is gone: its cache with it, its counters stay
+                for model, row in self.caches.pop(replica).items():
+                    kept = self.retired.setdefault(model, dict.fromkeys(CACHE_COUNTERS, 0))
+                    for name in CACHE_COUNTERS:
+                        kept[name] += row[name]
+        return self.stats.snapshot(self.retired, *self.caches.values())
+
+    def cache_replicas(self) -> list[str]:
+        """The replicas whose caches count in the last snapshot (the live ones)."""
+        return sorted(self.caches)
 
 
 class _Loaded:
@@ -70,9 +95,14 @@ def _error(err: PoolError) -> dict:
 class ToolPoolDeployment:
     """One replica of the pool. Configured (batch size, models per replica) by ``build_app``."""
 
-    def __init__(self, stats_actor_name: str, tools: list[str], manifest: str | None):
+    def __init__(
+        self, stats_actor_name: str, tools: list[str], manifest: str | None, cache_bytes: int = DEFAULT_CACHE_BYTES
+    ):
         import tir  # noqa: F401 - environment shims before torchvision-based tools load
         import tool_pool.tools  # noqa: F401 - registers the built-in tools
+        from tir.cluster import keep_serve_replica_on_loopback
+
+        keep_serve_replica_on_loopback()
 
         if manifest:
             from tool_pool.neural import register_manifest
@@ -80,6 +110,8 @@ class ToolPoolDeployment:
             register_manifest(manifest)
         self.allowed = list(tools)
         self.stats_actor = ray.get_actor(stats_actor_name, namespace=NAMESPACE)
+        self.cache = ResultCache(cache_bytes)
+        self.replica = ray.get_runtime_context().get_actor_name() or "local"
 
     # models -------------------------------------------------------------------------------
     async def get_model(self, model_id: str):
@@ -106,27 +138,41 @@ class ToolPoolDeployment:
             args = validated_arguments(tool, args)
         except PoolError as err:
             return _error(err)
-        return await self.batched((model_id, image, args, time.perf_counter()))
+        key = request_key(model_id, args, image) if is_deterministic(tool) else None
+        return await self.cached(model_id, key, (model_id, image, args, time.perf_counter()))
 
     async def score(self, image, reference) -> dict:
         model_id = serve.get_multiplexed_model_id()
         try:
-            await self.get_model(model_id)
+            scorer = (await self.get_model(model_id)).model
             check_image(image)
             if reference is not None:
                 check_image(reference, "reference")
         except PoolError as err:
             return _error(err)
-        return await self.batched((model_id, image, reference, time.perf_counter()))
+        read = reference if scorer.full_reference else None  # a no-reference metric ignores it
+        key = request_key(model_id, None, image, read) if is_deterministic(scorer) else None
+        return await self.cached(model_id, key, (model_id, image, reference, time.perf_counter()))
 
     async def perceive(self, image) -> dict:
         model_id = serve.get_multiplexed_model_id()
         try:
-            await self.get_model(model_id)
+            recognizer = (await self.get_model(model_id)).model
             check_image(image)
         except PoolError as err:
             return _error(err)
-        return await self.batched((model_id, image, None, time.perf_counter()))
+        key = request_key(model_id, None, image) if is_deterministic(recognizer) else None
+        return await self.cached(model_id, key, (model_id, image, None, time.perf_counter()))
+
+    async def cached(self, model_id: str, key: tuple | None, request: tuple) -> dict:
+        """The answer from this replica's cache, or from the batch ``request`` joins (stored
+        unless it is an error); the cache's counters go to the stats actor."""
+        answer = await self.cache.get_or_compute(
+            model_id, key, lambda: self.batched(request), storable=lambda a: "error" not in a, copy_out=False
+        )
+        if self.cache.enabled:
+            self.stats_actor.record.remote([], [], (self.replica, self.cache.snapshot()))
+        return answer
 
     async def available_tools(self) -> list[str]:
         from tool_pool.tools import TOOLS
@@ -189,7 +235,9 @@ def build_app(pool_cfg) -> serve.Application:
         ray_actor_options=replica_options(pool_cfg),
         max_ongoing_requests=max(64, 4 * pool_cfg.max_batch_size),
     )
-    return deployment.bind(pool_cfg.name + STATS_ACTOR_SUFFIX, list(pool_cfg.tools), pool_cfg.manifest)
+    return deployment.bind(
+        pool_cfg.name + STATS_ACTOR_SUFFIX, list(pool_cfg.tools), pool_cfg.manifest, int(pool_cfg.cache_bytes)
+    )
 
 
 def replica_options(pool_cfg) -> dict:

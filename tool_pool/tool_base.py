@@ -69,6 +69,9 @@ class Tool:
     scale: int = 1  # output side / input side (4 for super-resolution)
     available: bool = True  # False when it cannot run here (neural tools without their checkpoint)
     unavailable_reason: str | None = None
+    # the same image and arguments give the same output (no unseeded randomness, no state): the
+    # pool may cache its results (tool_pool.cache; on CUDA only in torch's deterministic mode)
+    deterministic: bool = True
 
     def run(self, images: list[np.ndarray], **args) -> list[np.ndarray]:
         """Restore a batch of valid images with validated arguments (defaults filled in)."""

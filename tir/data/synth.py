@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from tir.data.degradations import combo_name, degrade_chain, parse_combos, sample_rng
 from tir.data.depth import depth_from_disparity, find_depth, load_depth, resize_depth
-from tir.paths import check_output_file, check_writable_folder
+from tir.paths import check_writable_folder
 from tir.protocol import Batch
 
 BUILTIN_PHOTOS = (
@@ -432,10 +432,7 @@ def synth_main(args: argparse.Namespace) -> int:
     try:
         if not args.shard_size and Path(args.out).is_dir():
             raise ValueError(f"--out {args.out!r} is a folder; expected a .parquet file (or pass --shard-size)")
-        if args.shard_size:
-            check_writable_folder(Path(args.out).parent, f"--out {args.out!r}")
-        else:
-            check_output_file(args.out, f"--out {args.out!r}")
+        check_writable_folder(Path(args.out).parent, f"--out {args.out!r}")  # before any work
         if args.shard_size:
             paths = synthesize_shards(args.out, args.hq, args.combos, args.shard_size, **common)
             count = sum(len(Batch.from_parquet(p, columns=["seed"])) for p in paths)
