@@ -150,15 +150,18 @@ def richardson_lucy(image: np.ndarray, kernel: np.ndarray, iterations: int = RL_
     """Richardson-Lucy deconvolution of a float RGB image in [0, 1].
 
     Padded by reflection by twice the kernel: RL does not amplify the wrap-around seam the way
-    an inverse filter does, and the smaller FFTs keep it fast."""
+    an inverse filter does, and the smaller FFTs keep it fast. One channel at a time: a third of
+    the memory (about 60 bytes a pixel)."""
+    if image.ndim == 3:
+        return np.stack([richardson_lucy(image[..., c], kernel, iterations) for c in range(image.shape[2])], axis=-1)
     pad = 2 * max(kernel.shape)
     padded = cv2.copyMakeBorder(image.astype(np.float32), pad, pad, pad, pad, cv2.BORDER_REFLECT)
     shape = (scipy.fft.next_fast_len(padded.shape[0], real=True), scipy.fft.next_fast_len(padded.shape[1], real=True))
     padded = cv2.copyMakeBorder(
         padded, 0, shape[0] - padded.shape[0], 0, shape[1] - padded.shape[1], cv2.BORDER_REFLECT
     )
-    K = kernel_spectrum(kernel, shape).astype(np.complex64)[..., None]
-    blur = lambda x, k: scipy.fft.irfft2(scipy.fft.rfft2(x, axes=(0, 1)) * k, s=shape, axes=(0, 1))
+    K = kernel_spectrum(kernel, shape, np.float32)
+    blur = lambda x, k: scipy.fft.irfft2(scipy.fft.rfft2(x) * k, s=shape)
     observed = np.maximum(padded, 1e-4)
     estimate = observed.copy()
     for _ in range(iterations):

@@ -73,13 +73,16 @@ def gradient_sparsity(image: np.ndarray) -> float:
     return float(magnitude.sum() / (np.sqrt((magnitude**2).sum()) + 1e-12))
 
 
-def kernel_spectrum(kernel: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """rfft2 of a convolution kernel centred at the origin of an array of ``shape``."""
-    padded = np.zeros(shape, np.float64)
+def kernel_spectrum(kernel: np.ndarray, shape: tuple[int, int], dtype=np.float64) -> np.ndarray:
+    """rfft2 of a convolution kernel centred at the origin of an array of ``shape`` (complex64
+    for ``dtype=np.float32``: scipy.fft keeps single precision, numpy.fft does not)."""
+    import scipy.fft
+
+    padded = np.zeros(shape, dtype)
     kh, kw = kernel.shape
     padded[:kh, :kw] = kernel
     padded = np.roll(padded, (-(kh // 2), -(kw // 2)), axis=(0, 1))
-    return np.fft.rfft2(padded)
+    return scipy.fft.rfft2(padded)
 
 
 def mirror_extend(image: np.ndarray) -> np.ndarray:
@@ -93,18 +96,27 @@ def wiener_deconvolve(image: np.ndarray, kernel: np.ndarray, regularisation: flo
     """Deconvolve a float RGB (or grey) image by ``kernel`` (a convolution kernel, centred).
 
     Regularised by the image gradients (a Tikhonov / Wiener filter with a 1/f^2 image prior):
-    X = conj(K) Y / (|K|^2 + lambda |D|^2), computed on the mirror-extended image.
+    X = conj(K) Y / (|K|^2 + lambda |D|^2), computed on the mirror-extended image. Single
+    precision, one channel at a time: about 80 bytes a pixel (1 GB for a 4000x3000 photo, where
+    double precision on all channels at once took 4.7 GB).
     """
-    extended = mirror_extend(image.astype(np.float32))
-    shape = extended.shape[:2]
-    K = kernel_spectrum(kernel, shape)
-    D = np.abs(kernel_spectrum(np.array([[0, 0, 0], [0, -1, 1], [0, 0, 0]]), shape)) ** 2
-    D += np.abs(kernel_spectrum(np.array([[0, 0, 0], [0, -1, 0], [0, 1, 0]]), shape)) ** 2
-    gain = np.conj(K) / (np.abs(K) ** 2 + regularisation * D)
-    if extended.ndim == 3:
-        gain = gain[..., None]
-    restored = np.fft.irfft2(np.fft.rfft2(extended, axes=(0, 1)) * gain, s=shape, axes=(0, 1))
-    return restored[: image.shape[0], : image.shape[1]].astype(np.float32)
+    import scipy.fft
+
+    shape = (2 * image.shape[0], 2 * image.shape[1])  # of the mirror extension
+    K = kernel_spectrum(kernel, shape, np.float32)
+    denominator = np.abs(K) ** 2
+    for step in ([[0, 0, 0], [0, -1, 1], [0, 0, 0]], [[0, 0, 0], [0, -1, 0], [0, 1, 0]]):
+        denominator += regularisation * np.abs(kernel_spectrum(np.array(step), shape, np.float32)) ** 2
+    gain = np.conj(K, out=K)
+    gain /= denominator
+    del denominator
+    channels = image[..., None] if image.ndim == 2 else image
+    out = np.empty(channels.shape, np.float32)
+    for c in range(channels.shape[-1]):
+        spectrum = scipy.fft.rfft2(mirror_extend(channels[..., c].astype(np.float32)))
+        spectrum *= gain
+        out[..., c] = scipy.fft.irfft2(spectrum, s=shape)[: image.shape[0], : image.shape[1]]
+    return out[..., 0] if image.ndim == 2 else out
 
 
 def hsv_value_map(image: np.ndarray, fn) -> np.ndarray:
