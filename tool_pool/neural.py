@@ -1,25 +1,40 @@
-"""Neural restoration tools: basicsr architectures with checkpoints named in a tool manifest.
+"""Neural restoration tools: checkpoints named in a tool manifest, loaded by spandrel or basicsr.
 
-A manifest is a YAML list (or ``{"tools": [...]}``) of entries::
+A manifest is a YAML list (or ``{"tools": [...]}``) of entries. Four fields are enough: spandrel
+detects the architecture and its scale from the state dict (SCUNet, NAFNet, FBCNN, DRUNet, SwinIR,
+HAT, Real-ESRGAN, RetinexFormer, ...)::
 
-    - name: sr_swinir                  # snake_case, unique among all tools
-      subtask: super_resolution        # one of tool_pool.tools.SUBTASKS
-      description: Upscales x4 with SwinIR (PSNR-oriented).
-      arch: {type: SwinIR, upscale: 4, img_size: 64, window_size: 8, ...}  # basicsr ARCH_REGISTRY
-      checkpoint: weights/001_classicalSR_DF2K_s64w8_SwinIR-M_x4.pth       # relative: to the manifest
-      scale: 4                         # output side / input side (default 1)
+    - name: denoise_scunet             # snake_case, unique among all tools
+      subtask: denoising               # one of tool_pool.tools.SUBTASKS
+      description: Removes strong colour noise with SCUNet (PSNR-oriented).
+      checkpoint: weights/scunet_color_real_psnr.pth   # .pth/.pt/.ckpt/.safetensors; relative: to the manifest
+
+Optional fields::
+
+      arch: {type: SwinIR, upscale: 4, img_size: 64, window_size: 8, ...}  # build with basicsr instead
+      scale: 4                         # output side / input side; spandrel: checked against the detected one
       device: auto                     # auto | cpu | cuda | cuda:N  (default auto)
-      tile: 256                        # optional: run in tiles of this input size (memory)
-      tile_pad: 16                     # optional: context around each tile (default 16)
-      pad_multiple: 8                  # optional: reflect-pad inputs to a multiple (SwinIR windows)
-      param_key: params_ema            # optional: which entry of the checkpoint holds the weights
+      tile: 256                        # run in tiles of this input size (default: 512 above TILE_ABOVE pixels)
+      tile_pad: 16                     # context around each tile (default 16; at least the receptive field)
+      pad_multiple: 8                  # reflect-pad inputs to a multiple (spandrel's own requirement is added)
+      param_key: params_ema            # which entry of the checkpoint holds the weights
 
-Checkpoints are read with ``torch.load(weights_only=True)``; the releases' layouts
-``{"params": ...}`` / ``{"params_ema": ...}`` (EMA preferred) and ``module.`` prefixes (from
-DataParallel) are handled, and keys must match the architecture exactly. A tool whose checkpoint
-is missing is still registered but marked unavailable with the reason (``available_tools()`` /
-``unavailable_tools()`` in tool_pool.tools), so one absent file does not take the pool down;
-calling it raises ``ToolUnavailableError`` naming the tool and the path.
+Loading is in tool_pool.neural_loading: the releases' layouts ``{"params": ...}`` /
+``{"params_ema": ...}`` (EMA preferred), ``module.`` prefixes and ``.safetensors`` are handled;
+with ``arch:`` the keys must match the basicsr architecture exactly. A 1-channel (gray) spandrel
+model runs on each colour channel in turn; other channel counts are refused. A checkpoint that
+cannot be used (truncated, unknown architecture, not a state dict, wrong scale) makes the tool
+unavailable with one line naming the file. A tool whose checkpoint is missing is still registered
+but marked unavailable with the reason (``available_tools()`` / ``unavailable_tools()`` in
+tool_pool.tools), so one absent file does not take the pool down; calling it raises
+``ToolUnavailableError`` naming the tool and the path.
+
+Memory: one forward pass sees at most ``TILE_ABOVE`` input pixels. Same-size images are batched
+up to that budget; a larger image runs alone, in overlapping tiles (``tile``, ``tile_pad``), so a
+4000x3000 photo needs a few hundred MB beyond its input and output. spandrel models run one image
+per call (their contract). Tiles equal the untiled result where ``tile_pad`` covers the
+network's receptive field (convolutional nets); transformers and U-Nets (spandrel marks their
+tiling DISCOURAGED) differ slightly at tile borders, which is the price of not running out of memory.
 """
 
 from __future__ import annotations
@@ -32,6 +47,16 @@ from typing import Any
 import numpy as np
 
 from tir.registry import unknown_name
+from tool_pool.neural_loading import (  # noqa: F401 - build_network, read_state_dict: public here too
+    PARAM_KEYS,
+    CheckpointError,
+    Network,
+    build_network,
+    check_keys_match,
+    load_basicsr,
+    load_spandrel,
+    read_state_dict,
+)
 from tool_pool.tool_base import (
     SUBTASKS,
     TOOLS,
@@ -42,9 +67,10 @@ from tool_pool.tool_base import (
     register_tool,
 )
 
-REQUIRED = ("name", "subtask", "description", "arch", "checkpoint")
-OPTIONAL = ("scale", "device", "tile", "tile_pad", "pad_multiple", "param_key")
-PARAM_KEYS = ("params_ema", "params", "state_dict")  # in order of preference
+REQUIRED = ("name", "subtask", "description", "checkpoint")
+OPTIONAL = ("arch", "scale", "device", "tile", "tile_pad", "pad_multiple", "param_key")
+TILE_ABOVE = 1024 * 1024  # input pixels in one forward pass; a larger image is tiled
+AUTO_TILE = 512  # the tile side when the manifest gives none
 
 
 class ManifestError(ValueError):
@@ -56,9 +82,9 @@ class NeuralToolSpec:
     name: str
     subtask: str
     description: str
-    arch: dict
     checkpoint: Path
-    scale: int = 1
+    arch: dict | None = None  # None: spandrel detects it
+    scale: int | None = None  # None: spandrel's detected scale (basicsr: 1)
     device: str = "auto"
     tile: int | None = None
     tile_pad: int = 16
@@ -105,8 +131,8 @@ def parse_entry(entry: Any, where: str, base: Path) -> NeuralToolSpec:
         raise ManifestError(f"{where}: " + unknown_name("field", unknown[0], REQUIRED + OPTIONAL))
     if entry["subtask"] not in SUBTASKS:
         raise ManifestError(f"{where}: " + unknown_name("subtask", entry["subtask"], SUBTASKS))
-    arch = entry["arch"]
-    if not isinstance(arch, dict) or "type" not in arch:
+    arch = entry.get("arch")
+    if arch is not None and (not isinstance(arch, dict) or "type" not in arch):
         raise ManifestError(f"{where}: 'arch' must be a mapping with a 'type' (a basicsr architecture name)")
     for key in ("scale", "tile", "tile_pad", "pad_multiple"):
         value = entry.get(key)
@@ -119,9 +145,9 @@ def parse_entry(entry: Any, where: str, base: Path) -> NeuralToolSpec:
         name=entry["name"],
         subtask=entry["subtask"],
         description=entry["description"],
-        arch=dict(arch),
         checkpoint=checkpoint if checkpoint.is_absolute() else base / checkpoint,
-        scale=entry.get("scale", 1),
+        arch=dict(arch) if arch is not None else None,
+        scale=entry.get("scale"),
         device=str(entry.get("device", "auto")),
         tile=entry.get("tile"),
         tile_pad=entry.get("tile_pad", 16),
@@ -149,61 +175,7 @@ def register_manifest(path: str | Path) -> dict[str, str]:
     return unavailable
 
 
-# ---------------------------------------------------------------- building and loading
-
-
-def build_network(arch: dict):
-    """Instantiate a basicsr architecture from {"type": name, **kwargs}."""
-    import basicsr.archs  # noqa: F401  (fills ARCH_REGISTRY; imports all of basicsr: slow, once)
-    from basicsr.utils.registry import ARCH_REGISTRY
-
-    kwargs = dict(arch)
-    name = kwargs.pop("type")
-    known = list(ARCH_REGISTRY._obj_map)  # basicsr's registry has no public listing
-    # basicsr registers a few archs with a suffix when the name clashes (SRVGGNetCompact_basicsr)
-    found = next((n for n in (name, f"{name}_basicsr") if n in known), None)
-    if found is None:
-        raise ValueError(unknown_name("basicsr architecture", name, sorted(known)))
-    return ARCH_REGISTRY._obj_map[found](**kwargs)
-
-
-def read_state_dict(path: Path, param_key: str | None = None) -> dict:
-    """The weights in a checkpoint file: a release's params_ema / params, or a bare state dict."""
-    import torch
-
-    checkpoint = torch.load(str(path), map_location="cpu", weights_only=True)
-    if not isinstance(checkpoint, dict):
-        raise TypeError(f"checkpoint {path} holds a {type(checkpoint).__name__}, not a state dict")
-    if param_key is not None:
-        if param_key not in checkpoint:
-            raise ValueError(f"checkpoint {path} has no {param_key!r} entry (has: {', '.join(map(str, checkpoint))})")
-        state = checkpoint[param_key]
-    else:
-        state = next((checkpoint[k] for k in PARAM_KEYS if isinstance(checkpoint.get(k), dict)), checkpoint)
-    return {(k.removeprefix("module.")): v for k, v in state.items()}
-
-
-def check_keys_match(network, state: dict, path: Path, arch_type: str) -> None:
-    """Raise one readable ValueError when a state dict does not fit a network exactly."""
-    expected = network.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    resized = [
-        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in state and tuple(state[k].shape) != tuple(v.shape)
-    ]
-    problems = [
-        f"{len(items)} {what} {items[:3]}" + (" ..." if len(items) > 3 else "")
-        for what, items in (
-            ("missing keys", missing),
-            ("unexpected keys", unexpected),
-            ("size mismatches (checkpoint vs model)", resized),
-        )
-        if items
-    ]
-    if problems:
-        raise ValueError(f"checkpoint {path} does not match architecture {arch_type}: " + "; ".join(problems))
+# ---------------------------------------------------------------- running
 
 
 def resolve_device(device: str) -> str:
@@ -223,11 +195,27 @@ class NeuralTool(Tool):
 
     def __init__(self, spec: NeuralToolSpec):
         self.spec = spec
-        self.name, self.subtask, self.description, self.scale = spec.name, spec.subtask, spec.description, spec.scale
+        self.name, self.subtask, self.description = spec.name, spec.subtask, spec.description
         self.parameters = no_arguments()
-        self.network = None
+        self.network: Network | None = None
         self.device = None
         self.load_error: str | None = None
+        self._detected_scale: int | None = None
+
+    @property
+    def scale(self) -> int:
+        """The manifest's scale; without one, basicsr tools are x1 and spandrel's is detected (this
+        loads the checkpoint once; 1 while the tool cannot load)."""
+        if self.spec.scale is not None:
+            return self.spec.scale
+        if self.spec.arch is not None:
+            return 1
+        if self._detected_scale is None and self.available:
+            try:
+                self.load()
+            except ToolUnavailableError:
+                return 1
+        return self._detected_scale or 1
 
     @property
     def available(self) -> bool:
@@ -245,24 +233,27 @@ class NeuralTool(Tool):
         return None
 
     def load(self) -> NeuralTool:
-        """Build the network and load its checkpoint (strict keys). Idempotent."""
+        """Build the network and load its checkpoint (basicsr: strict keys; spandrel: detected). Idempotent."""
         if self.network is not None:
             return self
         reason = self.unavailable_reason
         if reason:
             raise ToolUnavailableError(reason)
-
+        spec = self.spec
         try:
-            network = build_network(self.spec.arch)
-            state = read_state_dict(self.spec.checkpoint, self.spec.param_key)
-            check_keys_match(network, state, self.spec.checkpoint, self.spec.arch["type"])
-            network.load_state_dict(state, strict=True)
-            self.device = resolve_device(self.spec.device)
-        except (ValueError, RuntimeError, OSError, TypeError, KeyError, ToolUnavailableError) as err:
-            # e.g. shape mismatches (RuntimeError), a corrupt file (pickle error), bad arch kwargs
-            self.load_error = f"tool {self.name!r}: cannot load {self.spec.checkpoint}: {err}"
+            if spec.arch is not None:
+                network = load_basicsr(spec.arch, spec.checkpoint, spec.param_key, spec.scale or 1)
+            else:
+                network = load_spandrel(spec.checkpoint, spec.param_key, spec.scale)
+            self.device = resolve_device(spec.device)
+        except (ValueError, RuntimeError, OSError, TypeError, KeyError, ImportError, ToolUnavailableError) as err:
+            # e.g. shape mismatches (RuntimeError), a corrupt file, bad arch kwargs, unknown architecture
+            message = str(err) if isinstance(err, CheckpointError) else f"cannot load {spec.checkpoint}: {err}"
+            self.load_error = f"tool {self.name!r}: {message}"
             raise ToolUnavailableError(self.load_error) from err
-        self.network = network.to(self.device).eval()
+        network.module.to(self.device)
+        self._detected_scale = network.scale
+        self.network = network
         return self
 
     def unload(self) -> None:
@@ -277,51 +268,85 @@ class NeuralTool(Tool):
         by_shape: dict[tuple, list[int]] = {}
         for i, image in enumerate(images):  # same-size images go through the network together
             by_shape.setdefault(image.shape, []).append(i)
-        with torch.no_grad():
-            for indices in by_shape.values():
-                batch = torch.from_numpy(np.stack([images[i] for i in indices])).to(self.device)
-                batch = batch.permute(0, 3, 1, 2).float().div_(255.0)
-                restored = self._restore(batch).clamp_(0, 1).mul_(255.0).round_().byte()
-                for i, out in zip(indices, restored.permute(0, 2, 3, 1).cpu().numpy()):
-                    outputs[i] = np.ascontiguousarray(out)
+        with torch.inference_mode():  # spandrel's outputs are inference tensors: no in-place ops outside it
+            for shape, indices in by_shape.items():
+                per_batch = 1 if self.network.one_image_per_call else max(1, TILE_ABOVE // (shape[0] * shape[1]))
+                for start in range(0, len(indices), per_batch):
+                    chunk = indices[start : start + per_batch]  # at most TILE_ABOVE pixels (or one image)
+                    batch = torch.from_numpy(np.stack([images[i] for i in chunk])).to(self.device)
+                    batch = batch.permute(0, 3, 1, 2).float().div_(255.0)
+                    restored = self._restore(batch)
+                    del batch
+                    restored = restored.clamp_(0, 1).mul_(255.0).round_().byte()
+                    for i, out in zip(chunk, restored.permute(0, 2, 3, 1).cpu().numpy()):
+                        outputs[i] = np.ascontiguousarray(out)
         return outputs
+
+    def _tile_side(self, h: int, w: int) -> int | None:
+        if self.spec.tile:
+            return self.spec.tile if max(h, w) > self.spec.tile else None
+        if h * w > TILE_ABOVE and self.network.tiling != "INTERNAL":
+            return AUTO_TILE
+        return None
 
     def _restore(self, batch):
         """float NCHW in [0, 1] -> float N C (H*scale) (W*scale)."""
-        if self.spec.tile and max(batch.shape[-2:]) > self.spec.tile:
-            return self._tiled(batch)
-        return self._forward_padded(batch)
+        tile = self._tile_side(*batch.shape[-2:])
+        return self._tiled(batch, tile) if tile else self._forward_padded(batch)
 
     def _forward_padded(self, batch):
-        import torch.nn.functional as F
+        import math
 
-        h, w = batch.shape[-2:]
-        m = self.spec.pad_multiple
-        pad_h, pad_w = (-h) % m, (-w) % m
-        if pad_h or pad_w:
-            mode = "reflect" if pad_h < h and pad_w < w else "replicate"
-            batch = F.pad(batch, (0, pad_w, 0, pad_h), mode=mode)
-        out = self.network(batch)
-        expected = (batch.shape[-2] * self.scale, batch.shape[-1] * self.scale)
-        if tuple(out.shape[-2:]) != expected:
+        import torch
+
+        network = self.network
+        n, c, h, w = batch.shape
+        m = math.lcm(self.spec.pad_multiple, network.multiple_of)
+        batch = pad_to(batch, -(-max(h, network.minimum) // m) * m, -(-max(w, network.minimum) // m) * m)
+        pieces = batch.reshape(n * c, 1, *batch.shape[-2:]) if network.gray else batch
+        if network.one_image_per_call:
+            out = torch.cat([network.call(pieces[i : i + 1]) for i in range(len(pieces))])
+        else:
+            out = network.call(pieces)
+        out = out.reshape(n, c, *out.shape[-2:]) if network.gray else out
+        expected = (batch.shape[-2] * network.scale, batch.shape[-1] * network.scale)
+        if tuple(out.shape[-2:]) != expected or out.shape[1] != c:
             raise RuntimeError(
-                f"tool {self.name!r}: network output {tuple(out.shape[-2:])} is not input x scale {self.scale} = {expected}; check 'scale' in the manifest"
+                f"tool {self.name!r}: network output {tuple(out.shape[1:])} is not {c} channels of input x scale "
+                f"{network.scale} = {expected}; check 'scale' in the manifest"
             )
-        return out[..., : h * self.scale, : w * self.scale]
+        return out[..., : h * network.scale, : w * network.scale]
 
-    def _tiled(self, batch):
-        """Run tile by tile with ``tile_pad`` pixels of context each side (as Real-ESRGAN does)."""
+    def _tiled(self, batch, tile: int):
+        """Run image by image, tile by tile, with ``tile_pad`` pixels of context each side (as
+        Real-ESRGAN does): memory is bounded by one tile whatever the batch and image size."""
         import torch
 
         n, c, h, w = batch.shape
-        s, tile, pad = self.scale, self.spec.tile, self.spec.tile_pad
-        out = torch.zeros((n, c, h * s, w * s), dtype=batch.dtype, device=batch.device)
-        for y in range(0, h, tile):
-            for x in range(0, w, tile):
-                y0, y1, x0, x1 = max(y - pad, 0), min(y + tile + pad, h), max(x - pad, 0), min(x + tile + pad, w)
-                piece = self._forward_padded(batch[..., y0:y1, x0:x1])
-                ty, tx = min(tile, h - y), min(tile, w - x)
-                out[..., y * s : (y + ty) * s, x * s : (x + tx) * s] = piece[
-                    ..., (y - y0) * s : (y - y0 + ty) * s, (x - x0) * s : (x - x0 + tx) * s
-                ]
+        s, pad = self.network.scale, self.spec.tile_pad
+        out = torch.empty((n, c, h * s, w * s), dtype=batch.dtype, device=batch.device)
+        for i in range(n):
+            for y in range(0, h, tile):
+                for x in range(0, w, tile):
+                    y0, y1, x0, x1 = max(y - pad, 0), min(y + tile + pad, h), max(x - pad, 0), min(x + tile + pad, w)
+                    piece = self._forward_padded(batch[i : i + 1, :, y0:y1, x0:x1])
+                    ty, tx = min(tile, h - y), min(tile, w - x)
+                    out[i, :, y * s : (y + ty) * s, x * s : (x + tx) * s] = piece[
+                        0, :, (y - y0) * s : (y - y0 + ty) * s, (x - x0) * s : (x - x0 + tx) * s
+                    ]
         return out
+
+
+def pad_to(batch, height: int, width: int):
+    """Pad NCHW at the bottom and right: reflect as far as the image allows, then replicate."""
+    import torch.nn.functional as F
+
+    pad_h, pad_w = height - batch.shape[-2], width - batch.shape[-1]
+    if not (pad_h or pad_w):
+        return batch
+    reflect_h, reflect_w = min(pad_h, batch.shape[-2] - 1), min(pad_w, batch.shape[-1] - 1)
+    if reflect_h or reflect_w:
+        batch = F.pad(batch, (0, reflect_w, 0, reflect_h), mode="reflect")
+    if pad_h > reflect_h or pad_w > reflect_w:
+        batch = F.pad(batch, (0, pad_w - reflect_w, 0, pad_h - reflect_h), mode="replicate")
+    return batch
