@@ -5,6 +5,7 @@
     tir data expert --in data/train.parquet --out data/sft.parquet
     tir model tiny --out runs/tiny_policy
     tir perception train --hq DIR --out runs/recognizer
+    tir tools train --subtask jpeg_artifact_removal --hq DIR --steps 3000 --minutes 12 --out runs/tools/jpeg
     tir train sft recipe=sft_tiny_cpu
     tir train rl recipe=tiny_cpu trainer.resume=auto
     tir eval --test data/test.parquet --agents identity,random,fixed_order,exhaustive,sft=runs/x/sft/hf --out runs/x/eval
@@ -76,6 +77,12 @@ def _perception_train(args: argparse.Namespace) -> int:
     return train_main(args)
 
 
+def _tools_train(args: argparse.Namespace) -> int:
+    from tir.data.tool_train import tools_train_main
+
+    return tools_train_main(args)
+
+
 def _restore(args: argparse.Namespace) -> int:
     from tir.agent.restore import restore_main
 
@@ -137,6 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_train_arguments(recogniser)
     recogniser.set_defaults(run=_perception_train)
+
+    tools = commands.add_parser("tools", help="restoration tools").add_subparsers(dest="action", required=True)
+    tools_train = tools.add_parser("train", help="train a small restoration network for one subtask (CPU)")
+    from tir.data.tool_train import add_tools_train_arguments
+
+    add_tools_train_arguments(tools_train)
+    tools_train.set_defaults(run=_tools_train)
 
     evaluate = commands.add_parser("eval", help="score agents (checkpoints and baselines) on a test set, per group")
     from tir.eval.cli import add_eval_arguments

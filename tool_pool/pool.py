@@ -9,6 +9,10 @@ def make_pool(pool_cfg):
     if pool_cfg.backend == "local":
         from tool_pool.client import LocalPool
 
+        if pool_cfg.manifest:  # the neural tools, as each Serve replica registers them
+            from tool_pool.neural import register_manifest
+
+            register_manifest(pool_cfg.manifest)
         return LocalPool(pool_cfg.tools, cache_bytes=pool_cfg.cache_bytes)
     if pool_cfg.backend == "serve":
         from tool_pool.serve_app import start_pool
