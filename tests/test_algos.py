@@ -14,8 +14,11 @@ from tir.rl.algos import (
     aggregate,
     broadcast_to_tokens,
     entropy_from_logits,
+    expert_shortfall,
+    first_informative,
     group_advantages,
     grpo_loss,
+    informative_groups,
     kl_penalty,
     policy_loss,
     sft_loss,
@@ -40,6 +43,33 @@ def test_group_advantages_identical_rewards_give_zero_not_nan():
 def test_group_advantages_without_std_is_mean_centring():
     adv = group_advantages(torch.tensor([1.0, 3.0, 10.0, 20.0]), group_size=2, normalize_std=False)
     torch.testing.assert_close(adv, torch.tensor([-1.0, 1.0, -5.0, 5.0]))
+
+
+def test_dynamic_sampling_keeps_the_first_groups_whose_rewards_differ():
+    # groups of 3: flat, differs, flat (equal to within eps), differs by one row only
+    rewards = torch.tensor([0.2, 0.2, 0.2, 0.0, 1.0, 0.5, 3.0, 3.0 + 1e-9, 3.0, 1.0, 1.0, 1.5])
+    flags = informative_groups(rewards, 3)
+    assert flags.tolist() == [False, True, False, True]
+    # exactly the groups whose advantages are not all zero
+    nonzero = group_advantages(rewards, 3).view(4, 3).abs().amax(dim=1) > 1e-3
+    assert nonzero.tolist() == flags.tolist()
+    assert first_informative(flags.tolist() + [True, True], want=3) == [1, 3, 4]  # the 6th is dropped
+    assert first_informative([False, False], want=2) == []
+    with pytest.raises(ValueError, match="groups of 4"):
+        informative_groups(rewards[:10], 4)
+
+
+def test_expert_shortfall_costs_the_db_below_the_experts_best_only():
+    final = torch.tensor([20.0, 22.0, 25.0, 18.0])
+    expert = torch.tensor([24.0, 24.0, 24.0, float("nan")])  # the last photo has no expert score
+    term = expert_shortfall(final, expert, coef=0.1)
+    torch.testing.assert_close(term, torch.tensor([-0.4, -0.2, 0.0, 0.0]))
+    # within a group it ranks as PSNR does below the expert's level: advantages follow the dB
+    adv = group_advantages(term[:3], 3)
+    assert adv[0] < adv[1] < adv[2]
+    assert torch.equal(expert_shortfall(final, expert, coef=0.0), torch.zeros(4))
+    with pytest.raises(ValueError, match="coef"):
+        expert_shortfall(final, expert, coef=-1.0)
 
 
 def _verl_grpo_loop(scores, index, eps, norm_by_std):

@@ -355,3 +355,103 @@ def test_only_setup_errors_become_one_line_a_file_lost_mid_run_keeps_its_traceba
         with pytest.raises(FileNotFoundError, match="a file lost mid-run"):
             rl.rl_main(args)
         assert "[rl] error" not in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- exploration and signal options
+
+ABLATIONS = {  # recipe -> the option it changes (besides its name, policy and data paths)
+    "ablation_dynamic_sampling": {"algo.dynamic_sampling": True},
+    "ablation_high_temperature": {"rollout.temperature": 1.2},
+    "ablation_entropy_bonus": {"algo.entropy_coef": 0.01},
+    "ablation_no_kl": {"algo.kl_coef": 0.0},
+    "ablation_group8": {"rollout.n": 8},
+    "ablation_expert_gap": {"algo.expert_gap_coef": 0.1},
+}
+
+
+@pytest.mark.parametrize("name", sorted(ABLATIONS))
+def test_each_exploration_ablation_changes_its_option_and_nothing_else(name):
+    from omegaconf import OmegaConf
+
+    def flat(cfg, prefix=""):
+        out = {}
+        for key, value in cfg.items():
+            out.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+        return out
+
+    base = flat(OmegaConf.to_container(load_recipe("tiny_cpu")))
+    ablation = flat(OmegaConf.to_container(load_recipe(name)))
+    changed = {k: ablation[k] for k in ablation if ablation[k] != base[k]}
+    paths = {"run.name", "run.output_dir", "model.path", "data.train_path", "data.test_path"}
+    assert {k: v for k, v in changed.items() if k not in paths} == ABLATIONS[name]
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["algo.kl_coef=-0.1", "algo.entropy_coef=-1", "algo.max_resample_batches=-1", "algo.expert_gap_coef=-0.5"],
+)
+def test_exploration_options_out_of_range_fail_at_load_time(override):
+    from tir.config import RecipeError
+
+    with pytest.raises(RecipeError, match=override.split("=")[0]):
+        load_recipe("tiny_cpu", [override])
+
+
+def test_the_gap_to_the_experts_best_is_read_from_the_sft_data_and_logged(tmp_path):
+    from tir.trainer.run_log import expert_gap_metrics
+
+    samples = Batch.from_pydict({"image_id": ["a", "a", "b"], "combo": ["noise", "noise", "dark"], "seed": [1, 2, 3]})
+    Batch.from_pydict(
+        {
+            "image_id": ["a", "b", "z"],
+            "combo": ["noise", "dark", "dark"],
+            "seed": [2, 3, 3],
+            "sample_expert_scores": ['{"psnr": 24.0}', '{"psnr": 30.5, "ssim": 0.9}', '{"psnr": 1.0}'],
+        }
+    ).to_parquet(tmp_path / "sft.parquet")
+    cfg = load_recipe("tiny_cpu", [f"data.train_path={tmp_path / 'train.parquet'}"])  # sft.parquet beside it
+    expert = rl_setup.expert_scores(cfg, samples)
+    assert np.isnan(expert[0]) and expert[1:].tolist() == [24.0, 30.5]
+    assert np.isnan(
+        rl_setup.expert_scores(load_recipe("tiny_cpu", ["data.train_path=/nowhere/t.parquet"]), samples)
+    ).all()
+    metrics = expert_gap_metrics(np.array([20.0, 23.0, 31.0]), expert)
+    assert metrics["reward/gap_to_expert_db"] == pytest.approx((1.0 - 0.5) / 2)  # row 0 has no expert score
+    assert metrics["reward/reaches_expert"] == 0.5 and metrics["reward/expert_known"] == pytest.approx(2 / 3)
+    assert expert_gap_metrics(np.array([20.0]), np.array([np.nan])) == {}
+
+
+def test_dynamic_sampling_trains_on_groups_that_differ_and_counts_every_photo_drawn(ray_cluster, policy, root):
+    # with kl_coef 0 (no reference group) and a hotter rollout (old log-probs recomputed)
+    folder = root / "dynamic"
+    folder.mkdir()
+    shutil.copy(root / "train.parquet", folder / "train.parquet")
+    cfg = recipe(
+        policy,
+        root,
+        folder,
+        f"data.train_path={folder / 'train.parquet'}",
+        "algo.dynamic_sampling=true",
+        "algo.max_resample_batches=3",
+        "algo.kl_coef=0",
+        "rollout.temperature=1.3",
+        "trainer.total_steps=2",
+    )
+    out = Path(rl.train_rl(cfg)["hf_checkpoint"]).parent
+    records = read_records(out / "metrics.jsonl")
+    assert "reference" not in json.loads((out / "placement.json").read_text())
+    drawn = 0
+    for record in records:
+        assert "time/reference" not in record and "actor/kl" not in record and "time/old_logprobs" in record
+        draws, kept = record["sampling/draws"], int(record["sampling/groups_kept"])
+        photos = record["sampling/photos_drawn"]
+        assert 1 <= draws <= 4 and draws + 1 <= photos <= 2 * draws and 1 <= kept <= 2
+        drawn += photos
+        rewards = np.array(read_dump(out / "dumps", record["step"]).column("reward")).reshape(kept, 2)
+        differ = np.ptp(rewards, axis=1) > 1e-6
+        # the first groups that differ, as many as the batch holds; only when none did within the cap, draw 0 as is
+        assert differ.all() or (not differ.any() and draws == 4 and kept == 2)
+        assert record["advantage/flat_groups"] == (0.0 if differ.all() else 1.0)
+        assert record["sampling/groups_dropped"] == (photos - kept if differ.any() else 0)
+    state = json.loads((out / "checkpoints" / "step_000002" / "state.json").read_text())
+    assert state["data_position"] == drawn

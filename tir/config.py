@@ -86,6 +86,8 @@ class PoolConfig:
     manifest: Optional[str] = None  # YAML of neural tools and their checkpoints
     call_timeout_s: float = 60.0
     max_retries: int = 3
+    # result cache per replica (and per local pool), bytes; 0: off (tool_pool/cache.py)
+    cache_bytes: int = 256 * 2**20
 
 
 @dataclass
@@ -150,6 +152,14 @@ class AlgoConfig:
     adv_eps: float = 1e-6
     adv_normalize_std: bool = True  # False: Dr. GRPO (no division by the group std)
     recompute_old_logprobs: Optional[bool] = None  # None: when rollout.temperature != 1 (sampled log-probs differ)
+    # DAPO's dynamic sampling: groups whose rewards are all equal (no advantage, nothing to learn)
+    # are dropped and more photos drawn (as many as groups are missing) until the batch holds
+    # trainer.batch_size groups that differ or max_resample_batches extra draws were made
+    dynamic_sampling: bool = False
+    max_resample_batches: int = 2
+    # a reward term relative to the expert's best schedule for the photo (its PSNR, from the SFT
+    # data): minus this x the dB the final image falls short of it (0: off; tir.rl.algos.expert_shortfall)
+    expert_gap_coef: float = 0.0
 
 
 @dataclass
@@ -328,7 +338,12 @@ RANGES: dict[str, tuple] = {
     "actor.micro_batch_size": _AT_LEAST_1,
     "pool.num_replicas": _AT_LEAST_1,
     "pool.max_batch_size": _AT_LEAST_1,
+    "pool.cache_bytes": _NON_NEGATIVE,
     "rollout.n": _AT_LEAST_1,
+    "algo.kl_coef": _NON_NEGATIVE,
+    "algo.entropy_coef": _NON_NEGATIVE,
+    "algo.max_resample_batches": _NON_NEGATIVE,
+    "algo.expert_gap_coef": _NON_NEGATIVE,
     "rollout.num_replicas": _AT_LEAST_1,
     "rollout.max_turns": _AT_LEAST_1,
     "rollout.max_new_tokens": _AT_LEAST_1,

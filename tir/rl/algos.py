@@ -77,6 +77,38 @@ def group_advantages(
     return centred.reshape(-1)
 
 
+def informative_groups(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
+    """[N / group_size] booleans: the groups whose rewards differ (max - min > ``eps``). A group
+    whose rewards are all equal gets advantage 0 on every row (``group_advantages``): it teaches
+    nothing, and DAPO's dynamic sampling drops it and draws more photos instead."""
+    if not isinstance(rewards, torch.Tensor) or rewards.dim() != 1:
+        raise ValueError(f"rewards: expected a tensor [N], got {getattr(rewards, 'shape', type(rewards).__name__)}")
+    if not isinstance(group_size, int) or group_size < 1 or rewards.numel() % group_size:
+        raise ValueError(f"rewards: {rewards.numel()} rows do not split into groups of {group_size!r}")
+    groups = rewards.float().view(-1, group_size)
+    return (groups.max(dim=1).values - groups.min(dim=1).values) > eps
+
+
+def first_informative(flags: list[bool], want: int) -> list[int]:
+    """Indices of the first ``want`` informative groups among those drawn so far, in draw order
+    (dynamic sampling's batch: groups past ``want`` are dropped, as DAPO drops them)."""
+    return [i for i, ok in enumerate(flags) if ok][: max(0, want)]
+
+
+def expert_shortfall(final_psnr: torch.Tensor, expert_psnr: torch.Tensor, coef: float) -> torch.Tensor:
+    """A reward term [N]: ``-coef`` x the dB by which each final image falls short of the expert's
+    best schedule for its photo (0 where it matches or beats it, and where the expert's score is
+    unknown: NaN). Within a GRPO group the expert's score is one number, so the term ranks the
+    group's samples as PSNR does up to the expert's level and no further: what imitation of a
+    per-combination label cannot reach, and nothing beyond the toolbox's ceiling to chase."""
+    if final_psnr.shape != expert_psnr.shape or final_psnr.dim() != 1:
+        raise ValueError(f"expected two tensors [N], got {tuple(final_psnr.shape)} and {tuple(expert_psnr.shape)}")
+    if coef < 0:
+        raise ValueError(f"coef: expected a value >= 0, got {coef}")
+    short = (expert_psnr - final_psnr).clamp(min=0.0)
+    return torch.where(torch.isnan(short), torch.zeros_like(short), -coef * short)
+
+
 def broadcast_to_tokens(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """One advantage per row [N] spread over that row's tokens [N, T]; zero off the mask."""
     _check_2d("mask", mask)

@@ -7,7 +7,10 @@ The story (``train_rl``, then ``rl_step``, top to bottom):
             reference (frozen: the KL term), rollout (vLLM replicas, or the transformers engine
             in this process); resume from the latest checkpoint
     a step  sample images -> rollout n trajectories per image (agent loop, tools via the pool)
-            -> score the final images (pool) -> reward (adaptive weights) -> group advantages
+            -> score the final images (pool) [-> with algo.dynamic_sampling, drop the groups whose
+            rewards are all equal and draw more photos: tir.trainer.rl_collect]
+            -> reward (adaptive weights; algo.expert_gap_coef: the dB short of the expert's best)
+            -> group advantages
             -> reference log-probs -> actor update (clipped policy loss on the policy's own
             tokens, KL to the reference, entropy) -> push the weights to the rollout engines
             -> dump -> log -> checkpoint
@@ -39,10 +42,18 @@ from tir.config import value_or
 from tir.dumps.writer import DumpWriter, step_dump
 from tir.rl import algos
 from tir.trainer import checkpoint
+from tir.trainer.rl_collect import (  # noqa: F401 - loop_settings, step_seed and the scoring: here for callers
+    collect,
+    fill_missing,
+    loop_settings,
+    score_trajectories,
+    step_seed,
+)
 from tir.trainer.rl_setup import (
     SetupError,
     check_metrics,
     close_engine,
+    expert_scores,
     load_processor,
     policy_path,
     record_placement,
@@ -55,6 +66,7 @@ from tir.trainer.run_log import (
     advantage_metrics,
     committed_tools,
     episode_metrics,
+    expert_gap_metrics,
     exploration_metrics,
     summarize,
 )
@@ -121,7 +133,12 @@ def train_rl(cfg) -> dict:
             reward_fn=MultiMetricReward.from_config(cfg.reward),
             loss_fn=functools.partial(algos.grpo_loss, settings=algos.LossSettings.from_recipe(cfg.algo)),
         )
-    print(f"[rl] policy {model_path}; {len(samples)} training samples; {len(schemas)} tools; out: {out}")
+        run.expert_psnr = expert_scores(cfg, samples)
+    known = int(np.isfinite(run.expert_psnr).sum())
+    print(
+        f"[rl] policy {model_path}; {len(samples)} training samples ({known} with the expert's best PSNR); "
+        f"{len(schemas)} tools; out: {out}"
+    )
 
     with contextlib.ExitStack() as stack:
         started = time.perf_counter()
@@ -193,36 +210,27 @@ class Run:
     actors: Any = None
     reference: Any = None
     engine: Any = None
+    expert_psnr: Any = None  # [len(samples)] the expert's best PSNR per training sample (NaN: unknown)
 
 
 def rl_step(run: Run, state: checkpoint.TrainState, step: int) -> tuple[checkpoint.TrainState, dict, Any]:
     """One GRPO step; the new state, the step's metrics and its trajectories (for the dump)."""
     import torch
 
-    from tir.agent.loop import run_rollout
-
     cfg, n, timer = run.cfg, run.cfg.rollout.n, StepTimer()
-    # sample images: batch_size photos, each rolled out n times (a GRPO group: adjacent rows)
-    rows = run.stream.indices(state.data_position, cfg.trainer.batch_size)
-    groups = run.samples.take(rows).repeat(n)
-    with timer("rollout"):
-        trajectories = run_rollout(
-            run.engine,
-            run.processor,
-            run.pool,
-            groups,
-            loop_settings(cfg, step),
-            tool_schemas=run.schemas,
-            cues=run.cues,
-        )
-    with timer("score"):
-        finals, inputs = asyncio.run(
-            score_trajectories(run.pool, trajectories, run.reward_fn, n, cfg.rollout.concurrency)
-        )
+    # batch_size photos, each rolled out n times (a GRPO group: adjacent rows), scored; with
+    # dynamic sampling, flat groups dropped and more photos drawn (tir.trainer.rl_collect)
+    got = collect(run, state.data_position, step, timer)
+    trajectories, finals, inputs = got.trajectories, got.finals, got.inputs
     with timer("reward"):
         reward = run.reward_fn(
             finals, inputs, trajectories.column("num_tool_calls"), trajectories.column("format_errors"), group_size=n
         )
+        final_psnr = np.array([f.get("psnr", np.nan) for f in finals], dtype=float)
+        coef = float(value_or(cfg, "algo.expert_gap_coef", 0.0))
+        if coef > 0:  # the dB short of the expert's best schedule, in the reward (and the dump's)
+            term = algos.expert_shortfall(torch.tensor(final_psnr), torch.tensor(got.expert_psnr), coef).numpy()
+            reward.quality, reward.rewards = reward.quality + term, reward.rewards + term
         advantages = algos.group_advantages(
             torch.tensor(reward.rewards), n, cfg.algo.adv_eps, cfg.algo.adv_normalize_std
         )
@@ -240,7 +248,7 @@ def rl_step(run: Run, state: checkpoint.TrainState, step: int) -> tuple[checkpoi
 
     state = checkpoint.TrainState(
         step=step,
-        data_position=state.data_position + len(rows),
+        data_position=state.data_position + got.photos_drawn,
         reward=run.reward_fn.state_dict(),
         data_fingerprint=state.data_fingerprint,
         config_hash=state.config_hash,
@@ -251,12 +259,22 @@ def rl_step(run: Run, state: checkpoint.TrainState, step: int) -> tuple[checkpoi
         **{f"actor/{k}": v for k, v in update.items()},
         **advantage_metrics(reward.rewards, advantages.numpy(), n, trajectories.column("loss_mask")),
         **exploration_metrics(committed_tools(trajectories), n),
+        **expert_gap_metrics(final_psnr, got.expert_psnr),
+        **got.metrics(n),
         **timer.breakdown(trajectories),
+        **pool_cache_metrics(run.pool),
     }
     dump = step_dump(trajectories, batch, reward, advantages.tolist(), finals, inputs).with_meta(
         step=step, config_hash=state.config_hash
     )
     return state, metrics, dump
+
+
+def pool_cache_metrics(pool) -> dict[str, float]:
+    """The pool's result cache (tool_pool.cache): hits, misses, seconds saved, MiB held."""
+    from tool_pool.cache import cache_metrics
+
+    return asyncio.run(cache_metrics(pool))
 
 
 # ------------------------------------------------------------------------------ setup
@@ -288,64 +306,11 @@ def resume(run: Run, how: str) -> checkpoint.TrainState:
     return state
 
 
-def step_seed(seed: int, step: int) -> int:
-    """The rollout seed of one step; the agent loop derives each row's and each turn's request
-    seed from it, so sampling is a function of (seed, step, row, turn) and a resumed run
-    samples what the uninterrupted one did. Below 2**31: the loop's derived seeds stay in int64."""
-    return int(np.random.SeedSequence([seed, step]).generate_state(1)[0]) % (1 << 31)
-
-
-def loop_settings(cfg, step: int):
-    from tir.agent.loop import LoopSettings
-
-    # rollout.choices (replies constrained to these texts: smoke runs) comes with the section
-    return LoopSettings.from_recipe(cfg.rollout, cfg.get("env"), seed=step_seed(cfg.run.seed, step))
-
-
 def recompute_old_logprobs(cfg) -> bool:
     return bool(value_or(cfg, "algo.recompute_old_logprobs", float(cfg.rollout.temperature) != 1.0))
 
 
 # ------------------------------------------------------------------------------ scoring
-
-
-async def score_trajectories(
-    pool, trajectories, reward_fn, group_size: int, concurrency: int
-) -> tuple[list[dict], list[dict]]:
-    """Scores of every final image and of its degraded input (once per group), per row; a
-    score that failed is filled in (``fill_missing``)."""
-    from tool_pool.client import score_against
-
-    finals, lqs, hqs = trajectories.column("final_image"), trajectories.column("lq"), trajectories.column("hq")
-    slots = asyncio.Semaphore(concurrency)
-
-    async def score(image, hq):
-        async with slots:
-            return await score_against(pool, reward_fn.metrics, image, hq)
-
-    firsts = range(0, len(trajectories), group_size)
-    inputs, final_scores = await asyncio.gather(
-        asyncio.gather(*(score(lqs[i], hqs[i]) for i in firsts)),
-        asyncio.gather(*(score(im, hq) for im, hq in zip(finals, hqs))),
-    )
-    input_scores = [inputs[i // group_size] for i in range(len(trajectories))]
-    return fill_missing(final_scores, input_scores, reward_fn.metrics, reward_fn.lower_better, group_size)
-
-
-def fill_missing(finals: list[dict], inputs: list[dict], metrics, lower_better: dict, group_size: int):
-    """A final image a metric could not score gets the worst score of its group (breaking a
-    metric is no merit); an input that could not be scored, the same; a metric nothing in the
-    group could score, 0 everywhere (no gain, no signal)."""
-    finals, inputs = [dict(f) for f in finals], [dict(i) for i in inputs]
-    for start in range(0, len(finals), group_size):
-        rows = range(start, start + group_size)
-        for m in metrics:
-            known = [finals[i][m] for i in rows if m in finals[i]] + [inputs[i][m] for i in rows if m in inputs[i]]
-            worst = (max(known) if lower_better[m] else min(known)) if known else 0.0
-            for i in rows:
-                finals[i].setdefault(m, worst)
-                inputs[i].setdefault(m, worst)
-    return finals, inputs
 
 
 def with_logprobs(batch, group, column: str):

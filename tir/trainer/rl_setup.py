@@ -8,6 +8,8 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from tir.config import value_or
 from tir.trainer import checkpoint
 
@@ -63,6 +65,36 @@ def training_data(cfg):
         samples.column("image_id"), samples.column("combo"), samples.column("seed")
     )
     return samples, checkpoint.DataStream(len(samples), cfg.run.seed, fingerprint)
+
+
+def expert_scores(cfg, samples, metric: str = "psnr") -> np.ndarray:
+    """The expert's best score per training sample (its ``sample_expert_scores``: the best schedule
+    the search found for that photo), from the SFT data (``sft.data_path``, or ``sft.parquet``
+    beside the training data); NaN for a sample it does not hold, or everywhere without it. What
+    RL can reach with the same tools: the step's ``reward/gap_to_expert_db``."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    out = np.full(len(samples), np.nan)
+    paths = [value_or(cfg, "sft.data_path", None), Path(cfg.data.train_path).parent / "sft.parquet"]
+    path = next((Path(p) for p in paths if p and Path(p).exists()), None)
+    if path is None:
+        return out
+    try:
+        table = pq.read_table(path, columns=["image_id", "combo", "seed", "sample_expert_scores"]).to_pydict()
+    except Exception as err:  # noqa: BLE001 - a diagnostic: the run goes on without it
+        print(f"[rl] the expert's scores in {path} are unreadable ({type(err).__name__}: {err}); gap not logged")
+        return out
+    best = {}
+    for image_id, combo, seed, scores in zip(
+        *(table[k] for k in ("image_id", "combo", "seed", "sample_expert_scores"))
+    ):
+        value = json.loads(scores).get(metric) if scores else None
+        if value is not None:
+            best[(image_id, combo, int(seed))] = float(value)
+    keys = zip(samples.column("image_id"), samples.column("combo"), samples.column("seed"))
+    return np.array([best.get((i, c, int(s)), np.nan) for i, c, s in keys])
 
 
 def start_rollout_engine(cfg, model_path: str):

@@ -36,6 +36,8 @@ CONSOLE = (
     ("actor/entropy", "entropy", "{:.3f}"),
     ("advantage/flat_groups", "flat", "{:.0%}"),
     ("explore/distinct_sequences", "distinct", "{:.2f}"),
+    ("reward/gap_to_expert_db", "gap to expert", "{:.2f}dB"),
+    ("sampling/groups_dropped", "dropped", "{:.0f}"),
     ("nll", "nll", "{:.3f}"),  # SFT
     ("grad_norm", "grad norm", "{:.2f}"),
     ("lr", "lr", "{:.2e}"),
@@ -255,6 +257,23 @@ def advantage_metrics(
     return out
 
 
+def expert_gap_metrics(final_psnr: np.ndarray, expert_psnr: np.ndarray) -> dict[str, float]:
+    """Each final image against the expert's best schedule for its photo (NaN: unknown): the mean
+    dB it falls short (negative: beyond the expert), the share that matches or beats it (within
+    0.05 dB), over the rows where both are known; nothing when none are. What the reward must see
+    for RL to win back what imitation of one schedule per combination loses."""
+    final_psnr, expert_psnr = np.asarray(final_psnr, dtype=float), np.asarray(expert_psnr, dtype=float)
+    known = np.isfinite(final_psnr) & np.isfinite(expert_psnr)
+    if not known.any():
+        return {}
+    gap = expert_psnr[known] - final_psnr[known]
+    return {
+        "reward/gap_to_expert_db": float(gap.mean()),
+        "reward/reaches_expert": float((gap <= 0.05).mean()),
+        "reward/expert_known": float(known.mean()),
+    }
+
+
 def exploration_metrics(tool_sequences: list[list[str]], group_size: int) -> dict[str, float]:
     """Whether the n trajectories of a group explore: the mean number of distinct tool sequences
     per group (1: all n did the same), and the mean entropy (nats) of the first tool choice within
@@ -294,7 +313,7 @@ def summarize(out: Path, hf: str) -> dict:
         keys = [
             k
             for k in rows[0]
-            if k.startswith(("reward/", "episode/", "actor/", "advantage/", "explore/"))
+            if k.startswith(("reward/", "episode/", "actor/", "advantage/", "explore/", "sampling/"))
             and isinstance(rows[0][k], (int, float))
         ]
         return {k: float(np.mean([r[k] for r in rows if k in r])) for k in keys}
