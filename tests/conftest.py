@@ -83,3 +83,15 @@ def serve_pool(ray_cluster):
     pool = start_pool(cfg.pool)
     yield pool
     stop_pool(cfg.pool.name)
+
+
+@pytest.fixture
+def forget_registered_tools():
+    """Tools registered by a test are removed after it (the tool registry is process-wide); a
+    module opts in with ``pytestmark = pytest.mark.usefixtures("forget_registered_tools")``."""
+    from tool_pool.tools import TOOLS
+
+    before = set(TOOLS.names())
+    yield
+    for name in set(TOOLS.names()) - before:
+        del TOOLS._items[name]

@@ -11,8 +11,9 @@ import yaml
 
 import tir  # noqa: F401  (shims first: basicsr imports torchvision)
 from tool_pool.neural import ManifestError, NeuralTool, build_network, load_manifest, register_manifest
-from tool_pool.tools import TOOLS, ToolUnavailableError, available_tools, get_tool, tool_schemas, unavailable_tools
+from tool_pool.tools import ToolUnavailableError, available_tools, get_tool, tool_schemas, unavailable_tools
 
+pytestmark = pytest.mark.usefixtures("forget_registered_tools")
 EXAMPLE = Path(__file__).resolve().parent.parent / "tool_pool" / "manifests" / "example.yaml"
 TINY_SR = {
     "type": "SRVGGNetCompact",
@@ -37,15 +38,6 @@ TINY_SWINIR = {
     "upsampler": "",
     "resi_connection": "1conv",
 }
-
-
-@pytest.fixture(autouse=True)
-def forget_registered_tools():
-    """Tools registered by a test are removed after it (TOOLS is process-wide)."""
-    before = set(TOOLS.names())
-    yield
-    for name in set(TOOLS.names()) - before:
-        del TOOLS._items[name]
 
 
 def unique(prefix: str) -> str:

@@ -20,8 +20,9 @@ from spandrel.architectures.SwinIR import SwinIR
 
 import tir  # noqa: F401  (shims first: spandrel imports torchvision)
 from tool_pool.neural import AUTO_TILE, TILE_ABOVE, NeuralTool, load_manifest, register_manifest
-from tool_pool.tools import TOOLS, ToolUnavailableError, get_tool, unavailable_tools
+from tool_pool.tools import ToolUnavailableError, get_tool, unavailable_tools
 
+pytestmark = pytest.mark.usefixtures("forget_registered_tools")
 EXAMPLE = Path(__file__).resolve().parent.parent / "tool_pool" / "manifests" / "example.yaml"
 
 # name: (builder, detected spandrel id, scale, release layout, file suffix)
@@ -54,15 +55,6 @@ ARCHS = {
     ),
     "compact": (lambda: Compact(num_feat=8, num_conv=2, upscale=4), "Compact", 4, "bare", ".safetensors"),
 }
-
-
-@pytest.fixture(autouse=True)
-def forget_registered_tools():
-    """Tools registered by a test are removed after it (TOOLS is process-wide)."""
-    before = set(TOOLS.names())
-    yield
-    for name in set(TOOLS.names()) - before:
-        del TOOLS._items[name]
 
 
 def unique(prefix: str) -> str:

@@ -13,18 +13,11 @@ import tir  # noqa: F401  (shims first: basicsr imports torchvision)
 from tir.cli import main
 from tir.data.tool_data import build_compact, degrade_pair, mixes_of, run_network
 from tool_pool.neural import load_manifest, register_manifest
-from tool_pool.tools import TOOLS, get_tool
+from tool_pool.tools import get_tool
 
+pytestmark = pytest.mark.usefixtures("forget_registered_tools")
 REPO = Path(__file__).resolve().parent.parent
 TRAINED = REPO / "tool_pool" / "manifests" / "trained.yaml"
-
-
-@pytest.fixture(autouse=True)
-def forget_registered_tools():
-    before = set(TOOLS.names())
-    yield
-    for name in set(TOOLS.names()) - before:
-        del TOOLS._items[name]
 
 
 def train(out: Path, *extra: str, subtask: str = "jpeg_artifact_removal", steps: int = 4) -> int:
