@@ -210,7 +210,9 @@ def test_identity_makes_no_tool_call_and_scores_the_degraded_input(report):
 
 def test_every_agent_ran_on_every_image(report, policy):
     assert list(report["aggregates"]) == ["identity", "random", "fixed_order", "exhaustive", "expert", "tiny"]
-    assert report["meta"]["agents"]["tiny"].endswith("(greedy)") and policy in report["meta"]["agents"]["tiny"]
+    described = report["meta"]["agents"]["tiny"]
+    assert described.endswith("(greedy, transformers engine)") and policy in described
+    assert {r["engine"] for r in report["rows"] if r["agent"] == "tiny"} == {"hf"}
     tiny = [r for r in report["rows"] if r["agent"] == "tiny"]
     assert len(tiny) == 5 and all(r["error"] == "" for r in tiny)
     # the expert oracle knows HQ: on average it beats the degraded input
@@ -251,6 +253,20 @@ def test_outputs_are_a_table_a_json_file_and_a_png(report):
 
 
 # ---------------------------------------------------------------- errors
+
+
+def test_auto_picks_vllm_only_for_a_local_checkpoint_on_a_gpu_when_installed(policy):
+    from tir.eval.policy import resolve_engine, vllm_available
+
+    assert resolve_engine("hf", policy) == ("hf", "asked for")
+    assert resolve_engine("auto", "Qwen/Qwen2.5-VL-3B-Instruct") == ("hf", "auto: not a local checkpoint folder")
+    import torch
+
+    assert resolve_engine("auto", policy)[0] == ("vllm" if vllm_available() and torch.cuda.is_available() else "hf")
+    with pytest.raises(EvalError, match="not a local checkpoint folder" if vllm_available() else "not installed"):
+        resolve_engine("vllm", "Qwen/Qwen2.5-VL-3B-Instruct")
+    with pytest.raises(EvalError, match="engine must be hf, vllm or auto"):
+        settings(engine="sglang")
 
 
 def test_an_unknown_agent_gets_a_did_you_mean():

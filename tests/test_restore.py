@@ -74,10 +74,16 @@ def test_every_baseline_restores(photo, tmp_path, capsys, agent):
 def test_the_tiny_policy_restores_through_the_same_door(photo, checkpoint, tmp_path, capsys):
     out = tmp_path / "out.png"
     assert (
-        restore(photo[0], "--agent", checkpoint, "--out", out, "--max-turns", "2", "--max-new-tokens", "16", "--cues")
+        restore(
+            photo[0],
+            *("--agent", checkpoint, "--out", out, "--max-turns", "2", "--max-new-tokens", "16", "--cues"),
+            *("--engine", "hf"),  # the reference engine (tests/test_vllm_eval.py runs vLLM)
+        )
         == 0
     )
-    printed = capsys.readouterr().out.splitlines()
+    captured = capsys.readouterr()
+    assert "on the transformers engine (asked for)" in captured.err
+    printed = captured.out.splitlines()
     assert printed[0].startswith("input  ") and printed[-1].startswith(f"saved {out}")
     assert [line.split()[1] for line in printed[1:-1] if line.startswith("turn")] == ["1", "2"]
     assert read(out).shape[2] == 3

@@ -1,7 +1,8 @@
 """``tir restore IN.png --agent CHECKPOINT_OR_BASELINE --out OUT.png``: restore one photo.
 
 The agent is a policy checkpoint (a folder written by ``save_pretrained``, e.g. by ``tir model
-tiny``; or a hub name) run greedily by the transformers engine, or a training-free baseline
+tiny``; or a hub name) run greedily on the vLLM or the transformers engine (``--engine``, see
+``tir.eval.policy``), or a training-free baseline
 (``random``, ``fixed_order``, ``exhaustive``). The trajectory is printed turn by turn (tool, time,
 no-reference score of the image it produced); ``--trace DIR`` also saves every intermediate
 image and a ``trace.json``. Bad input gets one line on stderr and exit code 2.
@@ -81,6 +82,12 @@ def add_restore_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
         help="how the policy was told about the tools (model.tool_prompt)",
     )
     parser.add_argument("--max-new-tokens", type=int, default=64, help="per policy reply")
+    parser.add_argument(
+        "--engine",
+        choices=("hf", "vllm", "auto"),
+        default="auto",
+        help="what runs a policy: vLLM, transformers (hf), or auto: vLLM when installed and the checkpoint is a local folder",
+    )
     parser.add_argument("--seed", type=int, default=0, help="the random baseline's seed")
     return parser
 
@@ -108,6 +115,8 @@ def restore_main(args: argparse.Namespace) -> int:
     try:
         env, final_scores = asyncio.run(restore(agent, pool, image, args, degradations))
     finally:
+        if hasattr(agent, "shutdown"):  # an engine (vLLM holds processes)
+            asyncio.run(agent.shutdown())
         cleanup()
     write_photo(args.out, env.image)
     if args.trace:
@@ -163,22 +172,24 @@ def resolve_agent(args: argparse.Namespace):
     if name in BASELINES and not Path(args.agent).exists():
         options = {"seed": args.seed} if name == "random" else {"metric": args.metric} if name == "exhaustive" else {}
         return make_baseline(name, **options)
+    from tir.agent.loop import LoopSettings
     from tir.agent.models import resolve_policy
     from tir.registry import closest, unknown_name
 
     if closest(name, BASELINES) and not Path(args.agent).exists() and "/" not in args.agent:
         raise InputError(unknown_name("agent", args.agent, BASELINES, extra="or a policy checkpoint folder"))
-    try:
-        resolve_policy(args.agent)  # fast checks of the folder before loading anything
-        from workers.rollout.hf_engine import HFEngine
+    from tir.eval.agent_specs import EvalError
+    from tir.eval.policy import engine_label, open_policy_engine, resolve_engine
 
-        engine = HFEngine(args.agent, max_batch_size=1)
+    try:
+        path = resolve_policy(args.agent)  # fast checks of the folder before loading anything
+        name, why = resolve_engine(args.engine, path)
+        engine = open_policy_engine(name, path, max_images=args.max_turns + 1, max_length=LoopSettings().max_length)
     except FileNotFoundError as err:
         raise InputError(f"{err} (or name a baseline: {', '.join(BASELINES)})") from None
-    except (OSError, ValueError) as err:  # a folder with broken files
-        raise InputError(
-            f"cannot load the policy checkpoint {args.agent!r}: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
-        ) from None
+    except EvalError as err:  # an engine that cannot run it, a folder with broken files
+        raise InputError(str(err)) from None
+    print(f"policy {args.agent} on the {engine_label(name)} ({why})", file=sys.stderr)
     return engine
 
 

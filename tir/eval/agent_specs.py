@@ -21,7 +21,8 @@ class EvalError(ValueError):
 @dataclass(frozen=True)
 class AgentSpec:
     """One agent to evaluate. ``kind``: "identity", "baseline" (``name`` in BASELINE_AGENTS),
-    "expert", "policy" (``path``: a checkpoint folder or hub name) or "custom" (``agent``: any
+    "expert", "policy" (``path``: a checkpoint folder or hub name; ``agent``: optionally the
+    rollout engine already serving it, which the caller shuts down) or "custom" (``agent``: any
     object with the baselines' ``act(env, degradations, episode)``, ``name`` and
     ``needs_degradations``)."""
 
@@ -31,12 +32,13 @@ class AgentSpec:
     path: str | None = None
     agent: Any = field(default=None, compare=False)
 
-    def describe(self) -> str:
+    def describe(self, engine: str | None = None) -> str:
+        """What the agent is, in a few words (``engine``: what ran a policy, e.g. "vLLM engine")."""
         return {
             "identity": "the degraded input (no tool call)",
             "baseline": f"baseline {self.name}",
             "expert": "expert search (oracle: knows the degradations and HQ)",
-            "policy": f"policy checkpoint {self.path} (greedy)",
+            "policy": f"policy checkpoint {self.path} (greedy{f', {engine}' if engine else ''})",
             "custom": f"agent {self.name or type(self.agent).__name__}",
         }[self.kind]
 

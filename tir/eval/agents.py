@@ -20,11 +20,12 @@ Agents (``tir.eval.agent_specs.parse_agent``):
 - ``expert``: the expert search of ``tir.data.expert`` (knows the degradations and the HQ photo):
   an upper reference, not an agent; its tool calls are every execution of its search.
 - a policy checkpoint folder (``name=path`` to label it; a run folder with ``hf/`` works too),
-  run greedily by the agent loop with the transformers engine.
+  run greedily by the agent loop on the vLLM or the transformers engine (``tir.eval.policy``).
 
 Deterministic: the same seed and checkpoint give the same table except for wall times (the
-random agent is seeded per row; the policy is greedy and every request carries its own seed, so
-the engine never batches it with others and padding cannot change an argmax).
+random agent is seeded per row; the policy is greedy: on transformers every request carries its
+own seed, so the engine never batches it with others and padding cannot change an argmax; on
+vLLM see ``tir.eval.policy``).
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ import numpy as np
 
 from tir.agent.perceive import Perception
 from tir.eval.agent_specs import AgentSpec, EvalError, parse_agents
+from tir.eval.episodes import episode_summary
+from tir.eval.episodes import gather_limited as _gather_limited
+from tir.eval.episodes import tick as _tick
 from tir.eval.report import aggregate, group_name
 from tir.protocol import Batch
 
@@ -66,12 +70,20 @@ class EvalSettings:
     loop: Any = None  # LoopSettings for policies (None: defaults with max_turns)
     expert: Any = None  # ExpertSettings for the oracle (None: its defaults, no perturbation)
     policy_dtype: str = "float32"
+    engine: str = "hf"  # policies' engine: hf, vllm or auto (tir.eval.policy; the CLI's default is auto)
+    policy_concurrency: int | None = None  # policy episodes in flight (None: concurrency; >= 16 on vLLM)
     progress: bool = True
 
     def __post_init__(self):
         if self.baseline_degradations not in ("perceived", "known"):
             raise EvalError(f"baseline_degradations must be 'perceived' or 'known', got {self.baseline_degradations!r}")
-        if self.concurrency < 1 or self.max_turns < 1:
+        if self.engine not in ("hf", "vllm", "auto"):
+            raise EvalError(f"engine must be hf, vllm or auto, got {self.engine!r}")
+        if (
+            self.concurrency < 1
+            or self.max_turns < 1
+            or (self.policy_concurrency is not None and self.policy_concurrency < 1)
+        ):
             raise EvalError(f"concurrency and max_turns must be >= 1, got {self.concurrency} and {self.max_turns}")
         if not self.metrics:
             raise EvalError("no metrics to score with")
@@ -187,7 +199,7 @@ def _report(specs, done, rows, test, schemas, settings, started, meta, failed=No
             "baseline_degradations": settings.baseline_degradations,
             "tools": [s["name"] for s in schemas],
             "cues": settings.cues,
-            "agents": {label: specs[label].describe() for label in done},
+            "agents": {label: specs[label].describe(_engine_of(label, rows)) for label in done},
             **({"failed": failed, "not_run": [label for label in specs if label not in done]} if failed else {}),
             "wall_s": time.perf_counter() - started,
             **(meta or {}),
@@ -197,6 +209,14 @@ def _report(specs, done, rows, test, schemas, settings, started, meta, failed=No
     report["markdown"] = render_markdown(report)
     report["rows"] = rows
     return report
+
+
+def _engine_of(label: str, rows: Sequence[Mapping]) -> str | None:
+    """The words for the engine that ran policy ``label`` (None for agents without one)."""
+    from tir.eval.policy import engine_label
+
+    engine = next((r["engine"] for r in rows if r["agent"] == label and r.get("engine")), None)
+    return engine_label(engine) if engine else None
 
 
 def check_test_set(test: Batch, needs_degradations: bool) -> None:
@@ -218,7 +238,9 @@ async def run_agent(spec: AgentSpec, test: Batch, pool, schemas, settings: EvalS
         if spec.kind == "expert":
             return await expert_episodes(pool, test, settings, bar)
         if spec.kind == "policy":
-            return await policy_episodes(spec.path, test, pool, schemas, settings, bar)
+            from tir.eval.policy import policy_episodes
+
+            return await policy_episodes(spec.path, test, pool, schemas, settings, bar, engine=spec.agent)
         return await baseline_episodes(_baseline(spec, settings), test, pool, schemas, settings, bar)
 
 
@@ -261,71 +283,6 @@ async def baseline_episodes(agent, test: Batch, pool, schemas, settings: EvalSet
         return _tick(bar, episode_summary(report, report["wall_s"], degradations_used=report["degradations_used"]))
 
     return await _gather_limited([one(row, lq) for row, lq in enumerate(test.column("lq"))], settings.concurrency)
-
-
-async def policy_episodes(path: str, test: Batch, pool, schemas, settings: EvalSettings, bar) -> list[dict]:
-    from tir.agent import prompts
-    from tir.agent.env import RestorationEnv, perception_cues
-    from tir.agent.loop import LoopSettings, run_episode
-    from tir.agent.models import load_policy
-    from tir.eval.tool_choice import greedy
-    from workers.rollout.hf_engine import HFEngine
-
-    try:
-        model, processor = load_policy(path, dtype=settings.policy_dtype)
-    except (FileNotFoundError, OSError, ValueError) as err:
-        raise EvalError(
-            f"cannot load the policy checkpoint {path!r}: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
-        ) from None
-    engine = HFEngine(model=model, processor=processor, max_batch_size=max(1, settings.concurrency), seed=settings.seed)
-    loop = replace(
-        greedy(settings.loop or LoopSettings()),
-        max_turns=settings.max_turns,
-        concurrency=settings.concurrency,
-        seed=settings.seed,
-    )
-    cues = perception_cues(style=settings.cue_style, perception=settings.perception) if settings.cues else None
-
-    schemas = prompts.policy_schemas(schemas, settings.tool_prompt)
-
-    async def one(row: int, lq) -> dict:
-        env = RestorationEnv(
-            pool,
-            schemas,
-            loop.max_turns,
-            loop.max_format_errors,
-            cues,
-            max_side=loop.max_side,
-            max_pixels=loop.max_pixels,
-        )
-        out = await run_episode(engine, processor, env, lq, loop, seed=loop.seed * 1_000_003 + row)
-        return _tick(bar, episode_summary(out, out["timings"]["wall_s"], error=out["error"]))
-
-    try:
-        episodes = await _gather_limited(
-            [one(row, lq) for row, lq in enumerate(test.column("lq"))], settings.concurrency
-        )
-    finally:
-        await engine.shutdown()
-    if episodes and all(e["error"] for e in episodes):
-        raise RuntimeError(f"every episode of policy {path} failed; the first: {episodes[0]['error']}")
-    return episodes
-
-
-def episode_summary(report: Mapping, wall_s: float, error: str = "", **extra) -> dict:
-    """The per-image fields of an env summary (baselines and policies alike)."""
-    return {
-        "final_image": report["final_image"],
-        "tool_calls": int(report["num_tool_calls"]),
-        "turns": int(report["num_turns"]),
-        "format_errors": int(report["format_errors"]),
-        "tool_errors": int(report["tool_errors"]),
-        "stop_reason": report["stop_reason"],
-        "wall_s": float(wall_s),
-        "tools": [c["name"] for c in report["tool_calls"] if c["committed"]],
-        "error": error,
-        **extra,
-    }
 
 
 async def expert_episodes(pool, test: Batch, settings: EvalSettings, bar) -> list[dict]:
@@ -421,22 +378,6 @@ def image_row(spec: AgentSpec, test: Batch, index: int, episode: dict, final: di
 
 
 # ---------------------------------------------------------------- helpers
-
-
-async def _gather_limited(awaitables: Sequence, limit: int) -> list:
-    slots = asyncio.Semaphore(limit)
-
-    async def one(awaitable):
-        async with slots:
-            return await awaitable
-
-    return list(await asyncio.gather(*(one(a) for a in awaitables)))
-
-
-def _tick(bar, value):
-    if bar is not None:
-        bar.update(1)
-    return value
 
 
 def _progress(total: int, desc: str, enabled: bool):

@@ -1,7 +1,9 @@
 """``tir eval``: the command line over ``tir.eval.agents.evaluate_agents``.
 
     tir eval --test data/test.parquet --agents identity,random,fixed_order,exhaustive,expert,sft=runs/x/sft/hf \
-             --out runs/x/eval [--recipe tiny_cpu] [--limit N] [--seed 0] [--pool local] [key=value ...]
+             --out runs/x/eval [--recipe tiny_cpu] [--limit N] [--seed 0] [--pool local] [--engine auto] [key=value ...]
+
+Policies run on vLLM (all images in flight) or transformers: see ``tir.eval.policy``.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import numpy as np
 
 from tir.eval.agent_specs import KNOWN_AGENTS, AgentSpec, EvalError, parse_agents
 from tir.eval.agents import EvalSettings, evaluate_agents
+from tir.eval.policy import engine_label, resolve_engine
 from tir.paths import check_writable_folder
 from tir.protocol import Batch
 
@@ -54,7 +57,17 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         "--metrics", default=None, help="comma-separated pyiqa metrics (default: psnr, ssim and the reward's)"
     )
     parser.add_argument(
-        "--concurrency", type=int, default=1, help="episodes in flight per agent (1: clean per-image wall times)"
+        "--concurrency",
+        type=int,
+        default=None,
+        help="episodes in flight per agent (default 1: clean per-image wall times; policies on vLLM: 16)",
+    )
+    parser.add_argument(
+        "--engine",
+        choices=("hf", "vllm", "auto"),
+        default="auto",
+        help="what runs policy checkpoints: vLLM, transformers (hf, the reference), or auto: vLLM when it is "
+        "installed and the checkpoint is a local folder (default)",
     )
     parser.add_argument("--max-turns", type=int, default=None, help="turns per episode (default: rollout.max_turns)")
     parser.add_argument(
@@ -99,12 +112,17 @@ def eval_main(args: argparse.Namespace) -> int:
             metrics=metrics,
             seed=args.seed,
             concurrency=args.concurrency,
+            policy_concurrency=args.concurrency,
+            engine=args.engine,
             max_turns=args.max_turns,
             baseline_degradations=args.baseline_degradations,
             progress=not args.no_progress,
         )
         for spec in specs.values():
             warn_if_trained_otherwise(spec, cfg)
+            if spec.kind == "policy":
+                engine, why = resolve_engine(args.engine, spec.path)
+                print(f"tir eval: policy {spec.label} runs on the {engine_label(engine)} ({why})", file=sys.stderr)
     except (EvalError, RecipeError, FileNotFoundError, SynthReadError) as err:
         print(f"tir eval: error: {err}", file=sys.stderr)
         return 2
