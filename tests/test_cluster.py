@@ -27,11 +27,13 @@ def cfg(address=None):
 
 
 def test_without_a_cluster_a_local_one_starts_on_loopback(calls, monkeypatch):
-    monkeypatch.delenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", raising=False)
+    from ray._private import ray_constants
+
+    monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", True)
     cluster.init_ray(cfg())
     assert calls == [{"num_cpus": 3, "dashboard_host": "127.0.0.1", "log_to_driver": False}]
     assert services.get_node_ip_address() == "127.0.0.1"  # what every Ray server of the node binds to
-    assert os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0"  # Ray's child processes agree
+    assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in os.environ  # a `ray start` from here still works
 
 
 def test_a_job_driver_attaches_to_its_cluster(calls, monkeypatch):

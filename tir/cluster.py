@@ -51,12 +51,12 @@ def start_local_ray(**init_kwargs) -> None:
 
 
 def use_loopback_node_ip() -> None:
-    """Make Ray pick 127.0.0.1 as this node's IP. Ray does so by itself on macOS and Windows; the
-    switch is RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (read by Ray's child processes, which inherit it)
-    and its constant, already read by the imported ``ray`` in this process."""
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    """Make Ray pick 127.0.0.1 as this node's IP, as it does by itself on macOS and Windows (its
+    constant ENABLE_RAY_CLUSTER, read when it looks up the node IP). Ray's servers and workers are
+    given that IP on their command lines. Only the constant of this process changes, not the
+    environment: a ``ray start`` run from here (a test's multi-node cluster) is unaffected."""
     try:
-        from ray._private import ray_constants  # not public; absent -> the variable alone
+        from ray._private import ray_constants  # not public; absent -> Ray's own choice
     except ImportError:
         return
     ray_constants.ENABLE_RAY_CLUSTER = False
