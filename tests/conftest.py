@@ -78,6 +78,7 @@ def serve_pool(ray_cluster):
             "pool.max_batch_size=8",
             "pool.batch_wait_timeout_s=0.05",
             "pool.call_timeout_s=120",
+            "pool.torch_threads=2",  # not Ray's OMP_NUM_THREADS for 0.5 CPUs (1): shows the knob reaches replicas
         ],
     )
     pool = start_pool(cfg.pool)

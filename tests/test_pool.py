@@ -81,6 +81,51 @@ def test_bad_requests_get_typed_errors_and_do_not_hurt_the_pool(serve_pool, imag
     assert run(pool.run(DENOISER, image[0])).shape == image[0].shape  # still serving
 
 
+def test_replica_settings_follow_the_recipe():
+    from tir.config import RecipeError, load_recipe
+    from tool_pool.serve_app import forward_batch, scaled_batch_wait, torch_threads
+
+    assert [torch_threads("auto", cpus) for cpus in (0, 0.5, 1, 1.5, 4)] == [1, 1, 1, 2, 4]
+    assert torch_threads("3", 1) == 3
+    assert (forward_batch("auto", 0), forward_batch("auto", 0.5), forward_batch("4", 1)) == (1, 0, 4)
+    assert load_recipe(None, ["pool.torch_threads=2"]).pool.torch_threads == "2"
+    for bad in ("pool.torch_threads=0", "pool.torch_threads=many", "pool.forward_batch=0", "pool.batch_wait_scale=-1"):
+        with pytest.raises(RecipeError, match=bad.split("=")[0]):
+            load_recipe(None, [bad])
+    assert scaled_batch_wait(None, 0.1, 0.01) == 0.01  # before any forward: the cap
+    assert scaled_batch_wait(0.005, 0.1, 0.01) == pytest.approx(0.0005)  # a GPU-fast forward waits little
+    assert scaled_batch_wait(3.0, 0.1, 0.01) == 0.01  # a CPU-slow one the cap
+    assert scaled_batch_wait(0.005, 0, 0.01) == 0.01  # scale 0: the fixed wait
+
+
+def test_replicas_report_their_threads_and_batch_wait_and_answers_their_profile(serve_pool, image):
+    import ray
+
+    from tool_pool.execution import NAMESPACE, STATS_ACTOR_SUFFIX
+
+    noisy, _ = image
+    images = [np.ascontiguousarray(np.roll(noisy, i, axis=0)) for i in range(1, 17)]  # distinct: all computed
+    before = serve_pool.profile.calls
+
+    async def burst():
+        return await asyncio.gather(*(serve_pool.run(DENOISER, im) for im in images))
+
+    run(burst())
+    replicas = ray.get(ray.get_actor(serve_pool.name + STATS_ACTOR_SUFFIX, namespace=NAMESPACE).replicas.remote())
+    assert replicas
+    for settings in replicas.values():
+        assert settings["torch_threads"] == 2  # the fixture's pool.torch_threads, not Ray's 1 for 0.5 CPUs
+        assert settings["batch_wait_s"] == pytest.approx(min(0.05, 0.1 * settings["forward_s"]))
+        assert settings["forward_batch"] == 1  # "auto" on a CPU replica: one image per forward pass
+    profile = serve_pool.profile
+    assert profile.calls - before == len(images)  # each computed call's answer carried its timing
+    assert set(profile.means()) >= {"send", "queue", "forward", "receive", "total"}
+    cached = profile.cached
+    run(serve_pool.run(DENOISER, images[0]))  # the same image again: answered by a replica's cache
+    run(serve_pool.run(DENOISER, images[0]))
+    assert profile.cached > cached
+
+
 def test_pool_is_found_by_name_from_another_process(serve_pool, image, ray_cluster):
     ray = ray_cluster
 

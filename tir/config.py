@@ -80,7 +80,10 @@ class PoolConfig:
     # them (`ray start --resources`) can host it, which is how a recipe places it (multi-node)
     resources: dict[str, float] = field(default_factory=dict)
     max_batch_size: int = 8
-    batch_wait_timeout_s: float = 0.01
+    batch_wait_timeout_s: float = 0.01  # the longest a batch waits for more requests
+    # the batch wait is this times the replica's recent forward time, at most batch_wait_timeout_s
+    # (a GPU replica's 5 ms forwards wait 0.5 ms, a CPU one's seconds the cap); 0: always the cap
+    batch_wait_scale: float = 0.1
     max_models_per_replica: int = 8
     tools: list[str] = field(default_factory=list)  # empty: every available tool
     manifest: Optional[str] = None  # YAML of neural tools and their checkpoints
@@ -88,6 +91,12 @@ class PoolConfig:
     max_retries: int = 3
     # result cache per replica (and per local pool), bytes; 0: off (tool_pool/cache.py)
     cache_bytes: int = 256 * 2**20
+    # torch intra-op threads per replica: "auto" = num_cpus_per_replica rounded up (at least 1), or
+    # a number. Without it, torch follows Ray's OMP_NUM_THREADS (whole CPUs, at least 1: 1.5 -> 1)
+    torch_threads: str = "auto"
+    # images per tool forward pass within a batch: "auto" = the whole batch on GPU replicas, 1 on
+    # CPU ones (stacked images cost more CPU per image there), or a number
+    forward_batch: str = "auto"
 
 
 @dataclass
@@ -322,6 +331,7 @@ def load_recipe(recipe: str | os.PathLike | None = None, overrides: list[str] | 
 _AT_LEAST_1 = (lambda v: v >= 1, ">= 1")
 _POSITIVE = (lambda v: v > 0, "> 0")
 _NON_NEGATIVE = (lambda v: v >= 0, ">= 0")
+_AUTO_OR_AT_LEAST_1 = (lambda v: v == "auto" or (v.isdigit() and int(v) >= 1), "'auto' or >= 1")
 
 
 def _one_of(*names: str) -> tuple:
@@ -339,6 +349,10 @@ RANGES: dict[str, tuple] = {
     "pool.num_replicas": _AT_LEAST_1,
     "pool.max_batch_size": _AT_LEAST_1,
     "pool.cache_bytes": _NON_NEGATIVE,
+    "pool.batch_wait_timeout_s": _NON_NEGATIVE,
+    "pool.batch_wait_scale": _NON_NEGATIVE,
+    "pool.torch_threads": _AUTO_OR_AT_LEAST_1,
+    "pool.forward_batch": _AUTO_OR_AT_LEAST_1,
     "rollout.n": _AT_LEAST_1,
     "algo.kl_coef": _NON_NEGATIVE,
     "algo.entropy_coef": _NON_NEGATIVE,

@@ -35,6 +35,45 @@ from tool_pool.execution import (
     validated_arguments,
 )
 
+STAGES = ("send", "admit", "queue", "form", "forward", "back", "receive")
+
+
+class CallProfile:
+    """Where the time of a pool's computed calls went, summed per stage (seconds): ``send``
+    (serialising, routing and the replica's actor queue, until the replica method starts),
+    the replica's own stages (``serve_app._timing``), and ``receive`` (serialising the answer
+    back until the caller has it). Calls answered from a cache count apart (``cached``)."""
+
+    def __init__(self):
+        self.calls = 0
+        self.cached = 0
+        self.images = 0  # summed batch sizes of the computed calls
+        self.cpu_per_image = 0.0  # summed over calls: the replica's CPU seconds per image of the call's batch
+        self.seconds = dict.fromkeys(STAGES, 0.0)
+        self.total = 0.0
+
+    def add(self, timing: dict, sent: float, received: float, total: float) -> None:
+        if "forward" not in timing:
+            self.cached += 1
+            return
+        self.calls += 1
+        self.images += timing["batch_size"]
+        self.cpu_per_image += timing["forward_cpu"] / timing["batch_size"]
+        self.total += total
+        self.seconds["send"] += timing["arrived"] - sent
+        self.seconds["receive"] += received - timing["replied"]
+        for stage in STAGES[1:-1]:
+            self.seconds[stage] += timing[stage]
+
+    def means(self) -> dict[str, float]:
+        """Mean seconds per computed call, per stage and ``total`` (the caller's latency)."""
+        n = max(self.calls, 1)
+        return {
+            **{stage: s / n for stage, s in self.seconds.items()},
+            "total": self.total / n,
+            "cpu_per_image": self.cpu_per_image / n,
+        }
+
 
 # ------------------------------------------------------------------ the local backend
 class LocalPool:
@@ -128,6 +167,7 @@ class ServePool:
     def __init__(self, name: str = "tir_tool_pool", timeout_s: float = 60.0, max_retries: int = 3):
         self.name, self.timeout_s, self.max_retries = name, timeout_s, max_retries
         self.retries = 0  # calls re-sent after their replica died (for logs and tests)
+        self.profile = CallProfile()  # where the time of this client's calls went
         self._handle = None
 
     @property
@@ -151,8 +191,11 @@ class ServePool:
             if attempt:
                 await asyncio.sleep(min(0.5 * 2 ** (attempt - 1), 5.0))
             try:
+                sent, start = time.time(), time.perf_counter()
                 response = getattr(self.handle.options(multiplexed_model_id=model_id), method).remote(*args)
                 answer = await asyncio.wait_for(response, self.timeout_s)
+                if "timing" in answer:
+                    self.profile.add(answer["timing"], sent, time.time(), time.perf_counter() - start)
             except asyncio.TimeoutError:
                 raise PoolError("timeout", f"{model_id} did not answer within {self.timeout_s}s") from None
             except (ActorDiedError, ActorUnavailableError, RayActorError) as err:

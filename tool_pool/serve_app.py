@@ -13,10 +13,20 @@ every IQA score of the cluster.
   its cache, never a call (the client re-sends calls of a dead replica).
 - Pool metrics go to one named stats actor, queryable from any process; each replica reports
   its cache's counters there, and a dead replica's bytes and entries stop counting.
+- Profile: every answer carries ``timing`` (seconds per stage inside the replica, and wall-clock
+  arrival and reply times for the client to measure the transfer each way: ``ServePool.profile``).
+- Threads: a replica runs torch with ``pool.torch_threads`` intra-op threads ("auto": the CPUs it
+  is given, rounded up). Batch wait: ``pool.batch_wait_scale`` times its recent forward time, at
+  most ``pool.batch_wait_timeout_s`` (a GPU replica's millisecond forwards wait microseconds, a CPU
+  replica's second-long ones the cap). Images per tool forward: ``pool.forward_batch`` ("auto":
+  the whole batch on a GPU, one at a time on a CPU, where stacking costs more CPU per image; the
+  batch still shares one trip through the queue). Each replica reports these to the stats actor
+  (``replicas()``).
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections import defaultdict
 
@@ -49,8 +59,17 @@ class PoolStatsActor:
         self.stats = PoolStats()
         self.caches: dict[str, dict] = {}  # replica actor name -> its cache's latest snapshot
         self.retired: dict[str, dict] = {}  # the counters (hits, misses, seconds saved) of dead replicas
+        self.settings: dict[str, dict] = {}  # replica actor name -> what it runs with (torch threads)
 
-    def record(self, batches: list[tuple], loads: list[str], cache: tuple[str, dict] | None = None) -> None:
+    def record(
+        self,
+        batches: list[tuple],
+        loads: list[str],
+        cache: tuple[str, dict] | None = None,
+        settings: tuple[str, dict] | None = None,
+    ) -> None:
+        if settings is not None:
+            self.settings[settings[0]] = settings[1]
         for model, size, wait, run_s, errors in batches:
             self.stats.record_batch(model, size, wait, run_s, errors)
         for model in loads:
@@ -69,6 +88,11 @@ class PoolStatsActor:
                     for name in CACHE_COUNTERS:
                         kept[name] += row[name]
         return self.stats.snapshot(self.retired, *self.caches.values())
+
+    def replicas(self) -> dict[str, dict]:
+        """Per replica that ran a batch: what it ran its last one with (``torch_threads``,
+        ``batch_wait_s``, the ``forward_s`` average the wait is scaled to)."""
+        return dict(self.settings)
 
     def cache_replicas(self) -> list[str]:
         """The replicas whose caches count in the last snapshot (the live ones)."""
@@ -92,11 +116,50 @@ def _error(err: PoolError) -> dict:
     return {"error": err.kind, "message": str(err).split("] ", 1)[-1]}
 
 
+def torch_threads(setting, num_cpus: float) -> int:
+    """Torch intra-op threads for a replica: ``setting``, or for "auto" the CPUs it is given
+    rounded up, at least 1 (a GPU replica's CPUs only feed its GPU: usually 1)."""
+    if setting in (None, "auto"):
+        return max(1, math.ceil(num_cpus))
+    threads = int(setting)
+    if threads < 1:
+        raise ValueError(f"pool.torch_threads must be 'auto' or >= 1, got {setting!r}")
+    return threads
+
+
+def forward_batch(setting, num_gpus: float) -> int:
+    """Images per tool forward pass within a batch (0: the whole batch): ``setting``, or for
+    "auto" the whole batch on a GPU replica and 1 on a CPU one, where stacking costs CPU per image
+    (SRVGGNetCompact, 256x256, one thread: 314 ms an image alone, 410 in twos, 463 in eights)."""
+    if setting in (None, "auto"):
+        return 0 if num_gpus > 0 else 1
+    images = int(setting)
+    if images < 1:
+        raise ValueError(f"pool.forward_batch must be 'auto' or >= 1, got {setting!r}")
+    return images
+
+
+def scaled_batch_wait(forward_s: float | None, scale: float, cap: float) -> float:
+    """How long a replica's next batch waits for more requests: ``scale`` times its recent
+    forward time, at most ``cap`` (``pool.batch_wait_timeout_s``); the cap before any forward, or
+    always with scale 0."""
+    if forward_s is None or scale <= 0:
+        return cap
+    return min(cap, scale * forward_s)
+
+
 class ToolPoolDeployment:
     """One replica of the pool. Configured (batch size, models per replica) by ``build_app``."""
 
     def __init__(
-        self, stats_actor_name: str, tools: list[str], manifest: str | None, cache_bytes: int = DEFAULT_CACHE_BYTES
+        self,
+        stats_actor_name: str,
+        tools: list[str],
+        manifest: str | None,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+        threads: int = 1,
+        batch_wait: tuple[float, float] = (0.01, 0.0),
+        forward_batch: int = 0,
     ):
         import tir  # noqa: F401 - environment shims before torchvision-based tools load
         import tool_pool.tools  # noqa: F401 - registers the built-in tools
@@ -112,6 +175,10 @@ class ToolPoolDeployment:
         self.stats_actor = ray.get_actor(stats_actor_name, namespace=NAMESPACE)
         self.cache = ResultCache(cache_bytes)
         self.replica = ray.get_runtime_context().get_actor_name() or "local"
+        self.threads = threads
+        self.forward_batch = forward_batch  # images per tool forward pass; 0: the whole batch
+        self.wait_cap, self.wait_scale = batch_wait
+        self.forward_s: float | None = None  # moving average of a batch's forward time
 
     # models -------------------------------------------------------------------------------
     async def get_model(self, model_id: str):
@@ -131,6 +198,7 @@ class ToolPoolDeployment:
 
     # requests -----------------------------------------------------------------------------
     async def run(self, image, args: dict) -> dict:
+        arrived = (time.time(), time.perf_counter())
         model_id = serve.get_multiplexed_model_id()
         try:
             tool = (await self.get_model(model_id)).model
@@ -139,9 +207,10 @@ class ToolPoolDeployment:
         except PoolError as err:
             return _error(err)
         key = request_key(model_id, args, image) if is_deterministic(tool) else None
-        return await self.cached(model_id, key, (model_id, image, args, time.perf_counter()))
+        return await self.cached(model_id, key, (model_id, image, args, time.perf_counter(), {}), arrived)
 
     async def score(self, image, reference) -> dict:
+        arrived = (time.time(), time.perf_counter())
         model_id = serve.get_multiplexed_model_id()
         try:
             scorer = (await self.get_model(model_id)).model
@@ -152,9 +221,10 @@ class ToolPoolDeployment:
             return _error(err)
         read = reference if scorer.full_reference else None  # a no-reference metric ignores it
         key = request_key(model_id, None, image, read) if is_deterministic(scorer) else None
-        return await self.cached(model_id, key, (model_id, image, reference, time.perf_counter()))
+        return await self.cached(model_id, key, (model_id, image, reference, time.perf_counter(), {}), arrived)
 
     async def perceive(self, image) -> dict:
+        arrived = (time.time(), time.perf_counter())
         model_id = serve.get_multiplexed_model_id()
         try:
             recognizer = (await self.get_model(model_id)).model
@@ -162,17 +232,17 @@ class ToolPoolDeployment:
         except PoolError as err:
             return _error(err)
         key = request_key(model_id, None, image) if is_deterministic(recognizer) else None
-        return await self.cached(model_id, key, (model_id, image, None, time.perf_counter()))
+        return await self.cached(model_id, key, (model_id, image, None, time.perf_counter(), {}), arrived)
 
-    async def cached(self, model_id: str, key: tuple | None, request: tuple) -> dict:
+    async def cached(self, model_id: str, key: tuple | None, request: tuple, arrived: tuple) -> dict:
         """The answer from this replica's cache, or from the batch ``request`` joins (stored
-        unless it is an error); the cache's counters go to the stats actor."""
+        unless it is an error), with its ``timing``; the cache's counters go to the stats actor."""
         answer = await self.cache.get_or_compute(
             model_id, key, lambda: self.batched(request), storable=lambda a: "error" not in a, copy_out=False
         )
         if self.cache.enabled:
             self.stats_actor.record.remote([], [], (self.replica, self.cache.snapshot()))
-        return answer
+        return {**answer, "timing": _timing(arrived, request[3], request[4])}
 
     async def available_tools(self) -> list[str]:
         from tool_pool.tools import TOOLS
@@ -185,9 +255,13 @@ class ToolPoolDeployment:
 
     async def batched(self, requests: list[tuple]) -> list[dict]:
         # replaced per app by a @serve.batch wrapper in build_app
+        import torch
+
         started = time.perf_counter()
+        if torch.get_num_threads() != self.threads:  # per thread for OpenMP: set where the forward runs
+            torch.set_num_threads(self.threads)
         groups: dict[tuple, list[int]] = defaultdict(list)
-        for i, (model_id, image, extra, _) in enumerate(requests):
+        for i, (model_id, image, extra, _, _) in enumerate(requests):
             key = (model_id, image.shape, repr(sorted(extra.items())) if isinstance(extra, dict) else None)
             groups[key].append(i)
         answers: list[dict] = [None] * len(requests)  # type: ignore[list-item]
@@ -195,11 +269,19 @@ class ToolPoolDeployment:
         for (model_id, _, _), rows in groups.items():
             t0 = time.perf_counter()
             wait = sum(started - requests[i][3] for i in rows)
+            forward, cpu = t0, time.process_time()
             try:
                 model = (await self.get_model(model_id)).model
                 images = [requests[i][1] for i in rows]
+                forward, cpu = time.perf_counter(), time.process_time()
                 if model_id.startswith("tool:"):
-                    for i, out in zip(rows, run_tool_batch(model, images, requests[rows[0]][2])):
+                    step, args = self.forward_batch or len(images), requests[rows[0]][2]
+                    outs = [
+                        out
+                        for k in range(0, len(images), step)
+                        for out in run_tool_batch(model, images[k : k + step], args)
+                    ]
+                    for i, out in zip(rows, outs):
                         answers[i] = {"image": out}
                 elif model_id.startswith("perception:"):
                     for i, perception in zip(rows, perceive_batch(model, images)):
@@ -214,9 +296,53 @@ class ToolPoolDeployment:
                 for i in rows:
                     answers[i] = _error(err)
                 errors = len(rows)
+            done = time.perf_counter()
+            for i in rows:
+                stamp = {"forward": forward, "forwarded": done, "cpu": time.process_time() - cpu}
+                requests[i][4].update(stamp, batch=started, batch_size=len(rows))
             records.append((model_id, len(rows), wait, time.perf_counter() - t0, errors))
-        self.stats_actor.record.remote(records, [])
+        self.stats_actor.record.remote(records, [], None, (self.replica, self.adapt_batch_wait(records)))
         return answers
+
+    def adapt_batch_wait(self, records: list[tuple]) -> dict:
+        """Scale the next batches' wait to the forward time; what this replica runs with now."""
+        import torch
+
+        forward = sum(run_s for _, _, _, run_s, _ in records)
+        self.forward_s = forward if self.forward_s is None else 0.8 * self.forward_s + 0.2 * forward
+        wait = scaled_batch_wait(self.forward_s, self.wait_scale, self.wait_cap)
+        setter = getattr(self.batched, "set_batch_wait_timeout_s", None)  # set on the @serve.batch wrapper
+        if setter is not None:
+            setter(wait)
+        return {
+            "torch_threads": torch.get_num_threads(),
+            "batch_wait_s": wait,
+            "forward_s": self.forward_s,
+            "forward_batch": self.forward_batch,
+        }
+
+
+def _timing(arrived: tuple, queued: float, stamps: dict) -> dict:
+    """Where one request's time went in the replica (seconds): ``admit`` (checks, cache key),
+    ``queue`` (until its batch started), ``form`` (grouping, model lookup, earlier groups of the
+    batch), ``forward`` (the tool on the batch: stacking, forward, unstacking; ``forward_cpu``: the
+    CPU seconds this process spent in it, all threads), ``back`` (until
+    the answer left this method); ``arrived``/``replied`` are wall-clock times for the client.
+    A request answered from the cache (or by an identical one in flight) has only admit and back."""
+    now = time.perf_counter()
+    timing = {"arrived": arrived[0], "replied": time.time(), "admit": queued - arrived[1]}
+    if stamps:
+        timing.update(
+            queue=stamps["batch"] - queued,
+            form=stamps["forward"] - stamps["batch"],
+            forward=stamps["forwarded"] - stamps["forward"],
+            back=now - stamps["forwarded"],
+            forward_cpu=stamps["cpu"],
+            batch_size=stamps["batch_size"],
+        )
+    else:
+        timing["back"] = now - queued
+    return timing
 
 
 def build_app(pool_cfg) -> serve.Application:
@@ -236,7 +362,13 @@ def build_app(pool_cfg) -> serve.Application:
         max_ongoing_requests=max(64, 4 * pool_cfg.max_batch_size),
     )
     return deployment.bind(
-        pool_cfg.name + STATS_ACTOR_SUFFIX, list(pool_cfg.tools), pool_cfg.manifest, int(pool_cfg.cache_bytes)
+        pool_cfg.name + STATS_ACTOR_SUFFIX,
+        list(pool_cfg.tools),
+        pool_cfg.manifest,
+        int(pool_cfg.cache_bytes),
+        torch_threads(pool_cfg.torch_threads, pool_cfg.num_cpus_per_replica),
+        (pool_cfg.batch_wait_timeout_s, pool_cfg.batch_wait_scale),
+        forward_batch(pool_cfg.forward_batch, pool_cfg.num_gpus_per_replica),
     )
 
 
