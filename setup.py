@@ -16,7 +16,11 @@ setup(
     packages=find_packages(include=["tir", "tir.*", "workers", "workers.*", "tool_pool", "tool_pool.*"])
     + ["tir.recipes"],
     package_dir={"tir.recipes": "recipes"},
-    package_data={"tir.recipes": ["*.yaml"], "tir.data": ["models/recognizer/*"]},
+    package_data={
+        "tir.recipes": ["*.yaml"],
+        "tir.data": ["models/recognizer/*"],
+        "tool_pool": ["manifests/*.yaml", "models/*/*"],
+    },
     install_requires=[
         "torch",
         "transformers",

@@ -157,3 +157,8 @@ def test_the_pool_serves_perception_and_the_env_and_baselines_use_it(small_model
 def test_the_shipped_checkpoint_loads_and_matches_this_versions_features():
     model = load_recognizer()
     assert model.labels == NAMES and model.mean.shape == (NUM_FEATURES,)
+    import json
+
+    card = (DEFAULT_CHECKPOINT / "README.md").read_text()
+    scores = json.loads((DEFAULT_CHECKPOINT / "scores.json").read_text())
+    assert f"{scores['A']['exact_set']:.1%}" in card  # the card quotes the command's own figures

@@ -123,7 +123,7 @@ def test_committed_trained_tools_are_small_and_load():
     assert specs and all(s.name.endswith("_compact") for s in specs)
     for spec in specs:
         assert spec.checkpoint.stat().st_size <= 2 * 1024 * 1024
-        assert (spec.checkpoint.parent / "README.md").is_file()
+        assert (spec.checkpoint.parent / "README.md").is_file() and (spec.checkpoint.parent / "scores.json").is_file()
     assert register_manifest(TRAINED) == {}
     image = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
     for spec in specs:
