@@ -322,7 +322,7 @@ def test_only_setup_errors_become_one_line_a_file_lost_mid_run_keeps_its_traceba
         def close(self):
             pass
 
-    def lost_mid_run(run, state, step):
+    def lost_mid_run(run, state, step, schedule=None):
         raise FileNotFoundError("a file lost mid-run")
 
     monkeypatch.setattr(tir.cluster, "ray_session", lambda ray_cfg: contextlib.nullcontext())
@@ -455,3 +455,73 @@ def test_dynamic_sampling_trains_on_groups_that_differ_and_counts_every_photo_dr
         assert record["sampling/groups_dropped"] == (photos - kept if differ.any() else 0)
     state = json.loads((out / "checkpoints" / "step_000002" / "state.json").read_text())
     assert state["data_position"] == drawn
+
+
+# ---------------------------------------------------------------- one-step-off rollouts (trainer.rollout_mode)
+
+FROZEN = "actor.lr=1e-30"  # an Adam step of 1e-30 leaves every float32 weight as it was
+COMPARED = (
+    "reward/mean",
+    "reward/weight/psnr",
+    "reward/gain/psnr",
+    "episode/tool_calls",
+    "actor/loss",
+    "actor/pg_loss",
+    "actor/kl",
+    "actor/entropy",
+    "actor/grad_norm",
+)
+
+
+def test_one_step_off_with_weights_that_do_not_change_computes_what_sync_computes(ray_cluster, policy, root):
+    runs = {}
+    for mode in ("sync", "one_step_off"):
+        cfg = recipe(policy, root, root / f"frozen_{mode}", FROZEN, f"trainer.rollout_mode={mode}")
+        runs[mode] = Path(rl.train_rl(cfg)["hf_checkpoint"]).parent
+    sync, ahead = (read_records(runs[m] / "metrics.jsonl") for m in ("sync", "one_step_off"))
+    assert [r["step"] for r in ahead] == [1, 2, 3]
+    for before, after in zip(sync, ahead):
+        for key in COMPARED:
+            assert after[key] == pytest.approx(before[key], rel=1e-6, abs=1e-9), (after["step"], key)
+        assert after["step"] == 1 or "time/rollout_wait" in after  # steps 2 and 3 were collected ahead
+        assert "time/rollout_wait" not in before
+    for step in (1, 2, 3):
+        assert read_dump(runs["one_step_off"] / "dumps", step).column("input_ids") == read_dump(
+            runs["sync"] / "dumps", step
+        ).column("input_ids")
+
+
+@pytest.fixture(scope="module")
+def ahead_run(ray_cluster, policy, root):
+    out = root / "ahead"
+    rl.train_rl(recipe(policy, root, out, "trainer.rollout_mode=one_step_off"))
+    return out / "rl"
+
+
+def test_one_step_off_trains_on_the_previous_weights_rollouts_and_resumes_exactly(ahead_run, policy, root):
+    records = read_records(ahead_run / "metrics.jsonl")
+    # step 1 was rolled out with the actor's weights; steps 2 and 3 with those one update older
+    assert records[0]["actor/rollout_logprob_diff"] < 1e-4
+    assert all(r["actor/rollout_logprob_diff"] > 1e-6 for r in records[1:])
+    # the checkpoint of step 2 holds step 3's batch, collected before it was written
+    assert (ahead_run / "checkpoints" / "step_000002" / "prefetched.pkl").is_file()
+    assert not (ahead_run / "checkpoints" / "step_000003" / "prefetched.pkl").exists()  # the last step
+
+    killed = root / "ahead_killed" / "rl"
+    shutil.copytree(ahead_run, killed)
+    shutil.rmtree(killed / "hf")
+    (killed / "checkpoints" / "step_000003").rename(killed / "checkpoints" / "step_000003.tmp")
+    (killed / "checkpoints" / "latest.json").write_text(json.dumps({"path": "step_000002", "step": 2}))
+    rl.train_rl(recipe(policy, root, root / "ahead_killed", "trainer.rollout_mode=one_step_off"))
+    after = read_records(killed / "metrics.jsonl")
+    assert [r["step"] for r in after] == [1, 2, 3]
+    for key in COMPARED:
+        assert after[2][key] == records[2][key], key
+    assert read_dump(killed / "dumps", 3).column("input_ids") == read_dump(ahead_run / "dumps", 3).column("input_ids")
+
+
+def test_rollout_mode_out_of_range_fails_at_load_time():
+    from tir.config import RecipeError
+
+    with pytest.raises(RecipeError, match="trainer.rollout_mode=.async.*one of sync, one_step_off"):
+        load_recipe("tiny_cpu", ["trainer.rollout_mode=async"])

@@ -214,6 +214,9 @@ class TrainerConfig:
     keep_checkpoints: Optional[int] = None  # newest checkpoints kept, RL and SFT (2)
     dump_rollouts: bool = True
     log_every: int = 1
+    # "sync", or "one_step_off": step k+1's rollouts are generated while the actor trains on step k
+    # (tir/trainer/rl_ahead.py)
+    rollout_mode: str = "sync"
 
 
 @dataclass
@@ -343,6 +346,7 @@ RANGES: dict[str, tuple] = {
     "trainer.batch_size": _AT_LEAST_1,
     "trainer.save_every": _NON_NEGATIVE,
     "trainer.log_every": _AT_LEAST_1,
+    "trainer.rollout_mode": _one_of("sync", "one_step_off"),  # tir.trainer.rl_ahead.ROLLOUT_MODES
     "actor.lr": _POSITIVE,
     "actor.num_workers": _AT_LEAST_1,
     "actor.micro_batch_size": _AT_LEAST_1,

@@ -15,6 +15,9 @@ every IQA score of the cluster.
   its cache's counters there, and a dead replica's bytes and entries stop counting.
 - Profile: every answer carries ``timing`` (seconds per stage inside the replica, and wall-clock
   arrival and reply times for the client to measure the transfer each way: ``ServePool.profile``).
+- Compute thread: a replica runs every forward on one thread of its own, so its event loop keeps
+  admitting requests, answering cache hits and replying while a forward runs (the next batch
+  forms meanwhile); the models need not be thread-safe.
 - Threads: a replica runs torch with ``pool.torch_threads`` intra-op threads ("auto": the CPUs it
   is given, rounded up). Batch wait: ``pool.batch_wait_scale`` times its recent forward time, at
   most ``pool.batch_wait_timeout_s`` (a GPU replica's millisecond forwards wait microseconds, a CPU
@@ -26,9 +29,11 @@ every IQA score of the cluster.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 
 import ray
 from ray import serve
@@ -179,6 +184,9 @@ class ToolPoolDeployment:
         self.forward_batch = forward_batch  # images per tool forward pass; 0: the whole batch
         self.wait_cap, self.wait_scale = batch_wait
         self.forward_s: float | None = None  # moving average of a batch's forward time
+        # One thread runs every forward of this replica: models need not be thread-safe, and
+        # torch's intra-op pool stays warm on it.
+        self.compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pool-forward")
 
     # models -------------------------------------------------------------------------------
     async def get_model(self, model_id: str):
@@ -255,54 +263,70 @@ class ToolPoolDeployment:
 
     async def batched(self, requests: list[tuple]) -> list[dict]:
         # replaced per app by a @serve.batch wrapper in build_app
-        import torch
-
         started = time.perf_counter()
-        if torch.get_num_threads() != self.threads:  # per thread for OpenMP: set where the forward runs
-            torch.set_num_threads(self.threads)
         groups: dict[tuple, list[int]] = defaultdict(list)
         for i, (model_id, image, extra, _, _) in enumerate(requests):
             key = (model_id, image.shape, repr(sorted(extra.items())) if isinstance(extra, dict) else None)
             groups[key].append(i)
         answers: list[dict] = [None] * len(requests)  # type: ignore[list-item]
         records = []
+        loop = asyncio.get_running_loop()
         for (model_id, _, _), rows in groups.items():
             t0 = time.perf_counter()
             wait = sum(started - requests[i][3] for i in rows)
-            forward, cpu = t0, time.process_time()
+            forward, cpu, done = t0, 0.0, t0
             try:
                 model = (await self.get_model(model_id)).model
                 images = [requests[i][1] for i in rows]
-                forward, cpu = time.perf_counter(), time.process_time()
-                if model_id.startswith("tool:"):
-                    step, args = self.forward_batch or len(images), requests[rows[0]][2]
-                    outs = [
-                        out
-                        for k in range(0, len(images), step)
-                        for out in run_tool_batch(model, images[k : k + step], args)
-                    ]
-                    for i, out in zip(rows, outs):
-                        answers[i] = {"image": out}
-                elif model_id.startswith("perception:"):
-                    for i, perception in zip(rows, perceive_batch(model, images)):
-                        answers[i] = {"perception": perception}
-                else:
-                    refs = [requests[i][2] for i in rows]
-                    values = score_batch(model, images, refs if all(r is not None for r in refs) else None)
-                    for i, value in zip(rows, values):
-                        answers[i] = {"score": value}
+                # The forward runs on the replica's one compute thread, so the event loop keeps
+                # admitting requests (and answering cache hits) while it runs: the next batch forms
+                # during this one's forward instead of waiting in the actor's queue.
+                forward = time.perf_counter()
+                results, cpu = await loop.run_in_executor(
+                    self.compute,
+                    self.forward,
+                    model_id,
+                    model,
+                    images,
+                    requests[rows[0]][2],
+                    [requests[i][2] for i in rows],
+                )
+                done = time.perf_counter()
+                for i, result in zip(rows, results):
+                    answers[i] = result
                 errors = 0
             except PoolError as err:
+                done = time.perf_counter()
                 for i in rows:
                     answers[i] = _error(err)
                 errors = len(rows)
-            done = time.perf_counter()
             for i in rows:
-                stamp = {"forward": forward, "forwarded": done, "cpu": time.process_time() - cpu}
+                stamp = {"forward": forward, "forwarded": done, "cpu": cpu}
                 requests[i][4].update(stamp, batch=started, batch_size=len(rows))
             records.append((model_id, len(rows), wait, time.perf_counter() - t0, errors))
         self.stats_actor.record.remote(records, [], None, (self.replica, self.adapt_batch_wait(records)))
         return answers
+
+    def forward(self, model_id: str, model, images: list, args: dict | None, refs: list) -> tuple[list[dict], float]:
+        """One group's answers and the CPU seconds spent on them, on the compute thread (torch's
+        intra-op threads are set per thread, so they are set here)."""
+        import torch
+
+        if torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)
+        cpu = time.process_time()  # all threads: torch's intra-op workers too
+        if model_id.startswith("tool:"):
+            step = self.forward_batch or len(images)
+            outs = [
+                out for k in range(0, len(images), step) for out in run_tool_batch(model, images[k : k + step], args)
+            ]
+            results = [{"image": out} for out in outs]
+        elif model_id.startswith("perception:"):
+            results = [{"perception": p} for p in perceive_batch(model, images)]
+        else:
+            values = score_batch(model, images, refs if all(r is not None for r in refs) else None)
+            results = [{"score": value} for value in values]
+        return results, time.process_time() - cpu
 
     def adapt_batch_wait(self, records: list[tuple]) -> dict:
         """Scale the next batches' wait to the forward time; what this replica runs with now."""

@@ -111,10 +111,11 @@ def write_json(path: Path, value) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(out_dir: str | Path, actors, state, keep: int = 2) -> Path:
+def save_checkpoint(out_dir: str | Path, actors, state, keep: int = 2, extra=None) -> Path:
     """Write the checkpoint of ``state.step`` (see the module docstring); keep the ``keep``
     newest checkpoints (0: keep all). ``state``: a dataclass with a ``step`` (``TrainState``, SFT's
-    ``Progress``). ``actors``: the actor WorkerGroup (or anything with its ``save_checkpoint(path)``)."""
+    ``Progress``). ``actors``: the actor WorkerGroup (or anything with its ``save_checkpoint(path)``).
+    ``extra``: called with the folder being written, to add files before it becomes the checkpoint."""
     import torch
 
     folder = checkpoint_dir(out_dir)
@@ -125,6 +126,8 @@ def save_checkpoint(out_dir: str | Path, actors, state, keep: int = 2) -> Path:
     actors.save_checkpoint(str(tmp / "actor"))
     torch.save(rng_states(), tmp / "rng.pt")
     write_json(tmp / "state.json", asdict(state))
+    if extra is not None:
+        extra(tmp)
     if final.exists():  # the same step saved again (a run resumed from an older checkpoint)
         shutil.rmtree(final)
     os.replace(tmp, final)

@@ -14,6 +14,8 @@ The story (``train_rl``, then ``rl_step``, top to bottom):
             -> reference log-probs -> actor update (clipped policy loss on the policy's own
             tokens, KL to the reference, entropy) -> push the weights to the rollout engines
             -> dump -> log -> checkpoint
+            (trainer.rollout_mode: one_step_off: the next step's rollouts run during the reference
+            log-probs and the update; the weights are pushed before they start: tir.trainer.rl_ahead)
     end     an HF checkpoint of the policy (``hf/``) that `tir restore --agent` loads
 
 One optimizer step per rollout batch: the rollout engines hold the actor's current weights, so
@@ -42,6 +44,7 @@ from tir.config import value_or
 from tir.dumps.writer import DumpWriter, step_dump
 from tir.rl import algos
 from tir.trainer import checkpoint
+from tir.trainer.rl_ahead import RolloutSchedule
 from tir.trainer.rl_collect import (  # noqa: F401 - loop_settings, step_seed and the scoring: here for callers
     collect,
     fill_missing,
@@ -148,18 +151,21 @@ def train_rl(cfg) -> dict:
                 run.reference = stack.enter_context(reference_group(cfg, model_path=model_path))
             run.engine = start_rollout_engine(cfg, model_path)
             stack.callback(close_engine, run.engine)
-            state = resume(run, cfg.trainer.resume)
+            schedule = RolloutSchedule(run, str(value_or(cfg, "trainer.rollout_mode", "sync")))
+            stack.callback(schedule.close)  # before the engine closes: a batch in flight uses it
+            state = resume(run, cfg.trainer.resume, schedule)
             if state.step:
                 sync_weights(run.actors, run.engine)  # the engines started from model.path
         print(
             f"[rl] worker groups ready in {time.perf_counter() - started:.1f}s: actor and reference {cfg.actor.engine} x "
             f"{cfg.actor.num_workers}{'' if run.reference else ' (reference off: algo.kl_coef=0)'}, rollout {type(run.engine).__name__}"
+            f" ({schedule.mode})"
         )
         record_placement(run)
         dumps = stack.enter_context(DumpWriter(out / "dumps")) if cfg.trainer.dump_rollouts else None
         log = stack.enter_context(RunLogger(out, cfg.trainer.total_steps, state.step + 1, cfg.trainer.log_every))
         for step in range(state.step + 1, cfg.trainer.total_steps + 1):
-            state, metrics, dump = rl_step(run, state, step)
+            state, metrics, dump = rl_step(run, state, step, schedule)
             if dumps is not None:
                 started = time.perf_counter()
                 dumps.write(step, dump)
@@ -167,7 +173,7 @@ def train_rl(cfg) -> dict:
             if step % max(1, cfg.trainer.save_every) == 0 or step == cfg.trainer.total_steps:
                 started = time.perf_counter()
                 checkpoint.save_checkpoint(
-                    out, run.actors, state, keep=int(value_or(cfg, "trainer.keep_checkpoints", 2))
+                    out, run.actors, state, keep=int(value_or(cfg, "trainer.keep_checkpoints", 2)), extra=schedule.save
                 )
                 metrics["time/checkpoint"] = time.perf_counter() - started
             log.step(step, metrics)
@@ -210,17 +216,22 @@ class Run:
     actors: Any = None
     reference: Any = None
     engine: Any = None
+    engine_stale: bool = False  # the actor was updated since the engines last got its weights
     expert_psnr: Any = None  # [len(samples)] the expert's best PSNR per training sample (NaN: unknown)
 
 
-def rl_step(run: Run, state: checkpoint.TrainState, step: int) -> tuple[checkpoint.TrainState, dict, Any]:
+def rl_step(
+    run: Run, state: checkpoint.TrainState, step: int, schedule: RolloutSchedule | None = None
+) -> tuple[checkpoint.TrainState, dict, Any]:
     """One GRPO step; the new state, the step's metrics and its trajectories (for the dump)."""
     import torch
 
     cfg, n, timer = run.cfg, run.cfg.rollout.n, StepTimer()
+    schedule = schedule or RolloutSchedule(run)
     # batch_size photos, each rolled out n times (a GRPO group: adjacent rows), scored; with
-    # dynamic sampling, flat groups dropped and more photos drawn (tir.trainer.rl_collect)
-    got = collect(run, state.data_position, step, timer)
+    # dynamic sampling, flat groups dropped and more photos drawn (tir.trainer.rl_collect).
+    # One-step-off: collected during the previous step's update, with the weights before it.
+    got = schedule.take(step, state.data_position, timer)
     trajectories, finals, inputs = got.trajectories, got.finals, got.inputs
     with timer("reward"):
         reward = run.reward_fn(
@@ -235,6 +246,14 @@ def rl_step(run: Run, state: checkpoint.TrainState, step: int) -> tuple[checkpoi
             torch.tensor(reward.rewards), n, cfg.algo.adv_eps, cfg.algo.adv_normalize_std
         )
     batch = trajectories.select(TRAIN_COLUMNS).with_column("advantages", advantages.tolist())
+    position = state.data_position + got.photos_drawn
+    if schedule.ahead:  # the engines are idle: give them the latest weights, start the next step's rollouts
+        if run.engine_stale:
+            with timer("weight_sync"):
+                sync_weights(run.actors, run.engine)
+            run.engine_stale = False
+        if step < cfg.trainer.total_steps:
+            schedule.start_next(step + 1, position)
     if run.reference is not None:
         with timer("reference"):
             batch = with_logprobs(batch, run.reference, "ref_logprobs")
@@ -243,12 +262,15 @@ def rl_step(run: Run, state: checkpoint.TrainState, step: int) -> tuple[checkpoi
             batch = with_logprobs(batch, run.actors, "old_logprobs")
     with timer("update"):
         update = run.actors.train_step(batch, run.loss_fn, "tokens" if cfg.algo.loss_agg == "token-mean" else "rows")[0]
-    with timer("weight_sync"):
-        sync_weights(run.actors, run.engine)
+    run.engine_stale = True
+    if not schedule.ahead:
+        with timer("weight_sync"):
+            sync_weights(run.actors, run.engine)
+        run.engine_stale = False
 
     state = checkpoint.TrainState(
         step=step,
-        data_position=state.data_position + got.photos_drawn,
+        data_position=position,
         reward=run.reward_fn.state_dict(),
         data_fingerprint=state.data_fingerprint,
         config_hash=state.config_hash,
@@ -289,9 +311,9 @@ def sync_weights(actors, engine) -> None:
         engine.update_weights(actors.state_dict_for_rollout()[0].items())
 
 
-def resume(run: Run, how: str) -> checkpoint.TrainState:
-    """``trainer.resume``: the checkpoint's state (actors and reward weights restored), or a
-    fresh state."""
+def resume(run: Run, how: str, schedule: RolloutSchedule | None = None) -> checkpoint.TrainState:
+    """``trainer.resume``: the checkpoint's state (actors and reward weights restored, and in
+    one-step-off mode the batch it collected ahead), or a fresh state."""
     from tir.config import config_hash
 
     fresh = checkpoint.TrainState(data_fingerprint=run.stream.fingerprint, config_hash=config_hash(run.cfg))
@@ -302,7 +324,11 @@ def resume(run: Run, how: str) -> checkpoint.TrainState:
     checkpoint.check_resumable(state, run.stream, path)
     if state.reward is not None:
         run.reward_fn.load_state_dict(state.reward)
-    print(f"[rl] resumed from {path}: {state.step} step(s) done, continuing at step {state.step + 1}")
+    ahead = schedule is not None and schedule.ahead and schedule.restore(path, state.step + 1)
+    print(
+        f"[rl] resumed from {path}: {state.step} step(s) done, continuing at step {state.step + 1}"
+        + (" with the rollouts it collected ahead" if ahead else "")
+    )
     return state
 
 
