@@ -1,10 +1,11 @@
 """The model-call pool against per-call and per-client tool loading, in one run.
 
     .venv/bin/python benchmarks/pool.py [--calls 256] [--clients 16] [--size 256] [--fresh-calls 16]
-                                        [--set pool.KEY=VALUE ...]
+                                        [--set pool.KEY=VALUE ...] [--manifest M [--tool NAME]]
 
 A neural tool (SRVGGNetCompact, the Real-ESRGAN "compact" network, random weights saved as a
-release-style checkpoint) restores 256x256 images, three ways:
+release-style checkpoint; or, with ``--manifest tool_pool/manifests/trained.yaml``, the project's
+trained jpeg_compact) restores 256x256 images, four ways:
   (a) pool:   the Ray Serve pool (2 replicas), 16 concurrent clients;
   (b) fresh:  AgenticIR-style, a fresh Python process per call that imports, builds and loads
               the tool, runs it once and exits (measured on --fresh-calls calls: at several
@@ -362,10 +363,27 @@ def main():
     parser.add_argument("--fresh-calls", type=int, default=16)
     parser.add_argument("--set", nargs="*", default=[], metavar="pool.KEY=VALUE", help="pool recipe overrides")
     parser.add_argument("--ways", default="abcd", help="which ways to run (a: pool, always run)")
+    parser.add_argument(
+        "--manifest", default=None, help="serve a tool of this manifest (trained weights) instead of the random one"
+    )
+    parser.add_argument("--tool", default=None, help="with --manifest: the tool (default: its first)")
     args = parser.parse_args()
 
+    global TOOL
     folder = Path(tempfile.mkdtemp(prefix="tir_pool_bench_"))
-    manifest = write_tool(folder)
+    if args.manifest:
+        from tool_pool.neural import load_manifest, manifest_path
+
+        manifest = manifest_path(args.manifest)
+        specs = {spec.name: spec for spec in load_manifest(manifest)}
+        TOOL = args.tool or next(iter(specs))
+        if TOOL not in specs:
+            parser.error(f"--tool {TOOL!r} is not in {manifest} (it has {', '.join(specs)})")
+        arch = specs[TOOL].arch or {"type": "detected by spandrel"}
+        described = f"{arch['type']}, {arch.get('num_feat', '?')}x{arch.get('num_conv', '?')}, trained"
+    else:
+        manifest = write_tool(folder)
+        described = f"{ARCH['type']}, {ARCH['num_feat']}x{ARCH['num_conv']}, random weights"
     cfg = pool_config(manifest, args.set)
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (args.size, args.size, 3), dtype=np.uint8) for _ in range(args.calls)]
@@ -376,7 +394,7 @@ def main():
         image_paths.append(str(folder / f"in{i}.npy"))
 
     print(
-        f"{args.calls} calls of {TOOL} ({ARCH['type']}, {ARCH['num_feat']}x{ARCH['num_conv']}) on {args.size}x{args.size} "
+        f"{args.calls} calls of {TOOL} ({described}) on {args.size}x{args.size} "
         f"images from {args.clients} concurrent clients; {os.cpu_count()} CPU cores; load {os.getloadavg()[0]:.2f}\n",
         flush=True,
     )

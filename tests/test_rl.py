@@ -266,30 +266,37 @@ def rl_sample_ids(root):
     return Batch.from_parquet(root / "train.parquet").column("image_id")
 
 
-def test_a_run_killed_mid_step_resumes_where_it_stopped_and_repeats_the_same_numbers(uninterrupted, policy, root):
-    done, _ = uninterrupted
-    # What a kill during step 3's checkpoint leaves: step 3 logged and dumped, its checkpoint
-    # half-written (a .tmp folder), latest.json still naming step 2.
-    killed = root / "killed" / "rl"
+COMPARED = (  # what a resumed or one-step-off run must repeat
+    "reward/mean",
+    "reward/weight/psnr",
+    "reward/gain/psnr",
+    "episode/tool_calls",
+    "actor/loss",
+    "actor/pg_loss",
+    "actor/kl",
+    "actor/entropy",
+    "actor/grad_norm",
+)
+
+
+def killed_during_last_checkpoint(done: Path, killed: Path) -> None:
+    """What a kill during step 3's checkpoint leaves: step 3 logged and dumped, its checkpoint
+    half-written (a .tmp folder), latest.json still naming step 2."""
     shutil.copytree(done, killed)
     shutil.rmtree(killed / "hf")
     (killed / "checkpoints" / "step_000003").rename(killed / "checkpoints" / "step_000003.tmp")
     (killed / "checkpoints" / "latest.json").write_text(json.dumps({"path": "step_000002", "step": 2}))
 
+
+def test_a_run_killed_mid_step_resumes_where_it_stopped_and_repeats_the_same_numbers(uninterrupted, policy, root):
+    done, _ = uninterrupted
+    killed = root / "killed" / "rl"
+    killed_during_last_checkpoint(done, killed)
+
     rl.train_rl(recipe(policy, root, root / "killed", "trainer.resume=auto"))
     before, after = read_records(done / "metrics.jsonl"), read_records(killed / "metrics.jsonl")
     assert [r["step"] for r in after] == [1, 2, 3]  # step 3 ran again and was logged once
-    for key in (
-        "reward/mean",
-        "reward/weight/psnr",
-        "reward/gain/psnr",
-        "episode/tool_calls",
-        "actor/loss",
-        "actor/pg_loss",
-        "actor/kl",
-        "actor/grad_norm",
-        "actor/entropy",
-    ):
+    for key in COMPARED:
         assert after[2][key] == before[2][key], key
     assert read_dump(killed / "dumps", 3).column("input_ids") == read_dump(done / "dumps", 3).column("input_ids")
     assert latest_checkpoint(killed).name == "step_000003" and not (killed / "checkpoints" / "step_000003.tmp").exists()
@@ -366,6 +373,7 @@ ABLATIONS = {  # recipe -> the option it changes (besides its name, policy and d
     "ablation_no_kl": {"algo.kl_coef": 0.0},
     "ablation_group8": {"rollout.n": 8},
     "ablation_expert_gap": {"algo.expert_gap_coef": 0.1},
+    "ablation_one_step_off": {"trainer.rollout_mode": "one_step_off"},
 }
 
 
@@ -460,17 +468,6 @@ def test_dynamic_sampling_trains_on_groups_that_differ_and_counts_every_photo_dr
 # ---------------------------------------------------------------- one-step-off rollouts (trainer.rollout_mode)
 
 FROZEN = "actor.lr=1e-30"  # an Adam step of 1e-30 leaves every float32 weight as it was
-COMPARED = (
-    "reward/mean",
-    "reward/weight/psnr",
-    "reward/gain/psnr",
-    "episode/tool_calls",
-    "actor/loss",
-    "actor/pg_loss",
-    "actor/kl",
-    "actor/entropy",
-    "actor/grad_norm",
-)
 
 
 def test_one_step_off_with_weights_that_do_not_change_computes_what_sync_computes(ray_cluster, policy, root):
@@ -508,10 +505,7 @@ def test_one_step_off_trains_on_the_previous_weights_rollouts_and_resumes_exactl
     assert not (ahead_run / "checkpoints" / "step_000003" / "prefetched.pkl").exists()  # the last step
 
     killed = root / "ahead_killed" / "rl"
-    shutil.copytree(ahead_run, killed)
-    shutil.rmtree(killed / "hf")
-    (killed / "checkpoints" / "step_000003").rename(killed / "checkpoints" / "step_000003.tmp")
-    (killed / "checkpoints" / "latest.json").write_text(json.dumps({"path": "step_000002", "step": 2}))
+    killed_during_last_checkpoint(ahead_run, killed)
     rl.train_rl(recipe(policy, root, root / "ahead_killed", "trainer.rollout_mode=one_step_off"))
     after = read_records(killed / "metrics.jsonl")
     assert [r["step"] for r in after] == [1, 2, 3]
@@ -525,3 +519,20 @@ def test_rollout_mode_out_of_range_fails_at_load_time():
 
     with pytest.raises(RecipeError, match="trainer.rollout_mode=.async.*one of sync, one_step_off"):
         load_recipe("tiny_cpu", ["trainer.rollout_mode=async"])
+
+
+def test_the_one_step_off_timing_model_overlaps_the_shorter_side():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "one_step_off.py"
+    spec = importlib.util.spec_from_file_location("one_step_off_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    # R 4 s of rollout, T 2 s of training, 1 s serial: 7 s in sync
+    assert bench.predicted_step(4.0, 2.0, 1.0, contention=0.0) == 5.0  # the training hides behind the rollout
+    assert bench.predicted_step(4.0, 2.0, 1.0, contention=1.0) == 7.0  # nothing hidden: the sync step
+    assert bench.fitted_contention((4.0, 2.0, 1.0), 6.0) == pytest.approx(0.5)
+    assert bench.gain_for_share(0.5, serial_share=0.0) == pytest.approx(2.0)
+    # a one-step-off step: its rollout ran during the previous step; the driver waited 0.5 s for it
+    record = {"time/step": 4.0, "time/rollout": 3.0, "time/score": 1.0, "time/update": 2.5, "time/rollout_wait": 0.5}
+    assert bench.phase_split(record) == (4.0, 2.5, 1.0)

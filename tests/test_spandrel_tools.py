@@ -239,8 +239,10 @@ def test_the_example_manifest_has_a_spandrel_entry(monkeypatch):
 
 
 def test_the_pool_serves_a_checkpoint_named_only_by_its_path(ray_cluster, tmp_path):
+    from tir.agent.baselines import tools_by_subtask
     from tir.config import load_recipe
-    from tool_pool.serve_app import start_pool, stop_pool
+    from tool_pool.pool import make_pool
+    from tool_pool.serve_app import stop_pool
 
     network = save(tmp_path / "sr.pth", lambda: Compact(num_feat=8, num_conv=2, upscale=4), "params")
     name = unique("sr_spandrel")
@@ -259,9 +261,11 @@ def test_the_pool_serves_a_checkpoint_named_only_by_its_path(ray_cluster, tmp_pa
             "pool.call_timeout_s=120",
         ],
     )
-    pool = start_pool(cfg.pool)
+    pool = make_pool(cfg.pool)  # pool.backend: serve
     try:
         assert name in asyncio.run(pool.available_tools())
+        # the caller knows the served tool too (its subtask, for the expert search and the baselines)
+        assert name in tools_by_subtask(asyncio.run(pool.available_tools()))["super_resolution"]
         x = image(9, 32, 24)
         out = asyncio.run(pool.run(name, x))
         assert out.shape == (128, 96, 3)

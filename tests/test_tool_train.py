@@ -131,13 +131,15 @@ def test_committed_trained_tools_are_small_and_load():
 
 
 @pytest.mark.skipif(not TRAINED.is_file(), reason="no trained tools committed")
-def test_a_local_pool_serves_the_recipes_manifest():
+def test_a_local_pool_serves_the_recipes_manifest_named_from_the_project_in_any_folder(tmp_path, monkeypatch):
     import asyncio
 
     from tir.config import load_recipe
     from tool_pool.pool import make_pool
 
-    cfg = load_recipe("tiny_cpu", ["pool.backend=local", f"pool.manifest={TRAINED}", "pool.tools=[]"])
+    monkeypatch.chdir(tmp_path)  # the recipe names the manifest relative to the project, as quickstart.yaml does
+    manifest = "tool_pool/manifests/trained.yaml"
+    cfg = load_recipe("tiny_cpu", ["pool.backend=local", f"pool.manifest={manifest}", "pool.tools=[]"])
     pool = make_pool(cfg.pool)
     image = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
     name = load_manifest(TRAINED)[0].name

@@ -161,6 +161,17 @@ def parse_entry(entry: Any, where: str, base: Path) -> NeuralToolSpec:
     return spec
 
 
+def manifest_path(path: str | Path) -> Path:
+    """A recipe's ``pool.manifest``, absolute: as given when it exists (relative to the working
+    directory), else relative to the project (``tool_pool/manifests/trained.yaml`` from anywhere,
+    and in every Serve replica whatever its working directory)."""
+    given = Path(path).expanduser()
+    if given.is_absolute() or given.exists():
+        return given.resolve()
+    project = Path(__file__).resolve().parent.parent / given
+    return project if project.exists() else given.resolve()
+
+
 def register_manifest(path: str | Path) -> dict[str, str]:
     """Register every tool of a manifest; returns {name: reason} for those unavailable here."""
     unavailable = {}

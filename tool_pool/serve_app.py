@@ -54,6 +54,7 @@ from tool_pool.execution import (
     score_batch,
     validated_arguments,
 )
+from tool_pool.neural import manifest_path
 
 SERVE_NAMESPACE = "serve"  # where Serve's replica actors live
 
@@ -388,7 +389,7 @@ def build_app(pool_cfg) -> serve.Application:
     return deployment.bind(
         pool_cfg.name + STATS_ACTOR_SUFFIX,
         list(pool_cfg.tools),
-        pool_cfg.manifest,
+        str(manifest_path(pool_cfg.manifest)) if pool_cfg.manifest else None,
         int(pool_cfg.cache_bytes),
         torch_threads(pool_cfg.torch_threads, pool_cfg.num_cpus_per_replica),
         (pool_cfg.batch_wait_timeout_s, pool_cfg.batch_wait_scale),
