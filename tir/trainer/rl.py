@@ -20,7 +20,8 @@ The story (``train_rl``, then ``rl_step``, top to bottom):
 
 One optimizer step per rollout batch: the rollout engines hold the actor's current weights, so
 the rollout log-probs are the "old" policy's (the importance ratio starts at 1; the clip bounds
-any engine mismatch). At a temperature other than 1 they are not (the engines report
+any engine mismatch; one-step-off, they are one update older: staleness 1). At a temperature
+other than 1 they are not (the engines report
 ``log_softmax(logits / T)``), and the actor recomputes them.
 
 Outputs in <run.output_dir>/rl/: config.yaml, placement.json (the node of every worker and pool

@@ -4,8 +4,10 @@
 - ``one_step_off``: the rollouts of step k+1 are generated (on a driver thread, through the same
   engines and pool) while the actor trains on step k, as verl's one-step-off recipe does. Step k
   then trains on trajectories of the weights of step k-2: the importance ratio is taken against the
-  rollout log-probs (staleness 1, clipped as in the synchronous path). With the weights fixed
-  (``actor.lr`` 0) both modes compute the same batches and the same loss.
+  rollout log-probs (staleness 1, clipped as in the synchronous path). With weights that do not
+  change (a learning rate too small to move a float32 weight) both modes compute the same batches
+  and the same loss. At a rollout temperature other than 1 the actor recomputes the old log-probs
+  (``tir.trainer.rl``), as verl does: the ratio then starts at 1 and the staleness is not corrected.
 
 The order inside a one-step-off step (``tir.trainer.rl.rl_step``):
 
