@@ -75,6 +75,18 @@ class LoopSettings:
         if self.max_new_tokens < 1 or self.min_reply_tokens < 1 or self.concurrency < 1 or self.max_turns < 1:
             raise ValueError(f"max_turns, max_new_tokens, min_reply_tokens and concurrency must be >= 1: {self}")
 
+    def new_env(self, pool, schemas, cues=None) -> RestorationEnv:
+        """A fresh environment for one episode with these settings' turn, format-error and size limits."""
+        return RestorationEnv(
+            pool,
+            schemas,
+            self.max_turns,
+            self.max_format_errors,
+            cues,
+            max_side=self.max_side,
+            max_pixels=self.max_pixels,
+        )
+
     @classmethod
     def from_recipe(cls, rollout_cfg, env_cfg=None, **overrides) -> LoopSettings:
         """The settings a recipe's ``rollout`` section names (keys this class does not know, such
@@ -293,15 +305,7 @@ async def rollout(
 
     async def one(row: int) -> dict:
         async with slots:
-            env = RestorationEnv(
-                pool,
-                schemas,
-                settings.max_turns,
-                settings.max_format_errors,
-                cues,
-                max_side=settings.max_side,
-                max_pixels=settings.max_pixels,
-            )
+            env = settings.new_env(pool, schemas, cues)
             seed = None if settings.seed is None else settings.seed * 1_000_003 + row
             return await run_episode(engine, processor, env, images[row], settings, origin, seed)
 

@@ -116,7 +116,7 @@ async def policy_episodes(path: str, test, pool, schemas, settings, bar, engine=
     ``engine`` (one already open, e.g. shared by several evaluations; its owner shuts it down);
     each episode dict also names its engine ("hf" or "vllm")."""
     from tir.agent import prompts
-    from tir.agent.env import RestorationEnv, perception_cues
+    from tir.agent.env import perception_cues
     from tir.agent.loop import LoopSettings, run_episode
     from tir.eval.episodes import episode_summary, gather_limited, tick
     from tir.eval.tool_choice import greedy
@@ -145,15 +145,7 @@ async def policy_episodes(path: str, test, pool, schemas, settings, bar, engine=
     schemas = prompts.policy_schemas(schemas, settings.tool_prompt)
 
     async def one(row: int, lq) -> dict:
-        env = RestorationEnv(
-            pool,
-            schemas,
-            loop.max_turns,
-            loop.max_format_errors,
-            cues,
-            max_side=loop.max_side,
-            max_pixels=loop.max_pixels,
-        )
+        env = loop.new_env(pool, schemas, cues)
         out = await run_episode(engine, engine.processor, env, lq, loop, seed=loop.seed * 1_000_003 + row)
         summary = episode_summary(out, out["timings"]["wall_s"], error=out["error"], engine=engine_name)
         return tick(bar, summary)
