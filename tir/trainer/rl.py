@@ -263,11 +263,11 @@ def rl_step(
             batch = with_logprobs(batch, run.actors, "old_logprobs")
     with timer("update"):
         update = run.actors.train_step(batch, run.loss_fn, "tokens" if cfg.algo.loss_agg == "token-mean" else "rows")[0]
-    run.engine_stale = True
-    if not schedule.ahead:
+    if schedule.ahead:  # the engines may still be generating: the weights go at the next step's start
+        run.engine_stale = True
+    else:
         with timer("weight_sync"):
             sync_weights(run.actors, run.engine)
-        run.engine_stale = False
 
     state = checkpoint.TrainState(
         step=step,

@@ -44,8 +44,8 @@ class RolloutSchedule:
         self.run, self.mode = run, mode
         self.ahead = mode == "one_step_off"
         self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollout-ahead") if self.ahead else None
-        self.pending: tuple[int, Future] | None = None  # (step, its collection in flight)
-        self.stored: tuple[int, object, dict] | None = None  # a batch read from a checkpoint
+        # (step, its collection): in flight, or done (read from a checkpoint, or waited for by save)
+        self.pending: tuple[int, Future] | None = None
 
     def take(self, step: int, data_position: int, timer) -> object:
         """Step ``step``'s batch: collected now (sync, or the first step of a run), or the one
@@ -53,11 +53,6 @@ class RolloutSchedule:
         driver waited for it)."""
         from tir.trainer.rl_collect import collect
 
-        if self.stored is not None and self.stored[0] == step:
-            _, got, seconds = self.stored
-            self.stored = None
-            _merge(timer, seconds)
-            return got
         if self.pending is None or self.pending[0] != step:
             self.drop()
             return collect(self.run, data_position, step, timer)
@@ -104,7 +99,7 @@ class RolloutSchedule:
             saved = pickle.load(f)
         if saved["step"] != next_step:
             return False
-        self.stored = (saved["step"], saved["collected"], saved["seconds"])
+        self.pending = (next_step, _done(saved["collected"], saved["seconds"]))
         return True
 
     def drop(self) -> None:
