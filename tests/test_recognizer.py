@@ -10,7 +10,7 @@ import tir  # noqa: F401 - shims first
 from tir.agent.perceive import Perception
 from tir.data.degradations import NAMES, degrade_chain
 from tir.data.recognizer import DEFAULT_CHECKPOINT, RecognizerError, load_recognizer, set_scores
-from tir.data.recognizer_features import FEATURE_NAMES, NUM_FEATURES, degradation_features
+from tir.data.recognizer_features import FEATURE_NAMES, FEATURES_DIGEST, NUM_FEATURES, degradation_features
 from tir.data.recognizer_train import (
     draw_combo,
     example_features,
@@ -48,6 +48,30 @@ def test_features_have_a_fixed_length_and_move_with_their_degradation():
     assert degradation_features(noisy)[index["noise_full"]] > features[index["noise_full"]] + 1.0
     with pytest.raises(ValueError, match="expected an RGB uint8"):
         degradation_features(clean.astype(np.float32))
+
+
+def test_every_way_of_darkening_uses_fewer_brightness_levels():
+    index = {name: i for i, name in enumerate(FEATURE_NAMES)}["value_levels_used"]
+    clean = crop()
+    for variant in ("gamma", "linear_compress", "constant_shift"):
+        dark, _ = degrade_chain(clean, ["dark"], np.random.default_rng(0), params=[{"variant": variant}])
+        assert degradation_features(dark)[index] < degradation_features(clean)[index] - 0.1, variant
+
+
+def test_motion_blur_keeps_the_laplacian_correlated_along_its_path_even_on_a_thumbnail():
+    index = {name: i for i, name in enumerate(FEATURE_NAMES)}
+    for lowres in (False, True):
+        clean = crop(128)
+        blurred, _ = degrade_chain(
+            clean, ["motion_blur"], np.random.default_rng(1), params=[{"radius": 15, "sigma": 5}]
+        )
+        if lowres:  # the x4 thumbnail of group A's motion_blur+lowres: 32 px
+            clean, _ = degrade_chain(clean, ["lowres"], np.random.default_rng(0))
+            blurred, _ = degrade_chain(blurred, ["lowres"], np.random.default_rng(0))
+        sharp, soft = degradation_features(clean), degradation_features(blurred)
+        # at 1 px on average over the directions (the farther rings depend more on the content)
+        for name in ("acorr_r1_mean", "acorr_r1_max"):
+            assert soft[index[name]] > sharp[index[name]] + 0.1, (lowres, name)
 
 
 def test_training_examples_are_a_function_of_seed_and_index():
@@ -101,6 +125,8 @@ def test_training_is_deterministic_and_the_features_resume_from_their_shards(sma
     folder, model, (x, y) = small_model
     again_x, again_y = example_features(PHOTOS, 600, seed=0, workers=1, shard_dir=folder / "features")
     assert np.array_equal(again_x, x) and np.array_equal(again_y, y)  # read back from the shard
+    # a shard is named by the feature set: one computed by another version is never read back
+    assert [p.name.split("_")[1] for p in (folder / "features").glob("shard_*.npz")] == [FEATURES_DIGEST]
     twin = fit(x, y, seed=0, steps=300, hidden=32)
     probabilities = model.probabilities_of_features(x[:50])
     assert probabilities.shape == (50, len(NAMES))

@@ -5,14 +5,17 @@ raw crops stayed at the label prior; PROTOCOL.md), so each degradation's telltal
 computed directly and the network learns how to weigh and combine them across photos:
 
 - noise: the finest Haar band's robust std at full and half size (noise halves, texture does not);
-- blur: directional sharpness ratios (``tir.data.perception``), Laplacian and gradient energy;
+- blur: directional sharpness ratios (``tir.data.perception``), Laplacian and gradient energy,
+  and the autocorrelation of the Laplacian along 8 directions at 1, 2 and 4 px, at full and half
+  size (the Laplacian of a sharp photo is nearly white; motion blur keeps it correlated along its
+  path, which still shows on a 32 px thumbnail where the sharpness ratios have too few pixels);
 - JPEG: high-frequency DCT energy in 8x8 blocks on the origin grid against a grid shifted by
   4 px (quantisation empties the aligned blocks only; blur empties both), and the step profile
   over the 8 column/row phases;
 - haze: dark-channel percentiles, saturation, local contrast;
 - dark: percentiles of the HSV value (a darkened photo loses its highlights: a shift caps them,
   a linear compression squeezes them under 150), the share of near-black and of exactly black
-  pixels (a shift clips the shadows to 0);
+  pixels (a shift clips the shadows to 0), and how many of the 256 levels it uses;
 - rain: the rain cue's upright and sideways streak measures;
 - low resolution: the image's size (log2 of each side).
 
@@ -22,6 +25,7 @@ standardises them with the training set's mean and std, which travel in its chec
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import cv2
@@ -30,6 +34,8 @@ import numpy as np
 from tir.data import perception
 
 ANGLES = tuple(range(0, 180, 20))  # directions (degrees) of the directional sharpness profile
+ACORR_RADII = (1, 2, 4)  # px at which the Laplacian's autocorrelation is read
+ACORR_ANGLES = np.arange(0.0, 180.0, 22.5)  # its directions (degrees)
 # Names in vector order: the checkpoint records them, so that a model is never fed features
 # computed by another version of this file.
 FEATURE_NAMES = (
@@ -38,6 +44,12 @@ FEATURE_NAMES = (
     "motion",
     *(f"direction_{k}" for k in range(len(ANGLES))),
     "direction_spread",
+    *(
+        f"{scale}acorr_r{r}_{stat}"
+        for scale in ("", "half_")
+        for r in ACORR_RADII
+        for stat in ("max", "min", "mean", "along")
+    ),
     "noise_full",
     "noise_half",
     "noise_ratio",
@@ -58,6 +70,9 @@ FEATURE_NAMES = (
     "value_above_90",
     "value_zero",
     "channel_zero",
+    "value_levels_used",
+    "value_levels_empty",
+    "value_range",
     "saturation",
     "contrast",
     "local_contrast",
@@ -70,13 +85,16 @@ FEATURE_NAMES = (
     "log2_width",
 )
 NUM_FEATURES = len(FEATURE_NAMES)
+# Names a feature cache: shards computed by another version of this file are never read back.
+FEATURES_DIGEST = hashlib.sha1("\n".join(FEATURE_NAMES).encode()).hexdigest()[:8]
 
 
 def degradation_features(image: np.ndarray) -> np.ndarray:
     """The feature vector (float32 [NUM_FEATURES]) of one RGB uint8 HxWx3 image (>= 8 px a side)."""
     image = perception.check_image(image)
     gray = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY).astype(np.float32)
-    parts = [_blur(image, gray), _directions(gray), _noise(image, gray), _edges(gray), _jpeg(gray), _light(image)]
+    parts = [_blur(image, gray), _directions(gray), _blur_path(gray), _noise(image, gray), _edges(gray), _jpeg(gray)]
+    parts.append(_light(image))
     parts.append(_haze(image, gray))
     parts += [_rain(gray), [math.log2(image.shape[0]), math.log2(image.shape[1])]]
     out = np.asarray([v for part in parts for v in part], np.float32)
@@ -104,6 +122,33 @@ def _directions(gray: np.ndarray) -> list[float]:
         ratios.append(math.sqrt((near + 1e-3) / (far + 1e-3)))
     ratios = np.sort(np.asarray(ratios))
     return [*ratios.tolist(), float(math.log(ratios[-1] / ratios[0]))]
+
+
+def _blur_path(gray: np.ndarray) -> list[float]:
+    """``_laplacian_autocorrelation`` of the image and of its half-size copy (the image again
+    below ``perception.HALVE_FROM`` px, where halving leaves too little)."""
+    full = _laplacian_autocorrelation(gray)
+    small = min(gray.shape) < perception.HALVE_FROM
+    return full + (full if small else _laplacian_autocorrelation(perception.half_size(gray)))
+
+
+def _laplacian_autocorrelation(gray: np.ndarray) -> list[float]:
+    """At each radius of ``ACORR_RADII``: the max, min and mean over ``ACORR_ANGLES`` of the
+    Laplacian's normalised autocorrelation (Hann-windowed, by FFT), and its value along the
+    direction where it is largest at 2 px (the blur's path, if there is one)."""
+    laplacian = cv2.Laplacian(gray, cv2.CV_32F)
+    h, w = laplacian.shape
+    window = np.outer(np.hanning(h), np.hanning(w)).astype(np.float32)
+    power = np.abs(np.fft.rfft2((laplacian - laplacian.mean()) * window)) ** 2
+    correlation = np.fft.irfft2(power, s=(h, w))
+    correlation = np.fft.fftshift(correlation / (correlation[0, 0] + 1e-6)).astype(np.float32)
+    rings = []
+    for r in ACORR_RADII:
+        xs = (w // 2 + r * np.cos(np.radians(ACORR_ANGLES))).astype(np.float32)[None]
+        ys = (h // 2 - r * np.sin(np.radians(ACORR_ANGLES))).astype(np.float32)[None]
+        rings.append(cv2.remap(correlation, xs, ys, cv2.INTER_LINEAR)[0])
+    along = int(rings[ACORR_RADII.index(2)].argmax())
+    return [float(v) for ring in rings for v in (ring.max(), ring.min(), ring.mean(), ring[along])]
 
 
 def _shift_energy(gray: np.ndarray, dx: float, dy: float) -> float:
@@ -205,8 +250,22 @@ def _light(image: np.ndarray) -> list[float]:
         float((value < 0.1).mean()),
         float((value > 0.9).mean()),
         *zeros,
+        *_levels(hsv[..., 2]),
         float(saturation.mean()),
     ]
+
+
+def _levels(value: np.ndarray) -> list[float]:
+    """How much of the 8-bit range the brightness uses: the share of the 256 levels present, the
+    share of empty levels between its 1st and 99th percentiles, and that span. Darkening squeezes
+    the photo into fewer levels (a linear compression keeps at most 150, a shift clips the
+    shadows) and a tone curve that stretches the highlights leaves gaps between them. Part of
+    this is how the dark degradation is synthesised (on 8 bits): what it is worth on real
+    low-light photos is not measured."""
+    counts = np.bincount(value.ravel(), minlength=256)
+    low, high = np.percentile(value, (1, 99)).astype(int)
+    span = counts[low : high + 1]
+    return [float((counts > 0).mean()), float((span == 0).mean()), float(high - low) / 255.0]
 
 
 def _haze(image: np.ndarray, gray: np.ndarray) -> list[float]:

@@ -32,7 +32,7 @@ import numpy as np
 
 from tir.data.degradations import COMBINATIONS, NAMES, degrade_chain
 from tir.data.recognizer import Recognizer, RecognizerError, build_network, set_scores
-from tir.data.recognizer_features import NUM_FEATURES, degradation_features
+from tir.data.recognizer_features import FEATURES_DIGEST, NUM_FEATURES, degradation_features
 
 # The field's standard test sets: evaluation only, never training data.
 TEST_SETS = (
@@ -129,7 +129,8 @@ def example_features(
     try:
         with tqdm(total=count, desc=desc, unit="crop", file=sys.stderr) as bar:
             for start, end in shards:
-                path = Path(shard_dir) / f"shard_{seed}_{start:07d}_{end:07d}.npz" if shard_dir else None
+                name = f"shard_{FEATURES_DIGEST}_{seed}_{start:07d}_{end:07d}.npz"  # other features: other name
+                path = Path(shard_dir) / name if shard_dir else None
                 if path is not None and path.is_file():
                     cached = np.load(path)
                     x, y = cached["x"], cached["y"]
