@@ -93,10 +93,9 @@ def degradation_features(image: np.ndarray) -> np.ndarray:
     """The feature vector (float32 [NUM_FEATURES]) of one RGB uint8 HxWx3 image (>= 8 px a side)."""
     image = perception.check_image(image)
     gray = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY).astype(np.float32)
-    parts = [_blur(image, gray), _directions(gray), _blur_path(gray), _noise(image, gray), _edges(gray), _jpeg(gray)]
-    parts.append(_light(image))
-    parts.append(_haze(image, gray))
-    parts += [_rain(gray), [math.log2(image.shape[0]), math.log2(image.shape[1])]]
+    parts = [_blur(image, gray), _directions(gray), _blur_path(gray), _noise(image, gray), _edges(gray)]
+    parts += [_jpeg(gray), _light(image), _haze(image, gray), _rain(gray)]
+    parts.append([math.log2(image.shape[0]), math.log2(image.shape[1])])
     out = np.asarray([v for part in parts for v in part], np.float32)
     if out.shape != (NUM_FEATURES,):
         raise AssertionError(f"{out.shape[0]} features computed, FEATURE_NAMES names {NUM_FEATURES}")
