@@ -107,13 +107,22 @@ def test_a_yaml_syntax_error_names_the_file_and_line(tmp_path):
         ("rollout.engine=foo", "rollout.engine='foo' is out of range: expected one of hf, vllm"),
         ("rollout.n=0", "rollout.n=0 is out of range"),
         ("model.perception=magic", "expected one of thresholds, learned"),
-        ("model.cue_style=long", "expected one of full, guess"),
+        ("model.cue_style=long", "expected one of full, guess, confidence"),
         ("model.tool_prompt=some", "expected one of full, names"),
     ],
 )
 def test_recipe_values_are_range_checked_at_load_time(override, words):
     with pytest.raises(RecipeError, match=re.escape(words)):
         load_recipe("tiny_cpu", [override])
+
+
+def test_confidence_cues_need_the_learned_perception():
+    with pytest.raises(RecipeError, match="model.cue_style=confidence needs model.perception=learned"):
+        load_recipe("tiny_cpu", ["model.cue_style=confidence", "model.perception=thresholds"])
+    assert (
+        load_recipe("tiny_cpu", ["model.cue_style=confidence", "model.perception=learned"]).model.cue_style
+        == "confidence"
+    )
 
 
 def test_every_packaged_recipe_is_in_range():

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 
 import tir  # noqa: F401 - shims first
+from tir.agent.env import perception_cues
 from tir.agent.perceive import Perception
 from tir.data.degradations import NAMES, degrade_chain
-from tir.data.recognizer import DEFAULT_CHECKPOINT, RecognizerError, load_recognizer, set_scores
+from tir.data.recognizer import DEFAULT_CHECKPOINT, MAYBE_FRACTION, RecognizerError, load_recognizer, set_scores
 from tir.data.recognizer_features import FEATURE_NAMES, FEATURES_DIGEST, NUM_FEATURES, degradation_features
 from tir.data.recognizer_train import (
     draw_combo,
@@ -171,6 +172,18 @@ def test_the_pool_serves_perception_and_the_env_and_baselines_use_it(small_model
     assert asyncio.run(learned.degradations(jpeg, pool)) == model.degradations(jpeg)
     line = asyncio.run(learned.observe(jpeg, pool, style="guess"))
     assert line == f"likely={'+'.join(model.degradations(jpeg)) or 'none'}"
+    # confidence: the guess, then what it is unsure of (at least half its threshold, below it)
+    probabilities = model.probabilities([jpeg])[0]
+    assert seen["maybe"] == model.unsure(probabilities)
+    limits = dict(zip(model.labels, model.thresholds.tolist()))
+    for name in NAMES:
+        unsure = MAYBE_FRACTION * limits[name] <= probabilities[name] < limits[name]
+        assert (name in seen["maybe"]) == unsure and not (unsure and name in seen["degradations"])
+    line = asyncio.run(learned.observe(jpeg, pool, style="confidence"))
+    maybe = "+".join(seen["maybe"]) or "none"
+    assert line == f"likely={'+'.join(model.degradations(jpeg)) or 'none'} maybe={maybe}"
+    with pytest.raises(ValueError, match="needs the learned perception"):
+        perception_cues(style="confidence", perception=Perception("thresholds"))
     with pytest.raises(PoolError, match="no recogniser checkpoint"):
         asyncio.run(pool.perceive(jpeg, str(folder / "missing")))
     with pytest.raises(ValueError, match="perception 'oracle' unknown"):

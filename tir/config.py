@@ -48,7 +48,9 @@ class ModelConfig:
     path: str = "runs/tiny_policy"  # a local checkpoint dir or a hub cache name
     dtype: str = "float32"
     perception_cues: bool = False  # measured degradation cues as text beside each image
-    cue_style: str = "full"  # "full": the measured numbers and the guessed degradations; "guess": the guess only
+    # "full": the measured numbers and the guess; "guess": the guess only; "confidence": the guess and
+    # the degradations the learned recogniser is unsure of
+    cue_style: str = "full"
     # who guesses the degradations named in the cues and used by the baselines: "thresholds" (hand-set
     # cue thresholds) or "learned" (the recogniser of `tir perception train`, served by the pool)
     perception: str = "thresholds"
@@ -373,7 +375,7 @@ RANGES: dict[str, tuple] = {
     "env.max_side": _AT_LEAST_1,
     "env.max_pixels": _AT_LEAST_1,
     "model.perception": _one_of("thresholds", "learned"),  # tir.agent.perceive.PERCEPTIONS
-    "model.cue_style": _one_of("full", "guess"),  # tir.data.perception.CUE_STYLES
+    "model.cue_style": _one_of("full", "guess", "confidence"),  # tir.data.perception.CUE_STYLES
     "model.tool_prompt": _one_of("full", "names"),  # tir.agent.prompts.TOOL_PROMPTS
 }
 
@@ -388,6 +390,13 @@ def check_ranges(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key, default=None)
         if value is not None and not ok(value):
             raise RecipeError(f"{key}={value!r} is out of range: expected {allowed}")
+    if (
+        OmegaConf.select(cfg, "model.cue_style") == "confidence"
+        and OmegaConf.select(cfg, "model.perception") != "learned"
+    ):
+        raise RecipeError(
+            "model.cue_style=confidence needs model.perception=learned (the cue thresholds have no confidence)"
+        )
 
 
 def split_cli_overrides(args: list[str]) -> tuple[str | None, list[str]]:

@@ -111,13 +111,16 @@ def get_recognizer_or_error(checkpoint: str):
 
 
 def perceive_batch(recognizer, images: list[np.ndarray]) -> list[dict]:
-    """Per image, ``{"probabilities": {degradation: p}, "degradations": [the ones it decides on]}``
-    (one batched forward pass; the decision thresholds travel in the recogniser's checkpoint)."""
+    """Per image, ``{"probabilities": {degradation: p}, "degradations": [the ones it decides on],
+    "maybe": [the ones it is unsure of]}`` (one batched forward pass; the decision thresholds
+    travel in the recogniser's checkpoint)."""
     try:
         probabilities = recognizer.probabilities(images)
     except ValueError as err:
         raise PoolError("bad_image", str(err)) from None
-    return [{"probabilities": p, "degradations": recognizer.decide(p)} for p in probabilities]
+    return [
+        {"probabilities": p, "degradations": recognizer.decide(p), "maybe": recognizer.unsure(p)} for p in probabilities
+    ]
 
 
 def score_batch(scorer, images: list[np.ndarray], references: list[np.ndarray] | None) -> list[float]:

@@ -72,6 +72,10 @@ def perception_cues(
     if style not in CUE_STYLES:
         raise ValueError(f"cue style {style!r} unknown; expected one of {CUE_STYLES}")
     if perception is None or perception.kind == "thresholds":
+        if style == "confidence":
+            raise ValueError(
+                "cue style 'confidence' needs the learned perception (the cue thresholds have no confidence)"
+            )
         return lambda image: observe(image, names, style)
 
     async def learned(image: np.ndarray, pool) -> str:

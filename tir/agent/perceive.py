@@ -44,8 +44,10 @@ class Perception:
         guess made by this perception."""
         from tir.data.perception import observe
 
-        guess = await self.degradations(image, pool) if self.kind == "learned" else None
-        return await asyncio.to_thread(observe, image, names, style, guess)
+        if self.kind != "learned":
+            return await asyncio.to_thread(observe, image, names, style)
+        seen = await pool.perceive(image, self.checkpoint)
+        return await asyncio.to_thread(observe, image, names, style, seen["degradations"], seen["maybe"])
 
 
 def _thresholds(image: np.ndarray) -> list[str]:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tir.data.perception import CUE_STYLES
 from tir.paths import check_output_file, check_writable_folder
 
 
@@ -62,7 +63,7 @@ def add_restore_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     )
     parser.add_argument(
         "--cue-style",
-        choices=("full", "guess"),
+        choices=CUE_STYLES,
         default="full",
         help="the cue text the policy was trained with (model.cue_style)",
     )
@@ -105,6 +106,10 @@ def restore_main(args: argparse.Namespace) -> int:
                 raise InputError(str(err)) from None
         if args.max_turns < 1:
             raise InputError(f"--max-turns must be >= 1, got {args.max_turns}")
+        if args.cue_style == "confidence" and args.perception != "learned":
+            raise InputError(
+                "--cue-style confidence needs --perception learned (the cue thresholds have no confidence)"
+            )
         agent = resolve_agent(args)
         degradations = parse_degradations(args.degradations)
     except InputError as err:

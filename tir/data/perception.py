@@ -321,19 +321,30 @@ def likely_degradations(cues: Mapping[str, float]) -> list[str]:
     return [name for name in NAMES if name in found]
 
 
-CUE_STYLES = ("full", "guess")
+CUE_STYLES = ("full", "guess", "confidence")
 
 
 def observe(
-    image: np.ndarray, names: Sequence[str] | None = None, style: str = "full", guess: Sequence[str] | None = None
+    image: np.ndarray,
+    names: Sequence[str] | None = None,
+    style: str = "full",
+    guess: Sequence[str] | None = None,
+    maybe: Sequence[str] | None = None,
 ) -> str:
     """What the policy reads beside ``image``. ``full``: the rendered cues, then ``likely=`` the
     guessed degradations joined by ``+`` (``none`` when nothing fires). ``guess``: the guess alone
     (``likely=haze+rain``): no numbers that vary from photo to photo, which a tiny policy trained
-    for minutes otherwise memorises instead of reading the guess. ``guess``: the degradations
-    another perception decided on (``tir.agent.perceive``), instead of the cue thresholds'."""
+    for minutes otherwise memorises instead of reading the guess. ``confidence``: the guess and
+    the degradations the learned recogniser is unsure of (``likely=haze+rain maybe=dark``), its
+    confidence in two coarse steps rather than probabilities. ``guess``: the degradations another
+    perception decided on (``tir.agent.perceive``), instead of the cue thresholds'; ``maybe``: the
+    ones it is unsure of (needed by ``confidence``)."""
     if style not in CUE_STYLES:
         raise ValueError(f"cue style {style!r} unknown; expected one of {CUE_STYLES}")
+    if style == "confidence":
+        if guess is None or maybe is None:
+            raise ValueError("cue style 'confidence' needs the learned recogniser's guess and unsure degradations")
+        return f"likely={'+'.join(guess) or 'none'} maybe={'+'.join(maybe) or 'none'}"
     cues = measure_cues(image, names if style == "full" or guess is None else ())
     guessed = likely_degradations(cues) if guess is None else list(guess)
     line = f"likely={'+'.join(guessed) or 'none'}"

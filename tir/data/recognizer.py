@@ -26,6 +26,9 @@ from tir.data.recognizer_features import FEATURE_NAMES, degradation_features
 # train and test photos (never the evaluation sets), shipped in the repository (tir/data/models/).
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "models" / "recognizer"
 WEIGHTS_FILE = "model.pt"
+# A degradation is "maybe" when its probability reaches this fraction of its decision threshold
+# without reaching the threshold: the recogniser's second candidates (cue style ``confidence``).
+MAYBE_FRACTION = 0.5
 
 
 class RecognizerError(ValueError):
@@ -72,6 +75,17 @@ class Recognizer:
         """The degradations whose probability reaches their threshold, in ``NAMES`` order."""
         limit = dict(zip(self.labels, self.thresholds.tolist()))
         return [name for name in NAMES if name in probabilities and probabilities[name] >= limit.get(name, 0.5)]
+
+    def unsure(self, probabilities: Mapping[str, float]) -> list[str]:
+        """The degradations not decided on whose probability reaches ``MAYBE_FRACTION`` of their
+        threshold, in ``NAMES`` order."""
+        limit = dict(zip(self.labels, self.thresholds.tolist()))
+        return [
+            name
+            for name in NAMES
+            if name in probabilities
+            and MAYBE_FRACTION * limit.get(name, 0.5) <= probabilities[name] < limit.get(name, 0.5)
+        ]
 
     def degradations(self, image: np.ndarray) -> list[str]:
         return self.decide(self.probabilities([image])[0])
