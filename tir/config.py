@@ -48,9 +48,7 @@ class ModelConfig:
     path: str = "runs/tiny_policy"  # a local checkpoint dir or a hub cache name
     dtype: str = "float32"
     perception_cues: bool = False  # measured degradation cues as text beside each image
-    # "full": the measured numbers and the guess; "guess": the guess only; "confidence": the guess and
-    # the degradations the learned recogniser is unsure of
-    cue_style: str = "full"
+    cue_style: str = "full"  # "full": cues + guess; "guess": the guess; "confidence": guess + unsure ones (learned)
     # who guesses the degradations named in the cues and used by the baselines: "thresholds" (hand-set
     # cue thresholds) or "learned" (the recogniser of `tir perception train`, served by the pool)
     perception: str = "thresholds"
@@ -390,13 +388,9 @@ def check_ranges(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key, default=None)
         if value is not None and not ok(value):
             raise RecipeError(f"{key}={value!r} is out of range: expected {allowed}")
-    if (
-        OmegaConf.select(cfg, "model.cue_style") == "confidence"
-        and OmegaConf.select(cfg, "model.perception") != "learned"
-    ):
-        raise RecipeError(
-            "model.cue_style=confidence needs model.perception=learned (the cue thresholds have no confidence)"
-        )
+    style, perception = OmegaConf.select(cfg, "model.cue_style"), OmegaConf.select(cfg, "model.perception")
+    if style == "confidence" and perception != "learned":
+        raise RecipeError("model.cue_style=confidence needs model.perception=learned (thresholds give no confidence)")
 
 
 def split_cli_overrides(args: list[str]) -> tuple[str | None, list[str]]:
