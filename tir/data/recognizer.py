@@ -71,20 +71,23 @@ class Recognizer:
         probs = self.probabilities_of_features(np.stack([degradation_features(image) for image in images]))
         return [dict(zip(self.labels, map(float, row))) for row in probs]
 
+    def limits(self) -> dict[str, float]:
+        """Each degradation's decision threshold (0.5 for one the checkpoint has no label for)."""
+        return dict.fromkeys(NAMES, 0.5) | dict(zip(self.labels, self.thresholds.tolist()))
+
     def decide(self, probabilities: Mapping[str, float]) -> list[str]:
         """The degradations whose probability reaches their threshold, in ``NAMES`` order."""
-        limit = dict(zip(self.labels, self.thresholds.tolist()))
-        return [name for name in NAMES if name in probabilities and probabilities[name] >= limit.get(name, 0.5)]
+        limit = self.limits()
+        return [name for name in NAMES if name in probabilities and probabilities[name] >= limit[name]]
 
     def unsure(self, probabilities: Mapping[str, float]) -> list[str]:
         """The degradations not decided on whose probability reaches ``MAYBE_FRACTION`` of their
         threshold, in ``NAMES`` order."""
-        limit = dict(zip(self.labels, self.thresholds.tolist()))
+        limit = self.limits()
         return [
             name
             for name in NAMES
-            if name in probabilities
-            and MAYBE_FRACTION * limit.get(name, 0.5) <= probabilities[name] < limit.get(name, 0.5)
+            if name in probabilities and MAYBE_FRACTION * limit[name] <= probabilities[name] < limit[name]
         ]
 
     def degradations(self, image: np.ndarray) -> list[str]:
