@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 import tir  # noqa: F401 - environment shims first
 from tir.data.degradations import NAMES
 from tir.data.perception import likely_degradations, measure_cues
@@ -38,11 +40,28 @@ def test_crops(photos: str, group: str, seed: int, crop: int) -> Batch:
     return synthesize(sources, group, per_image=1, seed=seed, crop=crop, progress=False)
 
 
-def perception_table(test: Batch, recognizer) -> dict[str, dict]:
+def after_first_call(test: Batch) -> tuple[list[np.ndarray], list[list[str]]]:
+    """Each crop after the fixed-order baseline's first tool call, and the degradations it leaves:
+    what an agent perceives at its second turn."""
+    from tir.agent.baselines import FIXED_TOOLS, restoration_order
+    from tir.data.degradations import SUBTASK_FOR_DEGRADATION
+    from tool_pool.tools import get_tool
+
+    images, truth = [], []
+    for lq, degradations in zip(test.column("lq"), test.column("degradations")):
+        order = restoration_order(list(degradations))
+        images.append(get_tool(FIXED_TOOLS[SUBTASK_FOR_DEGRADATION[order[0]]])([lq])[0])
+        truth.append(order[1:])
+    return images, truth
+
+
+def perception_table(test: Batch, recognizer, after_one_call: bool = False) -> dict[str, dict]:
     truth = [list(d) for d in test.column("degradations")]
     images = test.column("lq")
+    if after_one_call:
+        images, truth = after_first_call(test)
     thresholds = [likely_degradations(measure_cues(image)) for image in images]
-    learned = [recognizer.degradations(image) for image in images]
+    learned = [recognizer.degradations(image, after_one_call) for image in images]
     return {"thresholds": set_scores(thresholds, truth), "learned": set_scores(learned, truth)}
 
 
@@ -106,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             print_scores(label, group, perception_table(test, recognizer))
             if group == "A":
                 group_a.append(test)
+                print_scores(label, "A, after 1 call", perception_table(test, recognizer, after_one_call=True))
     if args.gap:
         perception_gap(Batch.concat(group_a), args.recognizer or "default", args.exhaustive)
     print(f"\n({time.perf_counter() - started:.0f}s)")

@@ -169,6 +169,25 @@ def test_cues_are_measured_on_every_image_shown(noisy):
     assert "Measured cues: noise_sigma=" in prompts.message_text(env.messages[3])
 
 
+def test_a_pool_served_perception_is_told_which_images_are_tool_outputs(noisy):
+    told = []
+
+    async def cues(image, pool, after_call=False):  # as a learned perception served by the pool
+        told.append((image.shape, after_call))
+        return "likely=none"
+
+    env = make_env(cues=cues)
+
+    async def episode():
+        await env.reset(noisy)
+        await env.step(call("sr_bicubic"))
+        output = await env.try_tool(prompts.ToolCall("denoise_tv", {}))
+        await env.commit(prompts.ToolCall("denoise_tv", {}), output)
+
+    run(episode())
+    assert told == [((96, 96, 3), False), ((384, 384, 3), True), ((384, 384, 3), True)]
+
+
 def test_perception_cues_render_one_line(noisy):
     line = perception_cues()(noisy)
     assert isinstance(line, str) and "noise_sigma=" in line and "size=96x96" in line and "\n" not in line

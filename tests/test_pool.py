@@ -60,6 +60,18 @@ def test_scores_match_the_scorers(serve_pool, image):
     assert np.isfinite(scores["niqe"])
 
 
+def test_the_pool_serves_the_shipped_recogniser_on_photos_and_on_tool_outputs(serve_pool, image):
+    from tir.data.recognizer import load_recognizer
+
+    noisy, _ = image
+    model = load_recognizer()
+    for after_call in (False, True, False):  # the cache keeps the two kinds of image apart
+        seen = run(serve_pool.perceive(noisy, "default", after_call=after_call))
+        expected = model.probabilities([noisy], after_call)[0]
+        assert seen["probabilities"] == pytest.approx(expected, abs=1e-6)
+        assert seen["degradations"] == model.decide(expected)
+
+
 @pytest.mark.parametrize(
     "call, kind, text",
     [

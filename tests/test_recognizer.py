@@ -10,7 +10,14 @@ import tir  # noqa: F401 - shims first
 from tir.agent.env import perception_cues
 from tir.agent.perceive import Perception
 from tir.data.degradations import NAMES, degrade_chain
-from tir.data.recognizer import DEFAULT_CHECKPOINT, MAYBE_FRACTION, RecognizerError, load_recognizer, set_scores
+from tir.data.recognizer import (
+    DEFAULT_CHECKPOINT,
+    MAYBE_FRACTION,
+    RecognizerError,
+    load_recognizer,
+    set_scores,
+    with_after_call,
+)
 from tir.data.recognizer_features import FEATURE_NAMES, FEATURES_DIGEST, NUM_FEATURES, degradation_features
 from tir.data.recognizer_train import (
     draw_combo,
@@ -85,6 +92,23 @@ def test_training_examples_are_a_function_of_seed_and_index():
     sizes = [len(draw_combo(combos, rng)) for _ in range(4000)]
     shares = np.bincount(sizes, minlength=4) / len(sizes)
     assert 0.07 < shares[0] < 0.16 and 0.35 < shares[2] < 0.55 and shares[3] < 0.3
+
+
+def test_partly_restored_examples_leave_some_degradations_and_keep_their_shards_apart(tmp_path):
+    combos = {"groupA": training_combos()["groupA"]}
+    left_over = []
+    for index in range(6):
+        degraded, combo = make_example(PHOTOS, combos, (64,), seed=5, index=index)
+        restored, left = make_example(PHOTOS, combos, (64,), seed=5, index=index, restored=True)
+        again, same = make_example(PHOTOS, combos, (64,), seed=5, index=index, restored=True)
+        assert set(left) < set(combo) and same == left and np.array_equal(again, restored)
+        assert restored.shape != degraded.shape or not np.array_equal(restored, degraded)  # a tool ran
+        left_over.append(len(left))
+    assert set(left_over) == {0, 1}  # sometimes one tool call, sometimes both
+    example_features(PHOTOS, 4, seed=0, combos=combos, sides=(64,), shard_dir=tmp_path)
+    x, y = example_features(PHOTOS, 4, seed=0, combos=combos, sides=(64,), shard_dir=tmp_path, restored=True)
+    assert len(list(tmp_path.glob("shard_*_restored_0_*.npz"))) == 1 and len(list(tmp_path.glob("*.npz"))) == 2
+    assert (y.sum(axis=1) < 2).all()  # never both of a group-A pair left
 
 
 def test_the_standard_test_sets_are_refused_as_training_photos(tmp_path):
@@ -190,12 +214,35 @@ def test_the_pool_serves_perception_and_the_env_and_baselines_use_it(small_model
         Perception("oracle")
 
 
+@pytest.mark.slow  # trains a small model on partly restored examples too (~15 s)
+def test_a_recogniser_told_which_images_are_tool_outputs_reads_them_apart(small_model, tmp_path):
+    _, _, (x, y) = small_model
+    combos = {"groupA": training_combos()["groupA"]}
+    rx, ry = example_features(PHOTOS, 120, seed=2, combos=combos, sides=(64,), restored=True)
+    model = fit(
+        np.concatenate([with_after_call(x, False), with_after_call(rx, True)]), np.concatenate([y, ry]), 0, 300, 32
+    )
+    model.after_call_input = True
+    model.save(tmp_path)
+    loaded = load_recognizer(tmp_path)
+    assert loaded.after_call_input and loaded.mean.shape == (NUM_FEATURES + 1,)
+    jpeg, _ = degrade_chain(crop(photo=2), ["jpeg"], np.random.default_rng(1))
+    before, after = (loaded.probabilities([jpeg], flag)[0] for flag in (False, True))
+    assert before != after and after == model.probabilities([jpeg], True)[0]
+    # the pool and the perception pass it on, and cache the two answers apart
+    pool, learned = LocalPool(["jpeg_deblock_dct"]), Perception("learned", str(tmp_path))
+    for flag, expected in ((False, before), (True, after), (False, before)):
+        assert asyncio.run(pool.perceive(jpeg, str(tmp_path), after_call=flag))["probabilities"] == expected
+        line = asyncio.run(learned.observe(jpeg, pool, style="guess", after_call=flag))
+        assert line == f"likely={'+'.join(loaded.decide(expected)) or 'none'}"
+
+
 @pytest.mark.skipif(
     not (DEFAULT_CHECKPOINT / "model.pt").is_file(), reason="no shipped recogniser checkpoint in this tree"
 )
 def test_the_shipped_checkpoint_loads_and_matches_this_versions_features():
     model = load_recognizer()
-    assert model.labels == NAMES and model.mean.shape == (NUM_FEATURES,)
+    assert model.labels == NAMES and model.mean.shape == (NUM_FEATURES + model.after_call_input,)
     import json
 
     card = (DEFAULT_CHECKPOINT / "README.md").read_text()

@@ -116,15 +116,17 @@ class LocalPool:
             result[name] = values[0]
         return result
 
-    async def perceive(self, image: np.ndarray, checkpoint: str = "default") -> dict:
+    async def perceive(self, image: np.ndarray, checkpoint: str = "default", after_call: bool = False) -> dict:
         """The learned recogniser's view of ``image`` (``tir.data.recognizer``):
-        ``{"probabilities": {degradation: p}, "degradations": [...]}``."""
+        ``{"probabilities": {degradation: p}, "degradations": [...]}``; ``after_call``: ``image``
+        is a tool's output, not the photo as given."""
         check_image(image)
         recognizer = get_recognizer_or_error(checkpoint)
         model = f"perception:{checkpoint}"
-        key = request_key(model, None, image) if is_deterministic(recognizer) else None
+        args = {"after_call": bool(after_call)}
+        key = request_key(model, args, image) if is_deterministic(recognizer) else None
         out = await self.cache.get_or_compute(
-            model, key, partial(self._compute, model, perceive_batch, recognizer, [image])
+            model, key, partial(self._compute, model, perceive_batch, recognizer, [image], args["after_call"])
         )
         return out[0]
 
@@ -220,10 +222,10 @@ class ServePool:
         answers = await asyncio.gather(*(self._call("score", f"metric:{m}", image, reference) for m in metrics))
         return {m: a["score"] for m, a in zip(metrics, answers)}
 
-    async def perceive(self, image: np.ndarray, checkpoint: str = "default") -> dict:
+    async def perceive(self, image: np.ndarray, checkpoint: str = "default", after_call: bool = False) -> dict:
         """The learned recogniser's view of ``image``, served (batched) by the pool: as LocalPool's."""
         check_image(image)
-        return (await self._call("perceive", f"perception:{checkpoint}", image))["perception"]
+        return (await self._call("perceive", f"perception:{checkpoint}", image, bool(after_call)))["perception"]
 
     async def available_tools(self) -> list[str]:
         return await self.handle.available_tools.remote()

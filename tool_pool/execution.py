@@ -110,12 +110,12 @@ def get_recognizer_or_error(checkpoint: str):
     return _RECOGNIZERS[checkpoint]
 
 
-def perceive_batch(recognizer, images: list[np.ndarray]) -> list[dict]:
+def perceive_batch(recognizer, images: list[np.ndarray], after_call: bool = False) -> list[dict]:
     """Per image, ``{"probabilities": {degradation: p}, "degradations": [the ones it decides on],
     "maybe": [the ones it is unsure of]}`` (one batched forward pass; the decision thresholds
-    travel in the recogniser's checkpoint)."""
+    travel in the recogniser's checkpoint). ``after_call``: the images are tool outputs."""
     try:
-        probabilities = recognizer.probabilities(images)
+        probabilities = recognizer.probabilities(images, after_call)
     except ValueError as err:
         raise PoolError("bad_image", str(err)) from None
     return [

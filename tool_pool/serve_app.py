@@ -232,7 +232,7 @@ class ToolPoolDeployment:
         key = request_key(model_id, None, image, read) if is_deterministic(scorer) else None
         return await self.cached(model_id, key, (model_id, image, reference, time.perf_counter(), {}), arrived)
 
-    async def perceive(self, image) -> dict:
+    async def perceive(self, image, after_call: bool = False) -> dict:
         arrived = (time.time(), time.perf_counter())
         model_id = serve.get_multiplexed_model_id()
         try:
@@ -240,8 +240,9 @@ class ToolPoolDeployment:
             check_image(image)
         except PoolError as err:
             return _error(err)
-        key = request_key(model_id, None, image) if is_deterministic(recognizer) else None
-        return await self.cached(model_id, key, (model_id, image, None, time.perf_counter(), {}), arrived)
+        args = {"after_call": bool(after_call)}  # a batch holds one kind: requests are grouped by their args
+        key = request_key(model_id, args, image) if is_deterministic(recognizer) else None
+        return await self.cached(model_id, key, (model_id, image, args, time.perf_counter(), {}), arrived)
 
     async def cached(self, model_id: str, key: tuple | None, request: tuple, arrived: tuple) -> dict:
         """The answer from this replica's cache, or from the batch ``request`` joins (stored
@@ -323,7 +324,7 @@ class ToolPoolDeployment:
             ]
             results = [{"image": out} for out in outs]
         elif model_id.startswith("perception:"):
-            results = [{"perception": p} for p in perceive_batch(model, images)]
+            results = [{"perception": p} for p in perceive_batch(model, images, **(args or {}))]
         else:
             values = score_batch(model, images, refs if all(r is not None for r in refs) else None)
             results = [{"score": value} for value in values]

@@ -78,8 +78,8 @@ def perception_cues(
             )
         return lambda image: observe(image, names, style)
 
-    async def learned(image: np.ndarray, pool) -> str:
-        return await perception.observe(image, pool, names, style)
+    async def learned(image: np.ndarray, pool, after_call: bool = False) -> str:
+        return await perception.observe(image, pool, names, style, after_call)
 
     return learned
 
@@ -183,7 +183,7 @@ class RestorationEnv:
             return self._continue(
                 Observation(prompts.error_message(f"tool {action.name!r} failed: {record['error']}")), action, record
             )
-        message = prompts.tool_message(action.name, prompts.image_size(output), await self._cues(output))
+        message = prompts.tool_message(action.name, prompts.image_size(output), await self._cues(output, True))
         return self._continue(Observation(message, output), action, record)
 
     # ------------------------------------------------------------ the baselines' path
@@ -213,7 +213,7 @@ class RestorationEnv:
         self._log("tool", call=explored[-1], image=self.image)
         if self.turns >= self.max_turns:
             return self._end("max_turns", call)
-        message = prompts.tool_message(call.name, prompts.image_size(output), await self._cues(output))
+        message = prompts.tool_message(call.name, prompts.image_size(output), await self._cues(output, True))
         return self._continue(Observation(message, output), call)
 
     def undo(self) -> None:
@@ -299,11 +299,11 @@ class RestorationEnv:
             f"{self.max_side} px a side and {self.max_pixels} pixels; the image is unchanged"
         )
 
-    async def _cues(self, image: np.ndarray):
+    async def _cues(self, image: np.ndarray, after_call: bool = False):
         if self.cues is None:
             return None
-        if inspect.iscoroutinefunction(self.cues):  # a perception the pool serves
-            return await self.cues(image, self.pool)
+        if inspect.iscoroutinefunction(self.cues):  # a perception the pool serves; it reads tool outputs apart
+            return await self.cues(image, self.pool, after_call=after_call)
         # a few ms of numpy/OpenCV: off the event loop, so other trajectories keep moving
         return await asyncio.to_thread(self.cues, image)
 

@@ -33,20 +33,28 @@ class Perception:
         checkpoint = getattr(model_cfg, "perception_model", None)
         return cls(str(getattr(model_cfg, "perception", "thresholds")), str(checkpoint) if checkpoint else "default")
 
-    async def degradations(self, image: np.ndarray, pool) -> list[str]:
-        """The degradations ``image`` shows, in ``tir.data.degradations.NAMES`` order."""
+    async def degradations(self, image: np.ndarray, pool, after_call: bool = False) -> list[str]:
+        """The degradations ``image`` shows, in ``tir.data.degradations.NAMES`` order;
+        ``after_call``: ``image`` is a tool's output (the learned recogniser reads it)."""
         if self.kind == "learned":
-            return list((await pool.perceive(image, self.checkpoint))["degradations"])
+            return list((await pool.perceive(image, self.checkpoint, after_call))["degradations"])
         return await asyncio.to_thread(_thresholds, image)
 
-    async def observe(self, image: np.ndarray, pool, names: Sequence[str] | None = None, style: str = "full") -> str:
+    async def observe(
+        self,
+        image: np.ndarray,
+        pool,
+        names: Sequence[str] | None = None,
+        style: str = "full",
+        after_call: bool = False,
+    ) -> str:
         """The cue line the policy reads beside ``image`` (``tir.data.perception.observe``), its
-        guess made by this perception."""
+        guess made by this perception; ``after_call``: ``image`` is a tool's output."""
         from tir.data.perception import observe
 
         if self.kind != "learned":
             return await asyncio.to_thread(observe, image, names, style)
-        seen = await pool.perceive(image, self.checkpoint)
+        seen = await pool.perceive(image, self.checkpoint, after_call)
         return await asyncio.to_thread(observe, image, names, style, seen["degradations"], seen["maybe"])
 
 

@@ -6,6 +6,12 @@ kind of evidence (``tir.data.recognizer_features``: noise, blur, JPEG-grid, ligh
 size statistics) and learns, from thousands of synthetic degradations of many photos, how to
 combine it: a small MLP, multi-label (one sigmoid per degradation), on standardised features.
 
+The agent perceives again after every tool call, and a tool's output is not a degraded photo: a
+denoiser's smoothing looks like defocus blur, a deblurrer's ringing like JPEG. A recogniser
+trained with partly restored examples (``tir perception train --restored``) takes one more
+input, ``after_call`` (0 for the photo as given, 1 for a tool's output), so that it reads both
+without trading one for the other.
+
 A checkpoint is one folder: ``model.pt`` (the weights, the feature standardisation, the label
 order, each label's decision threshold, the feature names it was trained on) and
 ``README.md`` (command, data, seed, held-out scores). ``tir perception train`` writes it.
@@ -53,10 +59,19 @@ def build_network(num_features: int, hidden: int, num_labels: int, dropout: floa
 class Recognizer:
     """A trained recogniser: ``probabilities(images)`` and ``degradations(image)``."""
 
-    def __init__(self, network, mean: np.ndarray, std: np.ndarray, labels: Sequence[str], thresholds: np.ndarray):
+    def __init__(
+        self,
+        network,
+        mean: np.ndarray,
+        std: np.ndarray,
+        labels: Sequence[str],
+        thresholds: np.ndarray,
+        after_call_input: bool = False,
+    ):
         self.network = network.eval()
         self.mean, self.std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
         self.labels, self.thresholds = tuple(labels), np.asarray(thresholds, np.float32)
+        self.after_call_input = after_call_input  # a last input: is the image a tool's output?
 
     def probabilities_of_features(self, features: np.ndarray) -> np.ndarray:
         """[N, labels] probabilities of a [N, features] matrix."""
@@ -66,9 +81,13 @@ class Recognizer:
         with torch.no_grad():
             return torch.sigmoid(self.network(x)).numpy()
 
-    def probabilities(self, images: Sequence[np.ndarray]) -> list[dict[str, float]]:
-        """{degradation: probability} of each RGB uint8 image."""
-        probs = self.probabilities_of_features(np.stack([degradation_features(image) for image in images]))
+    def probabilities(self, images: Sequence[np.ndarray], after_call: bool = False) -> list[dict[str, float]]:
+        """{degradation: probability} of each RGB uint8 image; ``after_call``: the images are
+        tool outputs (read only by a recogniser trained on partly restored examples)."""
+        features = np.stack([degradation_features(image) for image in images])
+        if self.after_call_input:
+            features = with_after_call(features, after_call)
+        probs = self.probabilities_of_features(features)
         return [dict(zip(self.labels, map(float, row))) for row in probs]
 
     def limits(self) -> dict[str, float]:
@@ -90,8 +109,8 @@ class Recognizer:
             if name in probabilities and MAYBE_FRACTION * limit[name] <= probabilities[name] < limit[name]
         ]
 
-    def degradations(self, image: np.ndarray) -> list[str]:
-        return self.decide(self.probabilities([image])[0])
+    def degradations(self, image: np.ndarray, after_call: bool = False) -> list[str]:
+        return self.decide(self.probabilities([image], after_call)[0])
 
     def state(self) -> dict:
         return {
@@ -102,6 +121,7 @@ class Recognizer:
             "labels": list(self.labels),
             "thresholds": self.thresholds.tolist(),
             "feature_names": list(FEATURE_NAMES),
+            "after_call_input": self.after_call_input,
         }
 
     def save(self, folder: str | os.PathLike, extra: Mapping | None = None) -> Path:
@@ -140,11 +160,22 @@ def load_recognizer(path: str | os.PathLike | None = None) -> Recognizer:
             f"{file}: trained on other features ({len(state['feature_names'])} named, this version computes "
             f"{len(FEATURE_NAMES)}); retrain it with `tir perception train`"
         )
-    network = build_network(len(FEATURE_NAMES), int(state["hidden"]), len(state["labels"]))
+    after_call_input = bool(state.get("after_call_input", False))  # False in checkpoints older than it
+    network = build_network(len(FEATURE_NAMES) + after_call_input, int(state["hidden"]), len(state["labels"]))
     network.load_state_dict(state["network"])
     return Recognizer(
-        network, np.array(state["mean"]), np.array(state["std"]), state["labels"], np.array(state["thresholds"])
+        network,
+        np.array(state["mean"]),
+        np.array(state["std"]),
+        state["labels"],
+        np.array(state["thresholds"]),
+        after_call_input,
     )
+
+
+def with_after_call(features: np.ndarray, after_call: bool) -> np.ndarray:
+    """``features`` [N, F] with the ``after_call`` input appended as a last column (0 or 1)."""
+    return np.concatenate([features, np.full((len(features), 1), float(after_call), features.dtype)], axis=1)
 
 
 # ------------------------------------------------------------------------------ scoring a recogniser

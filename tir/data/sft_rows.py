@@ -65,12 +65,12 @@ class ReplayPool:
             )
         return output
 
-    async def perceive(self, image: np.ndarray, checkpoint: str = "default") -> dict:
+    async def perceive(self, image: np.ndarray, checkpoint: str = "default", after_call: bool = False) -> dict:
         """The learned perception, computed here (a cue line shows what the policy will see)."""
         from tool_pool.execution import get_recognizer_or_error, perceive_batch
 
         recognizer = get_recognizer_or_error(checkpoint)
-        return (await asyncio.to_thread(perceive_batch, recognizer, [image]))[0]
+        return (await asyncio.to_thread(perceive_batch, recognizer, [image], after_call))[0]
 
 
 def expert_replies(tools: Sequence[str]) -> list[str]:
