@@ -183,7 +183,9 @@ class RestorationEnv:
             return self._continue(
                 Observation(prompts.error_message(f"tool {action.name!r} failed: {record['error']}")), action, record
             )
-        message = prompts.tool_message(action.name, prompts.image_size(output), await self._cues(output, True))
+        message = prompts.tool_message(
+            action.name, prompts.image_size(output), await self._cues(output, after_call=True)
+        )
         return self._continue(Observation(message, output), action, record)
 
     # ------------------------------------------------------------ the baselines' path
@@ -213,7 +215,7 @@ class RestorationEnv:
         self._log("tool", call=explored[-1], image=self.image)
         if self.turns >= self.max_turns:
             return self._end("max_turns", call)
-        message = prompts.tool_message(call.name, prompts.image_size(output), await self._cues(output, True))
+        message = prompts.tool_message(call.name, prompts.image_size(output), await self._cues(output, after_call=True))
         return self._continue(Observation(message, output), call)
 
     def undo(self) -> None:
