@@ -222,7 +222,6 @@ def test_a_recogniser_told_which_images_are_tool_outputs_reads_them_apart(small_
     model = fit(
         np.concatenate([with_after_call(x, False), with_after_call(rx, True)]), np.concatenate([y, ry]), 0, 300, 32
     )
-    model.after_call_input = True
     model.save(tmp_path)
     loaded = load_recognizer(tmp_path)
     assert loaded.after_call_input and loaded.mean.shape == (NUM_FEATURES + 1,)

@@ -123,7 +123,7 @@ class LocalPool:
         check_image(image)
         recognizer = get_recognizer_or_error(checkpoint)
         model = f"perception:{checkpoint}"
-        args = {"after_call": bool(after_call)}
+        args = {"after_call": bool(after_call) and recognizer.after_call_input}  # one answer when it is ignored
         key = request_key(model, args, image) if is_deterministic(recognizer) else None
         out = await self.cache.get_or_compute(
             model, key, partial(self._compute, model, perceive_batch, recognizer, [image], args["after_call"])

@@ -240,7 +240,8 @@ class ToolPoolDeployment:
             check_image(image)
         except PoolError as err:
             return _error(err)
-        args = {"after_call": bool(after_call)}  # a batch holds one kind: requests are grouped by their args
+        # a batch holds one kind (requests are grouped by their args); one kind when the flag is ignored
+        args = {"after_call": bool(after_call) and recognizer.after_call_input}
         key = request_key(model_id, args, image) if is_deterministic(recognizer) else None
         return await self.cached(model_id, key, (model_id, image, args, time.perf_counter(), {}), arrived)
 

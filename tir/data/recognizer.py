@@ -59,19 +59,15 @@ def build_network(num_features: int, hidden: int, num_labels: int, dropout: floa
 class Recognizer:
     """A trained recogniser: ``probabilities(images)`` and ``degradations(image)``."""
 
-    def __init__(
-        self,
-        network,
-        mean: np.ndarray,
-        std: np.ndarray,
-        labels: Sequence[str],
-        thresholds: np.ndarray,
-        after_call_input: bool = False,
-    ):
+    def __init__(self, network, mean: np.ndarray, std: np.ndarray, labels: Sequence[str], thresholds: np.ndarray):
         self.network = network.eval()
         self.mean, self.std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
         self.labels, self.thresholds = tuple(labels), np.asarray(thresholds, np.float32)
-        self.after_call_input = after_call_input  # a last input: is the image a tool's output?
+
+    @property
+    def after_call_input(self) -> bool:
+        """Whether the network reads one input past the features: is the image a tool's output?"""
+        return len(self.mean) == len(FEATURE_NAMES) + 1
 
     def probabilities_of_features(self, features: np.ndarray) -> np.ndarray:
         """[N, labels] probabilities of a [N, features] matrix."""
@@ -121,7 +117,6 @@ class Recognizer:
             "labels": list(self.labels),
             "thresholds": self.thresholds.tolist(),
             "feature_names": list(FEATURE_NAMES),
-            "after_call_input": self.after_call_input,
         }
 
     def save(self, folder: str | os.PathLike, extra: Mapping | None = None) -> Path:
@@ -160,16 +155,11 @@ def load_recognizer(path: str | os.PathLike | None = None) -> Recognizer:
             f"{file}: trained on other features ({len(state['feature_names'])} named, this version computes "
             f"{len(FEATURE_NAMES)}); retrain it with `tir perception train`"
         )
-    after_call_input = bool(state.get("after_call_input", False))  # False in checkpoints older than it
-    network = build_network(len(FEATURE_NAMES) + after_call_input, int(state["hidden"]), len(state["labels"]))
+    # the features, and an after_call input in a checkpoint trained on partly restored examples
+    network = build_network(len(state["mean"]), int(state["hidden"]), len(state["labels"]))
     network.load_state_dict(state["network"])
     return Recognizer(
-        network,
-        np.array(state["mean"]),
-        np.array(state["std"]),
-        state["labels"],
-        np.array(state["thresholds"]),
-        after_call_input,
+        network, np.array(state["mean"]), np.array(state["std"]), state["labels"], np.array(state["thresholds"])
     )
 
 

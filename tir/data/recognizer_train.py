@@ -417,7 +417,6 @@ def train_main(args: argparse.Namespace) -> int:
         val_x = np.concatenate([with_after_call(val_x, False), with_after_call(x, True)])
         val_y = np.concatenate([val_y, y])
     model = fit(features, labels, args.seed, steps=args.steps, hidden=args.hidden)
-    model.after_call_input = bool(args.restored)
     model.thresholds = tune_thresholds(model, val_x, val_y)
     sets = held_out_sets(heldout_photos, args.seed, args.heldout_crops, args.workers) if heldout_photos else {}
     if model.after_call_input:
