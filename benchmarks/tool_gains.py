@@ -7,6 +7,10 @@ super-resolution the degraded input is the LQ image upscaled x4 with bicubic int
 (as the protocol scores it), so bicubic itself gains 0.
 
     .venv/bin/python benchmarks/tool_gains.py [--size 256] [--crops 2] [--tools denoise_dct,...]
+        [--manifest tool_pool/manifests/trained.yaml]
+
+``--manifest`` adds a manifest's neural tools (the trained ones: none of these photos is among
+their training photos), each run on one torch thread.
 
 Prints a Markdown table (time = CPU time per image on one thread); about a minute of CPU.
 """
@@ -113,8 +117,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=256, help="crop side in pixels (HQ; 'lowres' makes 1/4 of it)")
     parser.add_argument("--crops", type=int, default=2, help="crops per photo (6 photos)")
     parser.add_argument("--tools", default="", help="comma-separated tool names (default: all registered)")
+    parser.add_argument("--manifest", default=None, help="also the neural tools of this manifest")
     args = parser.parse_args(argv)
     cv2.setNumThreads(1)
+    if args.manifest:
+        import torch
+
+        from tool_pool.neural import register_manifest
+
+        torch.set_num_threads(1)
+        unavailable = register_manifest(args.manifest)
+        if unavailable:
+            print(f"unavailable in {args.manifest}: {unavailable}", file=sys.stderr)
     names = [n.strip() for n in args.tools.split(",") if n.strip()] or TOOLS.names()
     crops = photo_crops(args.size, args.crops)
     rows = measure(names, crops)
