@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     from tir.config import load_recipe
 
     cfg = load_recipe(args.recipe, args.overrides)
+    check_held_out(cfg, args)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -126,6 +127,17 @@ def make_sft(cfg, pool) -> Path:
     expert = make_expert(cfg, pool, train)
     sft_cfg = OmegaConf.merge(cfg, {"model": {"path": str(policy)}, "sft": {"data_path": str(expert)}})
     return run_stage_sft(sft_cfg, out)
+
+
+def check_held_out(cfg, args) -> None:
+    """Before Ray starts: the held-out set must exist unless the quickstart's stages (run without
+    ``--sft``) are about to make it."""
+    path = Path(args.test or cfg.data.test_path)
+    if (args.test or args.sft) and not path.exists():
+        raise SystemExit(
+            f"rl_gain: no held-out test set at {path} ({'--test' if args.test else 'the recipe data.test_path'}):"
+            " pass --test, e.g. runs/quickstart/data/test.parquet, or run without --sft to make it"
+        )
 
 
 def test_sets(cfg, args) -> dict:
