@@ -13,6 +13,8 @@ combination (perfect perception) or by the perception guess (``tir.data.percepti
 rule costs in PSNR/SSIM against each sample's best-scoring schedule.
 
     .venv/bin/python benchmarks/expert_labels.py runs/quickstart/data/sft.parquet
+    .venv/bin/python benchmarks/expert_labels.py runs/ablation_neural_tools/data/sft.parquet \
+        --manifest tool_pool/manifests/trained.yaml   # an expert file with neural tools
 """
 
 from __future__ import annotations
@@ -68,7 +70,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("expert_file", help="output of `tir data expert` (needs search_candidates)")
     parser.add_argument("--heldout", default=",".join(DEFAULT_HELDOUT), help="comma-separated held-out photo ids")
     parser.add_argument("--tie-margin", type=float, default=1.0)
+    parser.add_argument("--manifest", default=None, help="the manifest of the neural tools the expert file names")
     args = parser.parse_args(argv)
+    if args.manifest:  # its tools must be registered to know their subtasks
+        from tool_pool.neural import register_manifest
+
+        register_manifest(args.manifest)
 
     batch = Batch.from_parquet(args.expert_file)
     rows = batch.select(["image_id", "combo", "lq", "search_candidates"]).rows()

@@ -228,6 +228,38 @@ def test_the_expert_is_the_samples_best_schedule_in_its_combinations_order():
     )
 
 
+def test_the_tools_rule_fixes_each_subtasks_tool_per_combination_where_the_order_rule_lets_it_flip():
+    # two samples of one combination: jpeg first wins in both, but which denoiser wins flips
+    first = [
+        candidate(["jpeg_deblock_dct", "denoise_tv"], 1.0),
+        candidate(["jpeg_deblock_dct", "denoise_dct"], 0.8),
+        candidate(["denoise_tv", "jpeg_deblock_dct"], -1.8),
+    ]
+    second = [
+        candidate(["jpeg_deblock_dct", "denoise_dct"], 1.2),
+        candidate(["jpeg_deblock_dct", "denoise_tv"], 0.2),
+        candidate(["denoise_dct", "jpeg_deblock_dct"], -1.4),
+    ]
+    rows = [
+        {"combo": "noise+jpeg", "search_candidates": c, "sample_expert_tools": c[0]["tools"]} for c in (first, second)
+    ]
+    assert expert_rules.combination_orders(rows, SUBTASK_OF) == {"noise+jpeg": JPEG_FIRST}
+    by_order = [expert_rules.choose_expert(r, JPEG_FIRST, BY_SUBTASK, margin=0.0)[0] for r in rows]
+    assert by_order == [["jpeg_deblock_dct", "denoise_tv"], ["jpeg_deblock_dct", "denoise_dct"]]
+    # mean quality: denoise_dct (0.8 + 1.2) / 2 = 1.0 beats denoise_tv (1.0 + 0.2) / 2 = 0.6
+    schedules = expert_rules.combination_orders(rows, SUBTASK_OF, by_tools=True)
+    assert schedules == {"noise+jpeg": ["jpeg_deblock_dct", "denoise_dct"]}
+    by_tools = [
+        expert_rules.choose_expert(r, schedules["noise+jpeg"], BY_SUBTASK, margin=0.0, by_tools=True) for r in rows
+    ]
+    assert by_tools == [(["jpeg_deblock_dct", "denoise_dct"], "combination")] * 2
+    # a schedule the sample never searched: its own expert
+    assert expert_rules.choose_expert(rows[0], ["denoise_dct", "jpeg_reapply"], BY_SUBTASK, 0.0, by_tools=True) == (
+        ["jpeg_deblock_dct", "denoise_tv"],
+        "sample",
+    )
+
+
 @pytest.mark.slow  # 1-5 s on a quiet 2-core machine, 10-30 s beside other work: not in `make test-fast`
 def test_the_combination_rule_labels_every_sample_alike_with_true_images():
     samples = synthesize("builtin", "noise+jpeg", per_image=1, seed=3, crop=64, progress=False)

@@ -195,9 +195,9 @@ class SFTConfig:
     beam_width: int = 4
     # None below: the driver's default, named beside each.
     tie_margin: Optional[float] = None  # expert near ties, in TIE_TOLERANCEs (tir.data.expert: 1.0)
-    expert_rule: Optional[str] = (
-        None  # "combination" (one order of subtasks per combination) or "sample" (tir.data.expert: combination)
-    )
+    # "combination" (one order of subtasks per combination), "combination_tools" (one schedule of tools
+    # per combination) or "sample" (each sample's best); tir.data.expert: combination
+    expert_rule: Optional[str] = None
     batch_size: Optional[int] = None  # rows per SFT step (trainer.batch_size)
     data_path: Optional[str] = None  # expert trajectories (<run.output_dir>/data/sft.parquet)
     eval_samples: Optional[int] = None  # held-out rows scored each evaluation (64)

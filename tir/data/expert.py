@@ -18,6 +18,8 @@ For one training sample (a degraded LQ photo with known degradations, and its HQ
    policy can see in the photo (``benchmarks/expert_labels.py`` measures it); one order per
    combination makes the labels a function of what the policy can perceive, at a measured cost
    in score against the per-sample best (``sample_expert_tools`` keeps that schedule).
+   ``combination_tools``: one schedule of tools per combination, chosen the same way (with
+   several tools per subtask, which tool wins flips from crop to crop too).
 3. Perturb (the paper's exploration-keeping trick). With the recipe's probabilities, the
    expert's steps are reordered and/or a step's tool is swapped for another tool of the same
    subtask. The perturbed schedule is executed for real, so every image of the trajectory is
@@ -74,7 +76,7 @@ EXPERT_KINDS = {
     "sample_expert_tools": "auto",
     "sample_expert_scores": "json",
 }
-EXPERT_RULES = ("combination", "sample")
+EXPERT_RULES = ("combination", "combination_tools", "sample")
 NOT_PERTURBED = {"reordered": False, "swapped": []}
 
 
@@ -85,9 +87,9 @@ class ExpertSettings:
     beam_width: int = 4
     exhaustive_up_to: int = 2  # degradations searched exhaustively; more use the beam
     tie_margin: float = 1.0  # schedules within this many TIE_TOLERANCEs of the best, on every metric, tie
-    expert_rule: str = (
-        "combination"  # "combination": one order of subtasks per combination; "sample": each sample's best
-    )
+    # "combination": one order of subtasks per combination; "combination_tools": one schedule of tools
+    # per combination (the same with one tool per subtask); "sample": each sample's best
+    expert_rule: str = "combination"
     perturb: bool = True
     reorder_prob: float = 0.3
     swap_tool_prob: float = 0.3
@@ -390,10 +392,11 @@ async def trajectory_batch(
     """Every searched row's expert (by ``settings.expert_rule``) and trajectory (``trajectory_row``)."""
     rows, slots = searched.rows(), asyncio.Semaphore(concurrency)
     subtask_of = {tool: s for s, names in tools_by_subtask.items() for tool in names}
-    orders = combination_orders(rows, subtask_of) if settings.expert_rule == "combination" else {}
+    by_tools = settings.expert_rule == "combination_tools"
+    orders = combination_orders(rows, subtask_of, by_tools) if settings.expert_rule != "sample" else {}
 
     async def one(row):
-        tools, rule = choose_expert(row, orders.get(row["combo"]), tools_by_subtask, settings.tie_margin)
+        tools, rule = choose_expert(row, orders.get(row["combo"]), tools_by_subtask, settings.tie_margin, by_tools)
         async with slots:
             out = await trajectory_row(pool, row, tools, rule, tools_by_subtask, settings)
         if progress is not None:

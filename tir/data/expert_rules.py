@@ -3,7 +3,10 @@
 ``sample`` rule: the sample's own best schedule, near ties (``ties`` within ``tie_margin``) broken
 toward the conventional order and tools (``pick_expert``). ``combination`` rule: one order of
 subtasks per combination (``combination_orders``), then the sample's best tools in that order
-(``choose_expert``). Perturbation (``perturb_tools``) reorders steps or swaps a step's tool.
+(``choose_expert``). ``combination_tools`` rule: one schedule of tools per combination, which is
+the same as ``combination`` with one tool per subtask; with several, which tool of a subtask wins
+also flips from crop to crop, so fixing it makes the labels learnable again. Perturbation
+(``perturb_tools``) reorders steps or swaps a step's tool.
 """
 
 from __future__ import annotations
@@ -131,18 +134,21 @@ def subtask_order(tools: Sequence[str], subtask_of: Mapping[str, str]) -> tuple[
     return tuple(subtask_of[tool] for tool in tools)
 
 
-def combination_orders(rows: Sequence[Mapping], subtask_of: Mapping[str, str]) -> dict[str, list[str]]:
+def combination_orders(
+    rows: Sequence[Mapping], subtask_of: Mapping[str, str], by_tools: bool = False
+) -> dict[str, list[str]]:
     """{combination: its order of subtasks}: the order whose best schedule has the highest mean
     quality over the combination's searched rows (quality is standardised within each sample,
     so every sample weighs the same). An order the beam pruned in a sample counts as that
-    sample's worst candidate. Equal means go to the order prior."""
+    sample's worst candidate. Equal means go to the order prior. ``by_tools``: {combination:
+    its schedule of tools}, chosen the same way among schedules instead of orders."""
     per_row: dict[
         str, list[tuple[dict[tuple, float], float]]
     ] = {}  # combo -> [(best quality per order, worst quality)]
     for row in rows:
         best: dict[tuple, float] = {}
         for candidate in row["search_candidates"]:
-            order = subtask_order(candidate["tools"], subtask_of)
+            order = tuple(candidate["tools"]) if by_tools else subtask_order(candidate["tools"], subtask_of)
             best[order] = max(best.get(order, -math.inf), float(candidate["quality"]))
         per_row.setdefault(row["combo"], []).append((best, min(float(c["quality"]) for c in row["search_candidates"])))
     orders = {}
@@ -150,20 +156,28 @@ def combination_orders(rows: Sequence[Mapping], subtask_of: Mapping[str, str]) -
         seen = list(dict.fromkeys(order for best, _ in bests for order in best))
         mean = {order: np.mean([best.get(order, worst) for best, worst in bests]) for order in seen}
         # rounded: means equal up to float noise are a tie, which the order prior breaks
-        orders[combo] = list(min(seen, key=lambda order: (-round(float(mean[order]), 9), departs_from_prior(order))))
+        subtasks = (lambda order: subtask_order(order, subtask_of)) if by_tools else (lambda order: order)
+        orders[combo] = list(
+            min(seen, key=lambda order: (-round(float(mean[order]), 9), departs_from_prior(subtasks(order))))
+        )
     return orders
 
 
 def choose_expert(
-    row: Mapping, order: Sequence[str] | None, tools_by_subtask: Mapping[str, Sequence[str]], margin: float
+    row: Mapping,
+    order: Sequence[str] | None,
+    tools_by_subtask: Mapping[str, Sequence[str]],
+    margin: float,
+    by_tools: bool = False,
 ) -> tuple[list[str], str]:
     """(the expert's tools, the rule that chose them): the best candidate in ``order``
-    (``pick_expert`` among them), or, with no order or none of its candidates searched, the
-    sample's own expert."""
+    (``pick_expert`` among them; ``by_tools``: ``order`` is a schedule of tools, the candidate
+    itself), or, with no order or none of its candidates searched, the sample's own expert."""
     subtask_of = {tool: s for s, names in tools_by_subtask.items() for tool in names}
+    key = (lambda tools: list(tools)) if by_tools else (lambda tools: list(subtask_order(tools, subtask_of)))
     if order is not None:
         ranked = sorted(
-            (c for c in row["search_candidates"] if list(subtask_order(c["tools"], subtask_of)) == list(order)),
+            (c for c in row["search_candidates"] if key(c["tools"]) == list(order)),
             key=lambda c: -c["quality"],
         )
         if ranked:
