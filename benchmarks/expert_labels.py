@@ -6,7 +6,8 @@ script measures that ceiling on held-out photos from a `tir data expert` file (w
 scored schedule in ``search_candidates``), for both expert rules:
 
 - ``sample``: each sample's own best schedule (near ties to the conventional one);
-- ``combination``: one order of subtasks per combination (``tir.data.expert_rules.combination_orders``).
+- ``combination``: one order of subtasks per combination (``tir.data.expert_rules.combination_orders``);
+- ``combination_tools``: one schedule of tools per combination (the same with one tool per subtask).
 
 For each rule: the accuracy of a lookup table learned on the training photos, keyed by the true
 combination (perfect perception) or by the perception guess (``tir.data.perception``), and what the
@@ -47,9 +48,13 @@ def labels_by_rule(rows: list[dict], tie_margin: float) -> dict[str, list[list[s
         schedules = [expert.Schedule(tuple(c["tools"]), (), None, c["scores"], c["quality"]) for c in ranked]
         sample.append(list(expert.pick_expert(schedules, tools_by_subtask, tie_margin).tools))
     searched = [{**r, "sample_expert_tools": tools} for r, tools in zip(rows, sample)]
-    orders = expert.combination_orders(searched, subtask_of)
-    combination = [expert.choose_expert(r, orders[r["combo"]], tools_by_subtask, tie_margin)[0] for r in searched]
-    return {"sample": sample, "combination": combination}
+    labels = {"sample": sample}
+    for rule, by_tools in (("combination", False), ("combination_tools", True)):
+        orders = expert.combination_orders(searched, subtask_of, by_tools)
+        labels[rule] = [
+            expert.choose_expert(r, orders[r["combo"]], tools_by_subtask, tie_margin, by_tools)[0] for r in searched
+        ]
+    return labels
 
 
 def lookup_accuracy(keys: list[str], labels: list[str], train: np.ndarray) -> float:

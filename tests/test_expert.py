@@ -39,7 +39,7 @@ TOOLS = [
     "sr_lanczos",
 ]
 BY_SUBTASK = {s: sorted(t for t in TOOLS if get_tool(t).subtask == s) for s in {get_tool(t).subtask for t in TOOLS}}
-SETTINGS = expert.ExpertSettings(metrics=("psnr", "ssim"), tie_margin=0.0, perturb=False, beam_width=2)
+SETTINGS = expert.ExpertSettings(metrics=("psnr", "ssim"), tie_margin=0.0, perturb=False, beam_width=2, partial=False)
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +90,35 @@ def test_two_degradations_are_searched_exhaustively_and_the_best_schedule_wins(s
     assert best.tools == schedules[int(np.argmax(quality))] == candidates[0].tools
     assert best.quality == pytest.approx(quality.max())
     assert sorted(c.tools for c in candidates) == sorted(schedules)
+
+
+def test_partial_schedules_are_candidates_scored_with_the_complete_ones(samples):
+    pool, sample = LocalPool(TOOLS), row(samples, "noise+jpeg")
+    settings = replace(SETTINGS, partial=True)
+    best, mode, candidates, cost, inputs = search(pool, sample, settings)
+    # the 8 complete schedules, the 4 one-call prefixes and no call at all; no tool call more
+    assert (mode, len(candidates), cost.tool_calls) == ("exhaustive", 8 + 4 + 1, 4 + 8)
+    by_tools = {c.tools: c for c in candidates}
+    assert by_tools[()].scores == inputs  # doing nothing scores as the input
+    for tools in [("denoise_tv",), ("jpeg_deblock_dct",)]:
+        truth = asyncio.run(pool.score(["psnr", "ssim"], run_tools(sample["lq"], tools), sample["hq"]))
+        assert by_tools[tools].scores == pytest.approx(truth)
+    scores = [c.scores for c in candidates]
+    assert [c.quality for c in candidates] == pytest.approx(list(expert.quality(scores, inputs, settings)))
+    assert best.tools == candidates[0].tools
+    # a three-degradation beam: its scored prefixes join, nothing is scored twice
+    _, mode, candidates, cost3, _ = search(pool, row(samples, "haze+dark+noise"), settings)
+    assert mode == "beam" and {len(c.tools) for c in candidates} == {0, 1, 2, 3}
+    assert cost3.score_calls == 1 + 6 + 2 * 4 + 2 * 2  # input, depth 1, depth 2, complete
+
+
+def test_a_near_tie_between_a_schedule_and_its_prefix_goes_to_fewer_calls():
+    def schedule(tools, quality, psnr):
+        return expert.Schedule(tuple(tools), (), np.zeros((1, 1, 3), np.uint8), {"psnr": psnr}, quality)
+
+    ranked = [schedule(["jpeg_deblock_dct", "denoise_tv"], 1.0, 25.1), schedule(["jpeg_deblock_dct"], 0.9, 25.0)]
+    assert expert_rules.pick_expert(ranked, BY_SUBTASK, margin=0.0).tools == ("jpeg_deblock_dct", "denoise_tv")
+    assert expert_rules.pick_expert(ranked, BY_SUBTASK, margin=1.0).tools == ("jpeg_deblock_dct",)
 
 
 def test_expert_images_are_the_true_outputs_of_its_calls(samples):
@@ -263,7 +292,7 @@ def test_the_tools_rule_fixes_each_subtasks_tool_per_combination_where_the_order
 @pytest.mark.slow  # 1-5 s on a quiet 2-core machine, 10-30 s beside other work: not in `make test-fast`
 def test_the_combination_rule_labels_every_sample_alike_with_true_images():
     samples = synthesize("builtin", "noise+jpeg", per_image=1, seed=3, crop=64, progress=False)
-    settings = expert.ExpertSettings(metrics=("psnr", "ssim"), tie_margin=0.0, perturb=False)
+    settings = expert.ExpertSettings(metrics=("psnr", "ssim"), tie_margin=0.0, perturb=False, partial=False)
     batch = asyncio.run(expert.expert_batch(LocalPool(TOOLS), samples, settings, BY_SUBTASK))
     order = batch.meta["combination_orders"]["noise+jpeg"]
     assert {tuple(SUBTASK_OF[t] for t in tools) for tools in batch.column("expert_tools")} == {tuple(order)}
@@ -318,7 +347,9 @@ def test_perturbation_rates_follow_the_probabilities():
 
 
 def test_perturbed_rows_are_executed_for_real_and_marked(samples):
-    settings = expert.ExpertSettings(metrics=("psnr", "ssim"), perturb=True, reorder_prob=1.0, swap_tool_prob=0.0)
+    settings = expert.ExpertSettings(
+        metrics=("psnr", "ssim"), perturb=True, reorder_prob=1.0, swap_tool_prob=0.0, partial=False
+    )
     batch = asyncio.run(expert.expert_batch(LocalPool(TOOLS), samples.slice(0, 2), settings))
     for r in batch.rows():
         assert r["perturbed"] and r["perturbation"]["reordered"] and r["tools"] == r["expert_tools"][::-1]

@@ -186,6 +186,20 @@ def test_tool_choice_scores_first_call_subtask_tie_and_sequence():
     }
     assert tool_choice(episodes, SCHEMAS, tie_margin=4.0)["first_call_tie"] == 0.75  # within 1.2 dB dehaze_dcp ties too
     assert "first_call_tie" not in tool_choice(episodes.drop(["search_candidates"]), SCHEMAS)
+    # an expert that calls nothing (partial schedules): answering at once is its first move
+    answer = "<answer>done</answer>"
+    no_call = Batch.from_rows(
+        [episode([], [answer], []), episode([], [call("denoise_tv"), answer], ["denoise_tv"])],
+        kinds={"messages": "json", "tool_calls": "json", "search_candidates": "json"},
+    )
+    scores = tool_choice(no_call, SCHEMAS, tie_margin=1.0)
+    assert (scores["first_call"], scores["first_subtask"], scores["sequence"], scores["format_ok"]) == (
+        0.5,
+        0.5,
+        0.5,
+        1,
+    )
+    assert scores["first_call_tie"] == 0.5  # the empty schedule and jpeg-first's near tie: denoise_tv ties neither
 
 
 # ---------------------------------------------------------------- the driver

@@ -193,6 +193,7 @@ class SFTConfig:
     reorder_prob: float = 0.3
     swap_tool_prob: float = 0.3
     beam_width: int = 4
+    partial_schedules: bool = True  # the expert may leave a degradation untreated (tir.data.expert)
     # None below: the driver's default, named beside each.
     tie_margin: Optional[float] = None  # expert near ties, in TIE_TOLERANCEs (tir.data.expert: 1.0)
     # "combination" (one order of subtasks per combination), "combination_tools" (one schedule of tools

@@ -9,7 +9,9 @@ For one training sample (a degraded LQ photo with known degradations, and its HQ
    x tools x tools); three with a beam: after each step only the ``beam_width`` best partial
    schedules (their current image scored against HQ) are extended. Metrics are combined as the
    reward combines them: gains over the LQ input, standardised across the sample's candidates,
-   weighted (``tir.rl.reward``).
+   weighted (``tir.rl.reward``). With ``partial`` (``sft.partial_schedules``, the default) the
+   schedules that leave degradations untreated are candidates too (every prefix, and no call at
+   all), so a tool that only hurts the photo drops out of the expert's schedule.
 2. Choose the expert (``expert_rule``). ``sample``: the sample's own best schedule (near ties,
    within ``tie_margin``, go to the conventional order and tools, so that noise does not pick
    the label). ``combination`` (the default): first the order of subtasks that scores best on
@@ -85,6 +87,9 @@ class ExpertSettings:
     metrics: tuple[str, ...] = ("psnr", "ssim", "niqe")
     weights: Mapping[str, float] = field(default_factory=dict)  # empty: equal
     beam_width: int = 4
+    # also score schedules that leave degradations untreated (every prefix of every order, and no
+    # call): a tool that only hurts this photo (a deblurrer on a JPEG) is then left out
+    partial: bool = True
     exhaustive_up_to: int = 2  # degradations searched exhaustively; more use the beam
     tie_margin: float = 1.0  # schedules within this many TIE_TOLERANCEs of the best, on every metric, tie
     # "combination": one order of subtasks per combination; "combination_tools": one schedule of tools
@@ -121,6 +126,7 @@ class ExpertSettings:
             "metrics": tuple(cfg.reward.metrics),
             "weights": dict(cfg.reward.weights),
             "beam_width": cfg.sft.beam_width,
+            "partial": bool(OmegaConf.select(cfg, "sft.partial_schedules", default=cls.partial)),
             "perturb": cfg.sft.perturb,
             "reorder_prob": cfg.sft.reorder_prob,
             "swap_tool_prob": cfg.sft.swap_tool_prob,
@@ -226,8 +232,8 @@ async def search_expert(
     input_scores: Mapping,
 ) -> tuple[Schedule, list[Schedule], str]:
     """The expert schedule for this sample (``pick_expert``), every complete schedule scored
-    (best first), and the search mode ("exhaustive" or "beam"). Partial schedules share their
-    prefix's executions."""
+    (best first; with ``settings.partial`` every prefix too, and the empty schedule), and the
+    search mode ("exhaustive" or "beam"). Partial schedules share their prefix's executions."""
     subtasks = needed_subtasks(degradations)
     missing = [s for s in subtasks if not tools_by_subtask.get(s)]
     if missing:
@@ -235,7 +241,10 @@ async def search_expert(
     subtask_of = {tool: s for s, tools in tools_by_subtask.items() for tool in tools}
     exhaustive = len(subtasks) <= settings.exhaustive_up_to
     frontier = [Schedule((), (), lq)]
+    prefixes: list[Schedule] = []  # with settings.partial: the shorter schedules, candidates too
     for depth in range(len(subtasks)):
+        if settings.partial:
+            prefixes += frontier
         moves = [
             (schedule, tool)
             for schedule in frontier
@@ -248,13 +257,13 @@ async def search_expert(
         if not frontier:
             raise RuntimeError(f"every schedule failed at step {depth + 1} (subtasks {subtasks})")
         last = depth == len(subtasks) - 1
-        if last or not exhaustive:  # exhaustive search scores complete schedules only
-            frontier = await best_first(pool, frontier, hq, input_scores, settings, cost)
-            if not last:
-                frontier = frontier[: settings.beam_width]
+        if not last and not exhaustive:  # the beam keeps the best partial schedules
+            frontier = (await best_first(pool, frontier, hq, input_scores, settings, cost))[: settings.beam_width]
+    # every candidate is ranked in one set: quality is standardised among the candidates
+    candidates = await best_first(pool, prefixes + frontier, hq, input_scores, settings, cost)
     return (
-        pick_expert(frontier, tools_by_subtask, settings.tie_margin),
-        frontier,
+        pick_expert(candidates, tools_by_subtask, settings.tie_margin),
+        candidates,
         "exhaustive" if exhaustive else "beam",
     )
 
@@ -262,8 +271,17 @@ async def search_expert(
 async def best_first(
     pool, schedules: list[Schedule], hq: np.ndarray, input_scores: Mapping, settings: ExpertSettings, cost: Cost
 ) -> list[Schedule]:
-    """``schedules`` scored against HQ and sorted best first (ties: the order they came in)."""
-    scores = await bounded_gather(score(pool, s.image, hq, settings.metrics, cost) for s in schedules)
+    """``schedules`` scored against HQ and sorted best first (ties: the order they came in). The
+    empty schedule's scores are the input's, and a schedule scored before is not scored again."""
+
+    async def scores_of(schedule: Schedule) -> dict[str, float]:
+        if schedule.scores is not None:
+            return schedule.scores
+        if not schedule.tools:
+            return dict(input_scores)
+        return await score(pool, schedule.image, hq, settings.metrics, cost)
+
+    scores = await bounded_gather(scores_of(s) for s in schedules)
     for schedule, values, value in zip(schedules, scores, quality(scores, input_scores, settings)):
         schedule.scores, schedule.quality = values, float(value)
     return sorted(schedules, key=lambda s: -s.quality)

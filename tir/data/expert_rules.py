@@ -51,10 +51,10 @@ TIE_TOLERANCE = {
 def pick_expert(ranked: Sequence[Schedule], tools_by_subtask: Mapping[str, Sequence[str]], margin: float) -> Schedule:
     """The best schedule, except that near ties (``ties`` the best within ``margin``) go to the
     conventional schedule: the order prior of the training-free agents first, then each
-    subtask's usual tool. Near ties are measurement noise; breaking them the same way every time
-    keeps the expert's choices learnable (with margin 0: the plain best)."""
+    subtask's usual tool, then fewer calls. Near ties are measurement noise; breaking them the same
+    way every time keeps the expert's choices learnable (with margin 0: the plain best)."""
     near = [s for s in ranked if ties(s.scores, ranked[0].scores, margin)]
-    return min(near, key=lambda s: (*unconventional(s.tools, tools_by_subtask), -s.quality))
+    return min(near, key=lambda s: (*unconventional(s.tools, tools_by_subtask), len(s.tools), -s.quality))
 
 
 def ties(scores: Mapping[str, float], best: Mapping[str, float], margin: float) -> bool:
@@ -140,7 +140,7 @@ def combination_orders(
     """{combination: its order of subtasks}: the order whose best schedule has the highest mean
     quality over the combination's searched rows (quality is standardised within each sample,
     so every sample weighs the same). An order the beam pruned in a sample counts as that
-    sample's worst candidate. Equal means go to the order prior. ``by_tools``: {combination:
+    sample's worst candidate. Equal means go to the order prior, then to fewer calls. ``by_tools``: {combination:
     its schedule of tools}, chosen the same way among schedules instead of orders."""
     per_row: dict[
         str, list[tuple[dict[tuple, float], float]]
@@ -158,7 +158,9 @@ def combination_orders(
         # rounded: means equal up to float noise are a tie, which the order prior breaks
         subtasks = (lambda order: subtask_order(order, subtask_of)) if by_tools else (lambda order: order)
         orders[combo] = list(
-            min(seen, key=lambda order: (-round(float(mean[order]), 9), departs_from_prior(subtasks(order))))
+            min(
+                seen, key=lambda order: (-round(float(mean[order]), 9), departs_from_prior(subtasks(order)), len(order))
+            )
         )
     return orders
 

@@ -4,7 +4,8 @@ The policy plays each held-out sample greedily through the agent loop, with real
 pool (so its later turns see the images its own earlier calls produced), and is compared with
 the expert's schedule (``expert_tools``, never perturbed):
 
-- ``first_call``: the first reply is a well-formed call of the expert's first tool;
+- ``first_call``: the first reply is a well-formed call of the expert's first tool (or the answer,
+  where the expert calls nothing);
 - ``first_subtask``: ... of a tool of the same subtask (the right kind of fix, any tool);
 - ``first_call_tie``: ... of the first tool of a schedule the expert search scored as a tie of
   the sample's own best (``tir.data.expert_rules.ties`` within ``tie_margin``, on ``search_candidates``): a
@@ -40,7 +41,9 @@ def tool_choice(episodes: Batch, schemas: Sequence[Mapping], tie_margin: float =
     ``tool_calls`` and ``format_errors`` (a rollout of expert rows)."""
     from tool_pool.tools import get_tool
 
-    def subtask(name: str) -> str | None:
+    def subtask(name: str | None) -> str | None:
+        if name is None:  # answering without a call
+            return "answer"
         try:
             return get_tool(name).subtask
         except KeyError:
@@ -59,23 +62,27 @@ def tool_choice(episodes: Batch, schemas: Sequence[Mapping], tie_margin: float =
     for index, (expert, messages, calls, format_errors) in enumerate(rows):
         action = first_action(messages, schemas)
         called = [call["name"] for call in calls if call["committed"]]
-        is_call = isinstance(action, prompts.ToolCall)
-        counts["format_ok"] += isinstance(action, (prompts.ToolCall, prompts.Stop))
-        counts["first_call"] += is_call and action.name == expert[0]
-        counts["first_subtask"] += is_call and subtask(action.name) == subtask(expert[0])
+        well_formed = isinstance(action, (prompts.ToolCall, prompts.Stop))
+        # the first move: a tool's name, or None for answering at once (an expert with no call)
+        move = action.name if isinstance(action, prompts.ToolCall) else None
+        expert_move = expert[0] if len(expert) else None
+        counts["format_ok"] += well_formed
+        counts["first_call"] += well_formed and move == expert_move
+        counts["first_subtask"] += well_formed and subtask(move) == subtask(expert_move)
         counts["sequence"] += called == list(expert) and format_errors == 0
         if ties is not None:
-            counts["first_call_tie"] += is_call and action.name in tied_first_tools(ties[index], tie_margin)
+            counts["first_call_tie"] += well_formed and move in tied_first_tools(ties[index], tie_margin)
     total = max(1, len(episodes))
     return {name: value / total for name, value in counts.items()} | {"samples": len(episodes)}
 
 
 def tied_first_tools(candidates: Sequence[Mapping], tie_margin: float) -> set[str]:
-    """First tools of the scored schedules that tie the best one (``tir.data.expert_rules.ties``)."""
+    """First tools of the scored schedules that tie the best one (``tir.data.expert_rules.ties``);
+    None for the schedule with no call."""
     from tir.data.expert_rules import ties
 
     best = max(candidates, key=lambda c: c["quality"])
-    return {c["tools"][0] for c in candidates if ties(c["scores"], best["scores"], tie_margin)}
+    return {c["tools"][0] if c["tools"] else None for c in candidates if ties(c["scores"], best["scores"], tie_margin)}
 
 
 async def evaluate_tool_choice(
