@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print("|---|---|---|---|---|")
     for rule, tools in labels_by_rule(rows, args.tie_margin).items():
-        firsts = [t[0] for t in tools]
+        firsts = [t[0] if t else "answer" for t in tools]  # an expert with no call answers at once
         chosen = [next(c for c in r["search_candidates"] if c["tools"] == t) for r, t in zip(rows, tools)]
         cost = {
             m: np.mean([c["scores"].get(m, np.nan) - b["scores"].get(m, np.nan) for c, b in zip(chosen, best)])

@@ -50,10 +50,11 @@ from tir.data.expert_rules import (
     combination_orders,
     perturb_tools,
     pick_expert,
+    quality,
     sample_generator,
 )
 from tir.protocol import Batch
-from tir.rl.reward import LOWER_BETTER, metric_gains, normalize_gains
+from tir.rl.reward import LOWER_BETTER
 from tool_pool.client import score_against
 from tool_pool.execution import PoolError
 
@@ -191,26 +192,6 @@ async def score(pool, image: np.ndarray, hq: np.ndarray, metrics: Sequence[str],
     return await score_against(pool, metrics, image, hq)
 
 
-def quality(candidate_scores: Sequence[Mapping], input_scores: Mapping, settings: ExpertSettings) -> np.ndarray:
-    """One number per candidate, as the reward combines metrics: gains over the input,
-    standardised across the candidates, weighted. A candidate a metric could not score gets
-    that metric's worst gain among the others (breaking a metric is no merit)."""
-    metrics = [m for m in settings.metrics if m in input_scores and any(m in s for s in candidate_scores)]
-    if not metrics:
-        raise ValueError(f"no metric of {list(settings.metrics)} could score this sample")
-    gains = np.full((len(candidate_scores), len(metrics)), np.nan)
-    for i, scores in enumerate(candidate_scores):
-        present = [m for m in metrics if m in scores]
-        row = metric_gains([{m: scores[m] for m in present}], [input_scores], present, LOWER_BETTER)[0]
-        gains[i, [metrics.index(m) for m in present]] = row
-    gains = np.where(np.isnan(gains), np.nanmin(gains, axis=0, keepdims=True), gains)
-    normalized = normalize_gains(gains, group_size=len(candidate_scores))
-    weights = np.array([float(settings.weights.get(m, 0.0)) if settings.weights else 1.0 for m in metrics])
-    if weights.sum() <= 0:  # the weighted metrics all failed on this sample: the rest count equally
-        weights = np.ones(len(metrics))
-    return normalized @ (weights / weights.sum())
-
-
 # ---------------------------------------------------------------- the search
 
 
@@ -285,12 +266,6 @@ async def best_first(
     for schedule, values, value in zip(schedules, scores, quality(scores, input_scores, settings)):
         schedule.scores, schedule.quality = values, float(value)
     return sorted(schedules, key=lambda s: -s.quality)
-
-
-# ---------------------------------------------------------------- perturbation
-
-
-# ---------------------------------------------------------------- one expert per combination
 
 
 # ---------------------------------------------------------------- one sample, many samples

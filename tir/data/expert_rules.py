@@ -1,4 +1,4 @@
-"""Which searched schedule becomes the expert, and how it is perturbed.
+"""Which searched schedule becomes the expert (``quality`` ranks them), and how it is perturbed.
 
 ``sample`` rule: the sample's own best schedule, near ties (``ties`` within ``tie_margin``) broken
 toward the conventional order and tools (``pick_expert``). ``combination`` rule: one order of
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from tir.data.degradations import SUBTASK_FOR_DEGRADATION, stable_hash
-from tir.rl.reward import LOWER_BETTER
+from tir.rl.reward import LOWER_BETTER, metric_gains, normalize_gains
 
 
 @dataclass
@@ -46,6 +46,27 @@ TIE_TOLERANCE = {
     "niqe": 0.3,
     "piqe": 2.0,
 }
+
+
+def quality(candidate_scores: Sequence[Mapping], input_scores: Mapping, settings) -> np.ndarray:
+    """One number per candidate, as the reward combines metrics: gains over the input,
+    standardised across the candidates, weighted. A candidate a metric could not score gets
+    that metric's worst gain among the others (breaking a metric is no merit). ``settings``: the
+    search's ``tir.data.expert.ExpertSettings`` (its metrics and weights)."""
+    metrics = [m for m in settings.metrics if m in input_scores and any(m in s for s in candidate_scores)]
+    if not metrics:
+        raise ValueError(f"no metric of {list(settings.metrics)} could score this sample")
+    gains = np.full((len(candidate_scores), len(metrics)), np.nan)
+    for i, scores in enumerate(candidate_scores):
+        present = [m for m in metrics if m in scores]
+        row = metric_gains([{m: scores[m] for m in present}], [input_scores], present, LOWER_BETTER)[0]
+        gains[i, [metrics.index(m) for m in present]] = row
+    gains = np.where(np.isnan(gains), np.nanmin(gains, axis=0, keepdims=True), gains)
+    normalized = normalize_gains(gains, group_size=len(candidate_scores))
+    weights = np.array([float(settings.weights.get(m, 0.0)) if settings.weights else 1.0 for m in metrics])
+    if weights.sum() <= 0:  # the weighted metrics all failed on this sample: the rest count equally
+        weights = np.ones(len(metrics))
+    return normalized @ (weights / weights.sum())
 
 
 def pick_expert(ranked: Sequence[Schedule], tools_by_subtask: Mapping[str, Sequence[str]], margin: float) -> Schedule:
