@@ -432,9 +432,3 @@ def settings_dict(settings: ExpertSettings) -> dict:
     out = asdict(settings)
     out["metrics"], out["weights"] = list(settings.metrics), dict(settings.weights)
     return out
-
-
-# ---------------------------------------------------------------- resumable runs: shards
-
-
-# ---------------------------------------------------------------- CLI: tir data expert
