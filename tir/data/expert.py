@@ -127,7 +127,7 @@ class ExpertSettings:
             "metrics": tuple(cfg.reward.metrics),
             "weights": dict(cfg.reward.weights),
             "beam_width": cfg.sft.beam_width,
-            "partial": bool(OmegaConf.select(cfg, "sft.partial_schedules", default=cls.partial)),
+            "partial": cfg.sft.partial_schedules,
             "perturb": cfg.sft.perturb,
             "reorder_prob": cfg.sft.reorder_prob,
             "swap_tool_prob": cfg.sft.swap_tool_prob,
@@ -213,8 +213,9 @@ async def search_expert(
     input_scores: Mapping,
 ) -> tuple[Schedule, list[Schedule], str]:
     """The expert schedule for this sample (``pick_expert``), every complete schedule scored
-    (best first; with ``settings.partial`` every prefix too, and the empty schedule), and the
-    search mode ("exhaustive" or "beam"). Partial schedules share their prefix's executions."""
+    (best first; with ``settings.partial`` every prefix the search kept too, and the empty
+    schedule), and the search mode ("exhaustive" or "beam"). Partial schedules share their
+    prefix's executions."""
     subtasks = needed_subtasks(degradations)
     missing = [s for s in subtasks if not tools_by_subtask.get(s)]
     if missing:

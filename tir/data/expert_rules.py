@@ -155,6 +155,11 @@ def subtask_order(tools: Sequence[str], subtask_of: Mapping[str, str]) -> tuple[
     return tuple(subtask_of[tool] for tool in tools)
 
 
+def rule_key(tools: Sequence[str], subtask_of: Mapping[str, str], by_tools: bool) -> tuple[str, ...]:
+    """What one label per combination fixes: the schedule of tools (``by_tools``) or its order of subtasks."""
+    return tuple(tools) if by_tools else subtask_order(tools, subtask_of)
+
+
 def combination_orders(
     rows: Sequence[Mapping], subtask_of: Mapping[str, str], by_tools: bool = False
 ) -> dict[str, list[str]]:
@@ -169,7 +174,7 @@ def combination_orders(
     for row in rows:
         best: dict[tuple, float] = {}
         for candidate in row["search_candidates"]:
-            order = tuple(candidate["tools"]) if by_tools else subtask_order(candidate["tools"], subtask_of)
+            order = rule_key(candidate["tools"], subtask_of, by_tools)
             best[order] = max(best.get(order, -math.inf), float(candidate["quality"]))
         per_row.setdefault(row["combo"], []).append((best, min(float(c["quality"]) for c in row["search_candidates"])))
     orders = {}
@@ -197,10 +202,9 @@ def choose_expert(
     (``pick_expert`` among them; ``by_tools``: ``order`` is a schedule of tools, the candidate
     itself), or, with no order or none of its candidates searched, the sample's own expert."""
     subtask_of = {tool: s for s, names in tools_by_subtask.items() for tool in names}
-    key = (lambda tools: list(tools)) if by_tools else (lambda tools: list(subtask_order(tools, subtask_of)))
     if order is not None:
         ranked = sorted(
-            (c for c in row["search_candidates"] if key(c["tools"]) == list(order)),
+            (c for c in row["search_candidates"] if rule_key(c["tools"], subtask_of, by_tools) == tuple(order)),
             key=lambda c: -c["quality"],
         )
         if ranked:
