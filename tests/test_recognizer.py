@@ -171,6 +171,23 @@ def test_a_checkpoint_round_trips_and_bad_ones_fail_naming_the_file(small_model,
         load_recognizer(tmp_path / "missing")
 
 
+
+@pytest.mark.slow  # trains two small models (~10 s)
+def test_an_ensemble_averages_its_members_logits_and_round_trips(small_model, tmp_path):
+    import torch
+
+    _, model, (x, y) = small_model
+    ensemble = fit(x, y, seed=0, steps=300, hidden=32, members=2)
+    other = fit(x, y, seed=1, steps=300, hidden=32)
+    # member 0 is the single model of seed 0, member 1 the one of seed 1: the mean of their logits
+    logit = lambda p: torch.logit(torch.from_numpy(p).double(), eps=1e-12)  # noqa: E731
+    mean = (logit(model.probabilities_of_features(x[:30])) + logit(other.probabilities_of_features(x[:30]))) / 2
+    assert np.allclose(ensemble.probabilities_of_features(x[:30]), torch.sigmoid(mean).numpy(), atol=1e-5)
+    ensemble.save(tmp_path)
+    loaded = load_recognizer(tmp_path)
+    assert len(loaded.network.members) == 2
+    assert np.allclose(loaded.probabilities_of_features(x[:30]), ensemble.probabilities_of_features(x[:30]))
+
 @pytest.mark.slow  # trains a small model (~10 s; several times that on a busy machine)
 def test_the_small_model_learns_what_is_easy(small_model):
     _, model, _ = small_model

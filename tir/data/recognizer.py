@@ -5,6 +5,9 @@ photos and name the exact set in about 4 of 10 crops of other photos. This model
 kind of evidence (``tir.data.recognizer_features``: noise, blur, JPEG-grid, light, haze, rain and
 size statistics) and learns, from thousands of synthetic degradations of many photos, how to
 combine it: a small MLP, multi-label (one sigmoid per degradation), on standardised features.
+``tir perception train --members K`` trains K such MLPs from consecutive seeds on the same
+examples and averages their logits (``Ensemble``): on photos unlike the training photos part of
+one MLP's error is its own initialisation's, and the mean is steadier.
 
 The agent perceives again after every tool call, and a tool's output is not a degraded photo: a
 denoiser's smoothing looks like defocus blur, a deblurrer's ringing like JPEG. A recogniser
@@ -19,6 +22,7 @@ order, each label's decision threshold, the feature names it was trained on) and
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -41,19 +45,52 @@ class RecognizerError(ValueError):
     """A recogniser checkpoint that cannot be used (the message names the file and why)."""
 
 
-def build_network(num_features: int, hidden: int, num_labels: int, dropout: float = 0.1):
-    """Standardised features -> two GELU layers -> one logit per degradation."""
+def build_network(num_features: int, hidden: int, num_labels: int, dropout: float = 0.1, members: int = 1):
+    """Standardised features -> two GELU layers -> one logit per degradation; with ``members`` > 1,
+    that many such MLPs whose logits are averaged (``Ensemble``)."""
     import torch
 
-    return torch.nn.Sequential(
-        torch.nn.Linear(num_features, hidden),
-        torch.nn.GELU(),
-        torch.nn.Dropout(dropout),
-        torch.nn.Linear(hidden, hidden),
-        torch.nn.GELU(),
-        torch.nn.Dropout(dropout),
-        torch.nn.Linear(hidden, num_labels),
-    )
+    def mlp():
+        return torch.nn.Sequential(
+            torch.nn.Linear(num_features, hidden),
+            torch.nn.GELU(),
+            torch.nn.Dropout(dropout),
+            torch.nn.Linear(hidden, hidden),
+            torch.nn.GELU(),
+            torch.nn.Dropout(dropout),
+            torch.nn.Linear(hidden, num_labels),
+        )
+
+    return mlp() if members == 1 else Ensemble([mlp() for _ in range(members)])
+
+
+@functools.cache
+def _ensemble_class():
+    import torch
+
+    class Ensemble(torch.nn.Module):
+        """MLPs trained from different seeds on the same examples; their mean logit. One MLP's
+        errors on photos unlike the training photos are partly its own initialisation's, so the
+        mean is steadier than any member (measured in the shipped model's card)."""
+
+        def __init__(self, members):
+            super().__init__()
+            self.members = torch.nn.ModuleList(members)
+
+        def forward(self, x):
+            return torch.stack([member(x) for member in self.members]).mean(dim=0)
+
+    return Ensemble
+
+
+def Ensemble(members):  # noqa: N802 - a class, built on first use so that importing this module needs no torch
+    return _ensemble_class()(members)
+
+
+def network_shape(network) -> tuple[int, int]:
+    """(hidden width, members) of a ``build_network`` network."""
+    members = list(getattr(network, "members", [network]))
+    return int(members[0][0].out_features), len(members)
 
 
 class Recognizer:
@@ -111,7 +148,8 @@ class Recognizer:
     def state(self) -> dict:
         return {
             "network": self.network.state_dict(),
-            "hidden": int(self.network[0].out_features),
+            "hidden": network_shape(self.network)[0],
+            "members": network_shape(self.network)[1],
             "mean": self.mean.tolist(),
             "std": self.std.tolist(),
             "labels": list(self.labels),
@@ -156,7 +194,8 @@ def load_recognizer(path: str | os.PathLike | None = None) -> Recognizer:
             f"{len(FEATURE_NAMES)}); retrain it with `tir perception train`"
         )
     # the features, and an after_call input in a checkpoint trained on partly restored examples
-    network = build_network(len(state["mean"]), int(state["hidden"]), len(state["labels"]))
+    members = int(state.get("members", 1))  # checkpoints before ensembles hold one MLP
+    network = build_network(len(state["mean"]), int(state["hidden"]), len(state["labels"]), members=members)
     network.load_state_dict(state["network"])
     return Recognizer(
         network, np.array(state["mean"]), np.array(state["std"]), state["labels"], np.array(state["thresholds"])

@@ -33,7 +33,8 @@ from pathlib import Path
 import numpy as np
 
 from tir.data.degradations import COMBINATIONS, NAMES, SUBTASK_FOR_DEGRADATION, degrade_chain
-from tir.data.recognizer import Recognizer, RecognizerError, build_network, set_scores, with_after_call
+from tir.data.recognizer import Ensemble, Recognizer, RecognizerError, build_network, set_scores, with_after_call
+from tir.data.recognizer_card import model_card
 from tir.data.recognizer_features import FEATURES_DIGEST, NUM_FEATURES, degradation_features
 
 # The field's standard test sets: evaluation only, never training data.
@@ -177,21 +178,32 @@ def fit(
     hidden: int = 128,
     lr: float = 3e-3,
     batch: int = 256,
+    members: int = 1,
 ):
-    """The MLP on standardised features (AdamW, one-cycle LR, binary cross-entropy), thresholds at 0.5."""
+    """The MLP on standardised features (AdamW, one-cycle LR, binary cross-entropy), thresholds at
+    0.5; with ``members`` > 1, that many MLPs from seeds ``seed``, ``seed + 1``, ... (same
+    examples, other initialisation and batch order) whose logits are averaged."""
+    mean, std = features.mean(axis=0), features.std(axis=0) + 1e-6
+    x = ((features - mean) / std).astype(np.float32)
+    networks = [
+        _fit_mlp(x, labels, seed + k, steps, hidden, lr, batch, f"training {k + 1}/{members}") for k in range(members)
+    ]
+    network = networks[0] if members == 1 else Ensemble(networks)
+    return Recognizer(network, mean, std, NAMES, np.full(len(NAMES), 0.5, np.float32))
+
+
+def _fit_mlp(x: np.ndarray, labels: np.ndarray, seed: int, steps: int, hidden: int, lr: float, batch: int, desc: str):
     import torch
     from tqdm import tqdm
 
     torch.manual_seed(seed)
-    mean, std = features.mean(axis=0), features.std(axis=0) + 1e-6
-    x = torch.from_numpy(((features - mean) / std).astype(np.float32))
-    y = torch.from_numpy(labels.astype(np.float32))
-    network = build_network(features.shape[1], hidden, labels.shape[1])
+    x, y = torch.from_numpy(x), torch.from_numpy(labels.astype(np.float32))
+    network = build_network(x.shape[1], hidden, y.shape[1])
     optimizer = torch.optim.AdamW(network.parameters(), lr, weight_decay=1e-3)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=steps)
     generator = torch.Generator().manual_seed(seed)
     network.train()
-    with tqdm(range(steps), desc="training", unit="step", file=sys.stderr) as bar:
+    with tqdm(range(steps), desc=desc, unit="step", file=sys.stderr) as bar:
         for step in bar:
             rows = torch.randint(len(x), (batch,), generator=generator)
             loss = torch.nn.functional.binary_cross_entropy_with_logits(network(x[rows]), y[rows])
@@ -201,7 +213,7 @@ def fit(
             schedule.step()
             if step % 200 == 0:
                 bar.set_postfix(bce=f"{loss.item():.3f}")
-    return Recognizer(network, mean, std, NAMES, np.full(len(NAMES), 0.5, np.float32))
+    return network
 
 
 def tune_thresholds(model: Recognizer, features: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -274,58 +286,6 @@ def held_out_sets(photos: Sequence[np.ndarray], seed: int, count: int, workers: 
     }
 
 
-def model_card(
-    args,
-    command: str,
-    ids: Sequence[str],
-    heldout_ids: Sequence[str],
-    validation_ids: Sequence[str],
-    scores: dict,
-    seconds: float,
-) -> str:
-    lines = [
-        "# Model card: degradation recogniser",
-        "",
-        "A small MLP over image statistics (tir/data/recognizer_features.py) that names which of the eight",
-        "degradations a photo shows (multi-label).",
-        "",
-        "## Command (the project's own)",
-        "",
-        f"    {command}",
-        "",
-        f"## Seed: {args.seed}",
-        "",
-        f"{args.samples} synthetic training examples ({', '.join(map(str, CROP_SIDES))} px crops, flips, mild exposure/colour",
-        f"changes; kinds weighted {KIND_WEIGHTS}){restored_note(args.restored)}; {args.steps} AdamW steps, hidden {args.hidden};",
-        f"wall time {seconds / 60:.1f} min on this machine.",
-        "",
-        "## Data source",
-        "",
-        f"- training photos: {len(ids)} from {', '.join(args.hq)} (validation, for the thresholds: {len(validation_ids)} of them)",
-        f"- held-out photos (never trained on): {', '.join(heldout_ids) if heldout_ids else 'none'}",
-        "",
-        "## Held-out scores (128 px crops of the held-out photos)",
-        "",
-        "| set | crops | exact set | " + " | ".join(NAMES) + " |",
-        "|---|---|---|" + "---|" * len(NAMES),
-    ]
-    for label, score in scores.items():
-        cells = []
-        for name in NAMES:
-            p, r = score["per_degradation"][name]["precision"], score["per_degradation"][name]["recall"]
-            cells.append("-" if r is None else f"{'-' if p is None else f'{p:.2f}'}/{r:.2f}")
-        lines.append(f"| {label} | {score['samples']} | {score['exact_set']:.1%} | " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        "Cells: precision/recall. `benchmarks/perception.py` compares it with the cue thresholds on public test sets.",
-    ]
-    return "\n".join(lines) + "\n"
-
-
-def restored_note(count: int) -> str:
-    return f", plus {count} partly restored (a random weight-free tool for some of their degradations)" if count else ""
-
-
 def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument(
         "--hq", action="append", default=None, help="training photos: 'builtin' or a folder (repeatable)"
@@ -342,6 +302,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     )
     parser.add_argument("--steps", type=int, default=4000, help="optimizer steps")
     parser.add_argument("--hidden", type=int, default=128, help="width of the MLP's two hidden layers")
+    parser.add_argument(
+        "--members", type=int, default=1, help="MLPs trained from consecutive seeds, logits averaged (default 1)"
+    )
     parser.add_argument("--heldout-crops", type=int, default=400, help="crops per held-out set (A, B, C, ood)")
     parser.add_argument(
         "--workers", type=int, default=max(1, min(4, os.cpu_count() or 1)), help="processes computing features"
@@ -362,6 +325,7 @@ def train_main(args: argparse.Namespace) -> int:
         ("--samples", args.samples),
         ("--steps", args.steps),
         ("--hidden", args.hidden),
+        ("--members", args.members),
         ("--workers", args.workers),
     ):
         if value < 1:
@@ -416,7 +380,7 @@ def train_main(args: argparse.Namespace) -> int:
         )
         val_x = np.concatenate([with_after_call(val_x, False), with_after_call(x, True)])
         val_y = np.concatenate([val_y, y])
-    model = fit(features, labels, args.seed, steps=args.steps, hidden=args.hidden)
+    model = fit(features, labels, args.seed, steps=args.steps, hidden=args.hidden, members=args.members)
     model.thresholds = tune_thresholds(model, val_x, val_y)
     sets = held_out_sets(heldout_photos, args.seed, args.heldout_crops, args.workers) if heldout_photos else {}
     if model.after_call_input:
@@ -430,7 +394,17 @@ def train_main(args: argparse.Namespace) -> int:
         else "tir perception train ..."
     )
     (out / "README.md").write_text(
-        model_card(args, command, ids, heldout, [ids[i] for i in validation], scores, time.perf_counter() - started)
+        model_card(
+            args,
+            command,
+            ids,
+            heldout,
+            [ids[i] for i in validation],
+            scores,
+            time.perf_counter() - started,
+            CROP_SIDES,
+            KIND_WEIGHTS,
+        )
     )
     (out / "scores.json").write_text(json.dumps(scores, indent=1))
     for label, score in scores.items():
