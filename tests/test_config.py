@@ -128,3 +128,33 @@ def test_confidence_cues_need_the_learned_perception():
 def test_every_packaged_recipe_is_in_range():
     for path in sorted(RECIPES_DIR.glob("*.yaml")):
         load_recipe(path)
+
+
+def test_a_quickstart_folder_from_other_inputs_is_set_aside_never_reused(tmp_path):
+    from tir.quickstart import INPUTS_FILE, claim_run_folder, run_inputs
+
+    cfg = load_recipe("quickstart", [f"run.output_dir={tmp_path / 'run'}"])
+    inputs = run_inputs(cfg)
+    assert set(inputs) >= {"recipe", "recogniser"} and "missing" not in inputs.values()
+    assert run_inputs(load_recipe("quickstart", [f"run.output_dir={tmp_path / 'run'}", "ray.num_cpus=1"])) == inputs
+    assert run_inputs(load_recipe("quickstart", ["sft.epochs=1"]))["recipe"] != inputs["recipe"]
+    other = tmp_path / "other_recogniser"
+    other.mkdir()
+    (other / "model.pt").write_bytes(b"another checkpoint")
+    changed = run_inputs(load_recipe("quickstart", [f"model.perception_model={other}"]))
+    assert changed["recogniser"] != inputs["recogniser"]
+
+    out = tmp_path / "run"
+    claim_run_folder(out, inputs)  # a new folder: the inputs are recorded
+    (out / "stage_output").write_text("made from these inputs")
+    claim_run_folder(out, inputs)  # the same inputs: a killed run continues where it stopped
+    assert (out / "stage_output").is_file()
+    claim_run_folder(out, changed)  # other inputs: the old run is renamed aside, nothing is deleted
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("run.stale-")]
+    assert len(aside) == 1 and (aside[0] / "stage_output").read_text() == "made from these inputs"
+    assert sorted(p.name for p in out.iterdir()) == [INPUTS_FILE]
+    (out / INPUTS_FILE).unlink()
+    (out / "stage_output").write_text("from a version that recorded no inputs")
+    claim_run_folder(out, changed)
+    assert len([p for p in tmp_path.iterdir() if p.name.startswith("run.stale-")]) == 2  # even within one second
+    assert not (out / "stage_output").exists()

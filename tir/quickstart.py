@@ -3,7 +3,8 @@
     tir quickstart [recipe=quickstart] [key=value ...]
 
 The story, top to bottom (each stage skips itself when its output exists, so a killed run
-continues where it stopped):
+continues where it stopped; a run folder made from other inputs, another recipe or other model
+files, is set aside first, see ``claim_run_folder``):
 
     1. a tiny random Qwen2.5-VL policy, built offline          -> <out>/tiny_policy
     2. training and test sets from scikit-image's photos; the test photos are the held-out ones
@@ -53,6 +54,7 @@ def run_quickstart(cfg) -> int:
     from tool_pool.pool import make_pool
 
     out = Path(cfg.run.output_dir)
+    claim_run_folder(out, run_inputs(cfg))
     clock = Stages()
     pool = make_pool(cfg.pool)  # one pool for every stage
 
@@ -75,6 +77,64 @@ def run_quickstart(cfg) -> int:
     print(report["markdown"])
     print(f"[quickstart] done in {clock.total():.0f}s; report: {folder}/README.md")
     return 0
+
+
+INPUTS_FILE = "inputs.json"
+
+
+def run_inputs(cfg) -> dict[str, str]:
+    """What the stages' outputs depend on besides the code: the resolved recipe (less ``ray``,
+    which only says where to run) and a digest of each model file it reads, the recogniser's
+    checkpoint and the neural tools' manifest and weights. A new shipped recogniser changes the
+    perception lines of the expert data, so every stage after the data must run again."""
+    import hashlib
+
+    from omegaconf import OmegaConf
+
+    from tir.config import config_hash
+    from tir.data.recognizer import DEFAULT_CHECKPOINT, WEIGHTS_FILE
+
+    def digest(path: Path) -> str:
+        return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else "missing"
+
+    inputs = {"recipe": config_hash(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "ray"]))}
+    if cfg.model.get("perception") == "learned":
+        folder = Path(cfg.model.perception_model or DEFAULT_CHECKPOINT)
+        inputs["recogniser"] = digest(folder / WEIGHTS_FILE if folder.is_dir() else folder)
+    if cfg.pool.get("manifest"):
+        from tool_pool.neural import load_manifest
+
+        inputs["manifest"] = digest(Path(cfg.pool.manifest))
+        for spec in load_manifest(cfg.pool.manifest):
+            inputs[f"tool:{spec.name}"] = digest(Path(spec.checkpoint))
+    return inputs
+
+
+def claim_run_folder(out: Path, inputs: dict[str, str]) -> None:
+    """Make ``out`` the folder of a run from ``inputs``. A folder holding a run from other inputs
+    (or from a version that did not record them) is renamed aside, never deleted, so that no stage
+    reuses an output the new inputs would not have produced; the inputs are then recorded."""
+    import os
+
+    record = out / INPUTS_FILE
+    if out.is_dir() and any(out.iterdir()):
+        before = json.loads(record.read_text()) if record.is_file() else None
+        if before == inputs:
+            return
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        aside = next(
+            path
+            for k in range(1000)
+            if not (path := out.with_name(f"{out.name}.stale-{stamp}" + (f"-{k}" if k else ""))).exists()
+        )
+        changed = sorted(k for k in inputs.keys() | (before or {}).keys() if (before or {}).get(k) != inputs.get(k))
+        why = f"other {', '.join(changed)}" if before is not None else f"no {INPUTS_FILE}: made by an older version"
+        out.rename(aside)
+        print(f"[quickstart] {out} holds a run from other inputs ({why}); moved it to {aside}", flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = record.with_suffix(".tmp")
+    tmp.write_text(json.dumps(inputs, indent=1, sort_keys=True))
+    os.replace(tmp, record)
 
 
 class Stages:
