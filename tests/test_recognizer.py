@@ -171,7 +171,6 @@ def test_a_checkpoint_round_trips_and_bad_ones_fail_naming_the_file(small_model,
         load_recognizer(tmp_path / "missing")
 
 
-
 @pytest.mark.slow  # trains two small models (~10 s)
 def test_an_ensemble_averages_its_members_logits_and_round_trips(small_model, tmp_path):
     import torch
@@ -187,6 +186,7 @@ def test_an_ensemble_averages_its_members_logits_and_round_trips(small_model, tm
     loaded = load_recognizer(tmp_path)
     assert len(loaded.network.members) == 2
     assert np.allclose(loaded.probabilities_of_features(x[:30]), ensemble.probabilities_of_features(x[:30]))
+
 
 @pytest.mark.slow  # trains a small model (~10 s; several times that on a busy machine)
 def test_the_small_model_learns_what_is_easy(small_model):
