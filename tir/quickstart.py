@@ -92,15 +92,14 @@ def run_inputs(cfg) -> dict[str, str]:
     from omegaconf import OmegaConf
 
     from tir.config import config_hash
-    from tir.data.recognizer import DEFAULT_CHECKPOINT, WEIGHTS_FILE
+    from tir.data.recognizer import checkpoint_file
 
     def digest(path: Path) -> str:
         return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else "missing"
 
     inputs = {"recipe": config_hash(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "ray"]))}
     if cfg.model.get("perception") == "learned":
-        folder = Path(cfg.model.perception_model or DEFAULT_CHECKPOINT)
-        inputs["recogniser"] = digest(folder / WEIGHTS_FILE if folder.is_dir() else folder)
+        inputs["recogniser"] = digest(checkpoint_file(cfg.model.perception_model))
     if cfg.pool.get("manifest"):
         from tool_pool.neural import load_manifest
 

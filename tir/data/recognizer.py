@@ -148,8 +148,7 @@ class Recognizer:
     def state(self) -> dict:
         return {
             "network": self.network.state_dict(),
-            "hidden": network_shape(self.network)[0],
-            "members": network_shape(self.network)[1],
+            **dict(zip(("hidden", "members"), network_shape(self.network))),
             "mean": self.mean.tolist(),
             "std": self.std.tolist(),
             "labels": list(self.labels),
@@ -169,12 +168,18 @@ class Recognizer:
         return folder / WEIGHTS_FILE
 
 
+def checkpoint_file(path: str | os.PathLike | None = None) -> Path:
+    """The weights file of the recogniser at ``path`` (a checkpoint folder or its model.pt; None:
+    the shipped one); it may not exist."""
+    path = Path(path) if path is not None else DEFAULT_CHECKPOINT
+    return path / WEIGHTS_FILE if path.is_dir() else path
+
+
 def load_recognizer(path: str | os.PathLike | None = None) -> Recognizer:
     """The recogniser in ``path`` (a checkpoint folder or its model.pt; default: the shipped one)."""
     import torch
 
-    path = Path(path) if path is not None else DEFAULT_CHECKPOINT
-    file = path / WEIGHTS_FILE if path.is_dir() else path
+    file = checkpoint_file(path)
     if not file.is_file():
         raise RecognizerError(
             f"{file}: no recogniser checkpoint (expected a folder written by `tir perception train`, holding {WEIGHTS_FILE})"
