@@ -246,10 +246,24 @@ def test_outputs_are_a_table_a_json_file_and_a_png(report):
     )
     body = json.loads(Path(files["json"]).read_text())
     assert set(body) == {"meta", "aggregates", "rows"} and len(body["rows"]) == 6 * 5
-    assert "final_image" not in body["rows"][0]
+    assert "final_image" not in body["rows"][0] and "ended_at" not in body["rows"][0]
+    # each agent's time for the whole set: at least its longest episode, at most all of them one after another
+    for agent, seconds in body["meta"]["episodes_s"].items():
+        walls = [r["wall_s"] for r in body["rows"] if r["agent"] == agent]
+        assert max(walls) - 1e-6 <= seconds <= sum(walls) + 0.5
+    assert "The whole set's time per image" in markdown
     with open(files["plot"], "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert cv2.imread(files["plot"]) is not None
+
+
+def test_the_set_time_runs_from_the_first_start_to_the_last_end():
+    from tir.eval.episodes import episodes_span
+
+    episodes = [{"wall_s": 2.0, "ended_at": 12.0}, {"wall_s": 1.0, "ended_at": 11.5}, {"wall_s": 3.0, "ended_at": 14.0}]
+    assert episodes_span(episodes) == pytest.approx(14.0 - 10.0)  # overlapping episodes count once
+    assert all("ended_at" not in e for e in episodes)  # a process-local clock never reaches a report
+    assert episodes_span([{"wall_s": 0.0}, {"wall_s": 0.5}]) == 0.5  # no stamps (identity): the walls' sum
 
 
 # ---------------------------------------------------------------- errors

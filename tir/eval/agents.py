@@ -42,7 +42,7 @@ import numpy as np
 
 from tir.agent.perceive import Perception
 from tir.eval.agent_specs import AgentSpec, EvalError, parse_agents
-from tir.eval.episodes import episode_summary
+from tir.eval.episodes import episode_summary, episodes_span
 from tir.eval.episodes import gather_limited as _gather_limited
 from tir.eval.episodes import tick as _tick
 from tir.eval.report import aggregate, group_name
@@ -159,10 +159,11 @@ async def evaluate_agents_async(
         input_scores = await _gather_limited(
             [scorer.score(lq, hq, bar) for lq, hq in zip(lqs, hqs)], settings.concurrency
         )
-    rows, done = [], []
+    rows, done, spans = [], [], {}
     for spec in specs.values():
         try:
             episodes = await run_agent(spec, test, pool, schemas, settings)
+            spans[spec.label] = episodes_span(episodes)
             with _progress(len(test), f"score {spec.label}", settings.progress) as bar:
                 finals = await _gather_limited(
                     [scorer.score(e.pop("final_image"), hq, bar) for e, hq in zip(episodes, hqs)],
@@ -181,7 +182,7 @@ async def evaluate_agents_async(
             for index, (episode, final) in enumerate(zip(episodes, finals))
         ]
         done.append(spec.label)
-    report = _report(specs, done, rows, test, schemas, settings, started, meta)
+    report = _report(specs, done, rows, test, schemas, settings, started, {"episodes_s": spans, **(meta or {})})
     if out_dir is not None:
         report["files"] = write_outputs(report, out_dir)
     return report
@@ -311,6 +312,7 @@ async def expert_episodes(pool, test: Batch, settings: EvalSettings, bar) -> lis
                 "tool_errors": 0,
                 "stop_reason": "answer",
                 "wall_s": time.perf_counter() - started,
+                "ended_at": time.perf_counter(),
                 "tools": list(best.tools),
                 "error": "",
                 "score_calls": cost.score_calls,

@@ -4,6 +4,7 @@ with a bound on how many are in flight."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Mapping, Sequence
 
 
@@ -19,8 +20,20 @@ def episode_summary(report: Mapping, wall_s: float, error: str = "", **extra) ->
         "wall_s": float(wall_s),
         "tools": [c["name"] for c in report["tool_calls"] if c["committed"]],
         "error": error,
+        "ended_at": time.perf_counter(),
         **extra,
     }
+
+
+def episodes_span(episodes: Sequence[dict]) -> float:
+    """Seconds from the first episode's start to the last one's end: an agent's time for the whole
+    test set with its episodes in flight together, without engine start-up or scoring. Takes the
+    ``ended_at`` stamps out of the episodes (a process-local clock, meaningless in a report)."""
+    ends = [episode.pop("ended_at", None) for episode in episodes]
+    spans = [(end - float(e["wall_s"]), end) for end, e in zip(ends, episodes) if end is not None]
+    if not spans:
+        return float(sum(float(e["wall_s"]) for e in episodes))
+    return max(end for _, end in spans) - min(start for start, _ in spans)
 
 
 async def gather_limited(awaitables: Sequence, limit: int) -> list:

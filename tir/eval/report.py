@@ -94,6 +94,14 @@ def render_markdown(report: dict, timing: bool = True) -> str:
                     + " | ".join(_mean_std(cells[q], _digits(q), cells["images"]) for q in quantities)
                     + " |"
                 )
+    spans = meta.get("episodes_s") or {}
+    if timing and spans and meta["images"]:
+        lines += [
+            "",
+            "The whole set's time per image (first episode's start to the last one's end, over the images; engine "
+            "start-up and scoring excluded): "
+            + ", ".join(f"{agent} {seconds / meta['images']:.3f} s" for agent, seconds in spans.items()),
+        ]
     errors = {
         agent: per_group["overall"]["errors"]
         for agent, per_group in aggregates.items()
