@@ -367,3 +367,34 @@ def test_loop_settings_come_from_a_recipe():
     assert (settings.max_turns, settings.temperature, settings.max_new_tokens, settings.concurrency) == (6, 0.5, 48, 8)
     with pytest.raises(ValueError, match="concurrency"):
         LoopSettings(concurrency=0)
+
+
+def test_tokenize_expands_placeholders_from_image_sizes_as_the_processor_does(policy):
+    from tir.agent import loop
+
+    processor = policy[2]
+    rng = np.random.default_rng(0)
+    sizes = [(128, 128), (32, 32), (100, 77), (512, 384), (8, 8), (40, 900)]
+    images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in sizes]
+    text = prompts.render(processor, prompts.initial_messages(SCHEMAS, prompts.image_size(images[0])))
+    loop._SHORTCUT_CHECKED.pop(processor, None)
+    first = tokenize(processor, text, images[:1])  # checked against the full processor
+    assert loop._SHORTCUT_CHECKED[processor] is True
+    assert first == list(processor(text=[text], images=images[:1])["input_ids"][0])
+    for image in images:  # each size's token count, several images in one piece
+        for piece, shown in ((text, [image]), (text + text, [image, images[0]])):
+            assert tokenize(processor, piece, shown) == list(processor(text=[piece], images=shown)["input_ids"][0])
+
+
+def test_tokenize_keeps_the_full_processor_when_the_shortcut_disagrees(policy, monkeypatch):
+    from tir.agent import loop
+
+    processor = policy[2]
+    image = np.zeros((64, 64, 3), np.uint8)
+    text = prompts.render(processor, prompts.initial_messages(SCHEMAS, prompts.image_size(image)))
+    loop._SHORTCUT_CHECKED.pop(processor, None)
+    monkeypatch.setattr(loop, "_expanded_ids", lambda *a: [1, 2, 3])  # a shortcut that gets it wrong
+    full = list(processor(text=[text], images=[image])["input_ids"][0])
+    assert tokenize(processor, text, [image]) == full and tokenize(processor, text, [image]) == full
+    assert loop._SHORTCUT_CHECKED[processor] is False
+    loop._SHORTCUT_CHECKED.pop(processor, None)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 
@@ -140,14 +141,45 @@ class Transcript:
 
 
 def tokenize(processor, text: str, images: Sequence[np.ndarray] = ()) -> list[int]:
-    """Ids of a piece of chat text, each image placeholder expanded by the processor."""
-    if images:
-        # read-only arrays (Batch views, Ray objects) make torch warn; the processor only reads
-        images = [im.copy() if isinstance(im, np.ndarray) and not im.flags.writeable else im for im in images]
-        ids = processor(text=[text], images=images)["input_ids"][0]
-    else:
+    """Ids of a piece of chat text, each image placeholder expanded to the image's token count.
+
+    The count depends on the image's size only, so it is computed from the size (the processor's
+    own ``_get_num_multimodal_tokens``, which vLLM uses for the same purpose) instead of running
+    the processor on the pixels: the engine preprocesses them anyway, and doing it here too cost
+    the agent loop ~15 ms per image on the driver's event loop. The first call for a processor
+    checks the shortcut against the full processor and keeps the full one if they ever differ."""
+    if not images:
         ids = processor.tokenizer(text, add_special_tokens=False)["input_ids"]
-    return ids.tolist() if hasattr(ids, "tolist") else list(ids)
+        return ids.tolist() if hasattr(ids, "tolist") else list(ids)
+    checked = _SHORTCUT_CHECKED.get(processor)  # None: not yet; True: the shortcut matched; False: it did not
+    fast = None if checked is False else _expanded_ids(processor, text, images)
+    if fast is not None and checked:
+        return fast
+    # read-only arrays (Batch views, Ray objects) make torch warn; the processor only reads
+    images = [im.copy() if isinstance(im, np.ndarray) and not im.flags.writeable else im for im in images]
+    ids = processor(text=[text], images=images)["input_ids"][0]
+    ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
+    if checked is None and fast is not None:
+        _SHORTCUT_CHECKED[processor] = fast == ids
+    return ids
+
+
+_SHORTCUT_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _expanded_ids(processor, text: str, images: Sequence[np.ndarray]) -> list[int] | None:
+    """``tokenize``'s shortcut, or None where this processor does not offer it."""
+    token = getattr(processor, "image_token", None)
+    count = getattr(processor, "_get_num_multimodal_tokens", None)
+    if token is None or count is None or text.count(token) != len(images):
+        return None
+    try:
+        counts = count(image_sizes=[tuple(np.shape(im)[:2]) for im in images]).num_image_tokens
+    except (AttributeError, TypeError, ValueError, KeyError):
+        return None
+    pieces = text.split(token)
+    expanded = pieces[0] + "".join(token * int(n) + piece for n, piece in zip(counts, pieces[1:]))
+    return list(processor.tokenizer(expanded)["input_ids"])
 
 
 class Spans:
