@@ -536,3 +536,22 @@ def test_the_one_step_off_timing_model_overlaps_the_shorter_side():
     # a one-step-off step: its rollout ran during the previous step; the driver waited 0.5 s for it
     record = {"time/step": 4.0, "time/rollout": 3.0, "time/score": 1.0, "time/update": 2.5, "time/rollout_wait": 0.5}
     assert bench.phase_split(record) == (4.0, 2.5, 1.0)
+
+
+def test_the_label_ceiling_picks_each_perceived_sets_best_schedule_on_training_crops():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "label_ceiling.py"
+    spec = importlib.util.spec_from_file_location("label_ceiling_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    schedules = bench.schedules_of(list("abcdefgh"), 2)
+    assert len(schedules) == 1 + 8 + 56 and schedules[0] == () and ("a", "a") not in schedules
+    # PSNR [crop, schedule]: crops 0-1 perceived {noise}, crop 2 {dark}
+    train = np.array([[20.0, 22.0, 21.0], [20.0, 21.0, 24.0], [18.0, 17.0, 19.0]])
+    seen = [("noise",), ("noise",), ("dark",)]
+    choice = bench.best_per_set(train, seen)
+    assert choice == {("noise",): 2, ("dark",): 2}  # noise: means 20, 21.5, 22.5
+    test = np.array([[10.0, 11.0, 12.0], [30.0, 31.0, 29.0]])
+    # a set unseen in training gets the fallback schedule (here 1)
+    assert bench.apply(choice, 1, test, [("noise",), ("rain",)]) == pytest.approx((12.0 + 31.0) / 2)
