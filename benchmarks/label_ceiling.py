@@ -94,6 +94,7 @@ def main(argv=None) -> int:
     parser.add_argument("--train", required=True, help="a `tir data synth` Parquet of training crops")
     parser.add_argument("--train-limit", type=int, default=320, help="training crops, drawn with seed 0 (0: all)")
     parser.add_argument("--test", action="append", required=True, help="a `tir data synth` Parquet (repeatable)")
+    parser.add_argument("--test-limit", type=int, default=0, help="test crops per file, drawn with seed 0 (0: all)")
     parser.add_argument("--recipe", default="quickstart")
     parser.add_argument("--max-calls", type=int, default=2)
     parser.add_argument("--out", default="runs/label_ceiling")
@@ -112,7 +113,7 @@ def main(argv=None) -> int:
     print(f"training crops: {len(train['seen'])}, {len(choice)} perceived sets ({time.perf_counter() - started:.0f}s)")
     results = {}
     for path in args.test:
-        test = schedule_table(cfg, path, 0, args.max_calls)
+        test = schedule_table(cfg, path, args.test_limit, args.max_calls)
         table, seen = test["table"], test["seen"]
         results[path] = {
             "crops": len(seen),
