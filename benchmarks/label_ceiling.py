@@ -68,7 +68,8 @@ def schedule_table(cfg, path: str, limit: int, max_calls: int) -> dict:
 
     seen = asyncio.run(perceive())
     schedules = schedules_of(tools, max_calls)
-    settings = EvalSettings.from_recipe(cfg, metrics=("psnr",), concurrency=2, progress=True)
+    settings = EvalSettings.from_recipe(cfg, metrics=("psnr",), concurrency=2, progress=False)
+    print(f"{path}: {len(test)} crops x {len(schedules)} schedules ...", flush=True)
     agents = {f"s{k}": ReplayAgent([list(s)] * len(test)) for k, s in enumerate(schedules)}
     report = evaluate_agents(agents, test, pool, settings=settings)
     table = np.zeros((len(test), len(schedules)))
