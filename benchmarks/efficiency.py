@@ -232,9 +232,11 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--limit", type=int, default=16, help="test rows, spread evenly (default 16)")
     parser.add_argument("--recipe", default="tiny_cpu")
+    from tir.eval.policy import ENGINES
+
     parser.add_argument(
         "--engine",
-        choices=("hf", "vllm", "auto"),
+        choices=ENGINES,
         default="hf",
         help="what runs the trained policy (default hf, transformers; vllm: many episodes in flight)",
     )

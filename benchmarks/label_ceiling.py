@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import itertools
 import json
 import sys
 import time
@@ -42,8 +43,6 @@ import tir  # noqa: E402, F401  - shims before transformers
 
 def schedules_of(tools: list[str], max_calls: int) -> list[tuple[str, ...]]:
     """Every sequence of at most ``max_calls`` distinct tools, shortest first."""
-    import itertools
-
     return [s for n in range(max_calls + 1) for s in itertools.permutations(tools, n)]
 
 

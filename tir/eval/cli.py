@@ -16,7 +16,7 @@ import numpy as np
 
 from tir.eval.agent_specs import KNOWN_AGENTS, AgentSpec, EvalError, parse_agents
 from tir.eval.agents import EvalSettings, evaluate_agents
-from tir.eval.policy import engine_label, resolve_engine
+from tir.eval.policy import ENGINES, engine_label, resolve_engine
 from tir.paths import check_writable_folder
 from tir.protocol import Batch
 
@@ -64,7 +64,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     )
     parser.add_argument(
         "--engine",
-        choices=("hf", "vllm", "auto"),
+        choices=ENGINES,
         default="auto",
         help="what runs policy checkpoints: vLLM, transformers (hf, the reference), or auto: vLLM when it is "
         "installed and the checkpoint is a local folder (default)",
