@@ -51,6 +51,18 @@ def test_same_seed_same_weights_other_seed_other_weights(tmp_path):
     assert "seed 0" in card.lower() and "4 of 4 Adam steps" in card and "| builtin | mixed |" in card
 
 
+def test_a_network_that_returns_its_input_is_flagged():
+    from tir.data.tool_train import learned_identity
+
+    def scores(*gains):
+        return {"set": {f"kind{k}": {"gain_over_input": g} for k, g in enumerate(gains)}}
+
+    assert learned_identity(scores(0.0, 0.004))  # the collapsed 10k-step JPEG run at lr 2e-3: +0.00 everywhere
+    assert not learned_identity(scores(0.0, 0.3))  # one row where it acts
+    assert not learned_identity(scores(-0.2, -0.5))  # worse than the input is a bad network, not a dead one
+    assert not learned_identity({})
+
+
 def test_resumed_run_equals_an_uninterrupted_one(tmp_path):
     assert train(tmp_path / "whole", steps=6) == 0
     assert train(tmp_path / "split", "--stop-after", "3", steps=6) == 0  # stops mid-way, keeps state.pt

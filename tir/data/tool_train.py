@@ -81,7 +81,7 @@ def add_tools_train_arguments(parser: argparse.ArgumentParser) -> argparse.Argum
     parser.add_argument("--patch", type=int, default=None, help="side of the input patches (default: 64, 32 for x4 SR)")
     parser.add_argument("--feat", type=int, default=None, help="channels (default: 32, 48 for x4 SR)")
     parser.add_argument("--convs", type=int, default=None, help="inner convolutions (default: 8, 12 for x4 SR)")
-    parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (cosine decay to 1%%)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (cosine decay to 1%%); 2e-3 killed a 10000-step JPEG run")
     parser.add_argument("--ema", type=float, default=0.999, help="EMA decay of the saved weights")
     parser.add_argument("--save-every", type=int, default=200, help="steps between resumable states")
     parser.add_argument("--eval-photos", type=int, default=50, help="held-out photos per set (centre crops)")
@@ -251,14 +251,25 @@ def write_outputs(args, degradation, network, step, ids, scores, command, second
         "threads": args.threads,
         "parameters": int(sum(v.numel() for v in weights.values())),
         "held_out": scores,
+        "learned_identity": learned_identity(scores),
     }
     (out / "scores.json").write_text(json.dumps(summary, indent=1))
     (out / "README.md").write_text(model_card(args, entry, summary, ids, command, seconds, degradation))
 
 
+def learned_identity(scores: dict, tolerance_db: float = 0.01) -> bool:
+    """True when the network's output equals its input (or bicubic, for SR) on every held-out
+    row: a residual network whose last activation died (too high a learning rate for the run's
+    length) returns its input and trains no further, with no error anywhere."""
+    rows = [row for kinds in scores.values() for row in kinds.values()]
+    return bool(rows) and all(abs(row["gain_over_input"]) < tolerance_db for row in rows)
+
+
 def model_card(args, entry, summary, ids, command, seconds, degradation) -> str:
     baseline = "bicubic x4" if entry["scale"] > 1 else "the degraded input"
     status = "" if summary["complete"] else f" **Stopped at step {summary['steps']}: rerun to finish.**"
+    if summary.get("learned_identity"):
+        status += f" **The network returns {baseline} unchanged on every held-out crop: do not serve it; train again with a lower --lr.**"
     if summary["resumed_from_step"]:
         status += f" (this run resumed at step {summary['resumed_from_step']}; the same weights as one run)"
     lines = [
@@ -344,4 +355,11 @@ def tools_train_main(args: argparse.Namespace) -> int:
             )
     done = "" if step >= args.steps else f" (stopped at step {step} of {args.steps}: run again to resume)"
     print(f"wrote {out / 'model.pth'}, manifest.yaml, README.md{done}")
+    if learned_identity(scores):
+        print(
+            f"tir tools train: error: the network in {out / 'model.pth'} returns its input unchanged on every held-out "
+            f"crop (gain 0.00 dB): its residual died during training. Train again with a lower --lr (now {args.lr}).",
+            file=sys.stderr,
+        )
+        return 3
     return 0
