@@ -143,6 +143,10 @@ def test_a_quickstart_folder_from_other_inputs_is_set_aside_never_reused(tmp_pat
     (other / "model.pt").write_bytes(b"another checkpoint")
     changed = run_inputs(load_recipe("quickstart", [f"model.perception_model={other}"]))
     assert changed["recogniser"] != inputs["recogniser"]
+    # the quickstart serves both trained networks: their weights count; a tool it does not serve does not
+    assert {"manifest", "tool:jpeg_compact", "tool:sr_compact"} <= set(inputs)
+    assert "tool:sr_compact" not in run_inputs(load_recipe("ablation_neural_jpeg"))
+    assert "manifest" not in run_inputs(load_recipe("quickstart_weight_free"))
 
     out = tmp_path / "run"
     claim_run_folder(out, inputs)  # a new folder: the inputs are recorded

@@ -63,6 +63,24 @@ def test_a_network_that_returns_its_input_is_flagged():
     assert not learned_identity({})
 
 
+def test_a_fine_tune_starts_from_the_init_checkpoint_and_names_it(tmp_path, capsys):
+    assert train(tmp_path / "base") == 0
+    init = tmp_path / "base" / "model.pth"
+    assert train(tmp_path / "tuned", "--init", str(init), "--seed", "1", steps=2) == 0
+    assert train(tmp_path / "fresh", "--seed", "1", steps=2) == 0
+    assert not same(weights(tmp_path / "tuned"), weights(tmp_path / "fresh"))  # the init mattered
+    scores = json.loads((tmp_path / "tuned" / "scores.json").read_text())
+    assert scores["init"] == str(init) and len(scores["init_sha256"]) == 16
+    assert "Fine-tuned" in (tmp_path / "tuned" / "README.md").read_text()
+    # a checkpoint of another shape, or not a checkpoint at all: one line naming the file
+    assert train(tmp_path / "wide", "--init", str(init), "--feat", "8", steps=2) == 2
+    assert f"--init {init} does not fit this network" in capsys.readouterr().err
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"not a checkpoint")
+    assert train(tmp_path / "junk", "--init", str(junk), steps=2) == 2
+    assert f"--init {junk}: not a readable checkpoint" in capsys.readouterr().err
+
+
 def test_resumed_run_equals_an_uninterrupted_one(tmp_path):
     assert train(tmp_path / "whole", steps=6) == 0
     assert train(tmp_path / "split", "--stop-after", "3", steps=6) == 0  # stops mid-way, keeps state.pt

@@ -104,8 +104,10 @@ def run_inputs(cfg) -> dict[str, str]:
         from tool_pool.neural import load_manifest
 
         inputs["manifest"] = digest(Path(cfg.pool.manifest))
+        served = set(cfg.pool.tools or [])  # empty: the pool serves every tool, the manifest's too
         for spec in load_manifest(cfg.pool.manifest):
-            inputs[f"tool:{spec.name}"] = digest(Path(spec.checkpoint))
+            if not served or spec.name in served:  # new weights of a tool the run never calls change nothing
+                inputs[f"tool:{spec.name}"] = digest(Path(spec.checkpoint))
     return inputs
 
 

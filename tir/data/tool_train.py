@@ -81,12 +81,20 @@ def add_tools_train_arguments(parser: argparse.ArgumentParser) -> argparse.Argum
     parser.add_argument("--patch", type=int, default=None, help="side of the input patches (default: 64, 32 for x4 SR)")
     parser.add_argument("--feat", type=int, default=None, help="channels (default: 32, 48 for x4 SR)")
     parser.add_argument("--convs", type=int, default=None, help="inner convolutions (default: 8, 12 for x4 SR)")
-    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (cosine decay to 1%%); 2e-3 killed a 10000-step JPEG run")
+    parser.add_argument(
+        "--lr",
+        type=float,
+        default=1e-3,
+        help="peak learning rate (cosine decay to 1%%); 2e-3 killed a 10000-step JPEG run",
+    )
     parser.add_argument("--ema", type=float, default=0.999, help="EMA decay of the saved weights")
     parser.add_argument("--save-every", type=int, default=200, help="steps between resumable states")
     parser.add_argument("--eval-photos", type=int, default=50, help="held-out photos per set (centre crops)")
     parser.add_argument("--eval-size", type=int, default=192, help="side of the held-out crops (target)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (recorded; results depend on it)")
+    parser.add_argument(
+        "--init", default=None, help="fine-tune: start from this checkpoint's weights (model.pth of the same shape)"
+    )
     parser.add_argument("--name", default=None, help="tool name (default: <subtask>_compact)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True, help="folder: model.pth, manifest.yaml, README.md, scores.json")
@@ -151,7 +159,37 @@ def load_heldout(specs, limit: int) -> dict[str, list[np.ndarray]]:
 def signature(args: argparse.Namespace) -> dict:
     """What a resumed run must share with the run that wrote ``state.pt``."""
     keys = ("subtask", "arch", "hq", "steps", "batch", "patch", "feat", "convs", "lr", "ema", "seed", "threads")
-    return {k: getattr(args, k) for k in keys}
+    out = {k: getattr(args, k) for k in keys}
+    if getattr(args, "init", None):  # only then: states written before --init existed still resume
+        out["init"] = init_digest(args)
+    return out
+
+
+def init_digest(args: argparse.Namespace) -> str | None:
+    """sha256 (16 hex) of the ``--init`` checkpoint: a resumed fine-tune must start from the same bytes."""
+    if not getattr(args, "init", None):
+        return None
+    import hashlib
+
+    return hashlib.sha256(Path(args.init).read_bytes()).hexdigest()[:16]
+
+
+def load_init(network, path: str) -> None:
+    """Load a release-layout checkpoint (``params_ema`` or ``params``, else the bare state dict) into
+    ``network``; ToolTrainError naming the file when it does not fit."""
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated, not a torch file, ...
+        raise ToolTrainError(f"--init {path}: not a readable checkpoint ({type(err).__name__}: {err})") from None
+    if isinstance(state, dict):
+        state = state.get("params_ema", state.get("params", state))
+    try:
+        network.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as err:
+        first = str(err).strip().splitlines()[0]
+        raise ToolTrainError(f"--init {path} does not fit this network (--feat/--convs/scale): {first}") from None
 
 
 # ------------------------------------------------------------------------------ training
@@ -166,6 +204,8 @@ def train(args: argparse.Namespace, degradation: str, photos, out: Path, deadlin
     torch.manual_seed(args.seed)
     feat, convs, scale = network_shape(args, degradation)
     network = build_compact(feat, convs, scale)
+    if args.init:
+        load_init(network, args.init)
     ema = copy.deepcopy(network).requires_grad_(False)
     optimizer = torch.optim.Adam(network.parameters(), args.lr, betas=(0.9, 0.99))
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.steps, eta_min=args.lr * 0.01)
@@ -250,6 +290,8 @@ def write_outputs(args, degradation, network, step, ids, scores, command, second
         "seed": args.seed,
         "threads": args.threads,
         "parameters": int(sum(v.numel() for v in weights.values())),
+        "init": args.init,
+        "init_sha256": init_digest(args),
         "held_out": scores,
         "learned_identity": learned_identity(scores),
     }
@@ -286,6 +328,11 @@ def model_card(args, entry, summary, ids, command, seconds, degradation) -> str:
         "",
         f"{summary['steps']} of {args.steps} Adam steps{status} (batch {args.batch}, {args.patch} px input patches, L1,",
         f"lr {args.lr} cosine to 1%, EMA {args.ema}); wall time {seconds / 60:.1f} min on this machine (held-out scoring included).",
+        *(
+            [f"Fine-tuned: the run starts from the weights of `{args.init}` (sha256 {summary['init_sha256']}…)."]
+            if args.init
+            else []
+        ),
         f"Pairs: {degradation} alone (share {1 - MIX_SHARE if mixes_of(degradation) else 1:.0%}) or with the degradations that",
         f"co-occur with it in groups A-C ({', '.join('+'.join(c) for c in mixes_of(degradation)) or 'none'}),",
         "parameters drawn at the protocol's ranges; the target is the chain without "
