@@ -49,6 +49,9 @@ def test_same_seed_same_weights_other_seed_other_weights(tmp_path):
     assert row["gain_over_input"] == pytest.approx(row["network"] - row["input"])
     card = (tmp_path / "a" / "README.md").read_text()
     assert "seed 0" in card.lower() and "4 of 4 Adam steps" in card and "| builtin | mixed |" in card
+    # another training seed is scored on the same held-out crops and degradations
+    other = json.loads((tmp_path / "c" / "scores.json").read_text())["held_out"]["builtin"]["mixed"]
+    assert other["input"] == scores["held_out"]["builtin"]["mixed"]["input"]
 
 
 def test_a_network_that_returns_its_input_is_flagged():
