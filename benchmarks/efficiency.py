@@ -190,6 +190,7 @@ def rl_step_benchmark(args) -> dict:
         # one training set for both runs (synthesized by the first when absent); later overrides win
         overrides = [
             f"data.train_path={Path(args.out) / 'rl_step_train.parquet'}",
+            "actor.warmup_steps=0",  # one step: a recipe's LR warm-up (the quickstart's: 5) cannot fit in it
             *args.overrides,
             f"pool.backend={backend}",
             "trainer.total_steps=1",
