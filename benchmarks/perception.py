@@ -89,15 +89,31 @@ def perception_gap(test: Batch, checkpoint: str, exhaustive: bool) -> None:
     }
     print(f"\nPerception gap: group-A crops ({len(test)}), PSNR against HQ (mean ± std), tool calls per image")
     print("| agent | degradations | PSNR | calls |\n|---|---|---|---|")
+    rows = {}
     for label, (how, perception) in runs.items():
         settings = EvalSettings(
             metrics=("psnr",), baseline_degradations=how, perception=perception, progress=False, seed=0
         )
         report = asyncio.run(evaluate_agents_async(agents, test, LocalPool(), settings))
+        rows[label] = [row for row in report["rows"] if row["agent"] == "fixed_order"]
         for agent in agents:
             overall = report["aggregates"][agent]["overall"]
             psnr, calls = overall["psnr"], overall["tool_calls"]
             print(f"| {agent} | {label} | {psnr['mean']:.2f} ± {psnr['std']:.2f} | {calls['mean']:.2f} |")
+    print_gap_sources(rows["told the true degradations"], rows["perceived: learned recogniser"], len(test))
+
+
+def print_gap_sources(known: list[dict], perceived: list[dict], crops: int, top: int = 6) -> None:
+    """Where the learned guess loses: the fixed order's dB below its told-the-truth run, summed by
+    combination and divided by all crops, so the shares add up to the gap."""
+    lost: dict[str, list[float]] = {}
+    for truth, guess in zip(sorted(known, key=lambda r: r["index"]), sorted(perceived, key=lambda r: r["index"])):
+        drop = (truth["scores"].get("psnr") or 0.0) - (guess["scores"].get("psnr") or 0.0)
+        lost.setdefault(truth["combo"] or "+".join(truth["degradations"]), []).append(drop)
+    print(f"\nWhere the learned guess loses (fixed order; share of the gap over all {crops} crops):")
+    print("| combination | crops with a loss > 0.1 dB | dB lost, share of the gap |\n|---|---|---|")
+    for combo, drops in sorted(lost.items(), key=lambda item: -sum(item[1]))[:top]:
+        print(f"| {combo} | {sum(d > 0.1 for d in drops)} of {len(drops)} | {sum(drops) / crops:.3f} |")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -66,6 +66,17 @@ def test_every_way_of_darkening_uses_fewer_brightness_levels():
         assert degradation_features(dark)[index] < degradation_features(clean)[index] - 0.1, variant
 
 
+def test_haze_thickens_towards_the_top_and_its_airlight_is_grey():
+    index = {name: i for i, name in enumerate(FEATURE_NAMES)}
+    for photo in range(len(PHOTOS)):
+        clean = crop(128, photo)
+        hazy, _ = degrade_chain(clean, ["haze"], np.random.default_rng(0), params=[{"A": 0.9, "beta": 1.5}])
+        before, after = degradation_features(clean), degradation_features(hazy)
+        # the synthetic depth puts the top of the frame farther: more haze there than at the bottom
+        assert after[index["dark_channel_top_minus_bottom"]] > before[index["dark_channel_top_minus_bottom"]] + 0.05
+        assert after[index["airlight_spread"]] < 0.1  # the brightest dark-channel pixels turn grey
+
+
 def test_motion_blur_keeps_the_laplacian_correlated_along_its_path_even_on_a_thumbnail():
     index = {name: i for i, name in enumerate(FEATURE_NAMES)}
     for lowres in (False, True):

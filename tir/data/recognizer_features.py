@@ -12,7 +12,10 @@ computed directly and the network learns how to weigh and combine them across ph
 - JPEG: high-frequency DCT energy in 8x8 blocks on the origin grid against a grid shifted by
   4 px (quantisation empties the aligned blocks only; blur empties both), and the step profile
   over the 8 column/row phases;
-- haze: dark-channel percentiles, saturation, local contrast;
+- haze: dark-channel percentiles, saturation, local contrast, and how they change from the top
+  of the frame to the bottom (haze grows with depth, and the top of a photo is usually farther:
+  the synthetic depth map assumes it too, ``tir.data.depth``), and the colour of the airlight
+  (the brightest dark-channel pixels: grey under haze);
 - dark: percentiles of the HSV value (a darkened photo loses its highlights: a shift caps them,
   a linear compression squeezes them under 150), the share of near-black and of exactly black
   pixels (a shift clips the shadows to 0), and how many of the 256 levels it uses;
@@ -78,6 +81,18 @@ FEATURE_NAMES = (
     "local_contrast",
     *(f"dark_channel_p{p}" for p in (10, 50, 90)),
     "haze_cue",
+    "dark_channel_top_minus_bottom",
+    "dark_channel_middle_minus_bottom",
+    "dark_channel_top_p5",
+    "dark_channel_bottom_p5",
+    "dark_channel_p5_top_minus_bottom",
+    "local_contrast_top_over_bottom",
+    "local_contrast_middle_over_bottom",
+    "saturation_top_minus_bottom",
+    "saturation_middle_minus_bottom",
+    "dark_channel_height_correlation",
+    "airlight_mean",
+    "airlight_spread",
     "rain_upright",
     "rain_sideways",
     "rain_cue",
@@ -94,7 +109,7 @@ def degradation_features(image: np.ndarray) -> np.ndarray:
     image = perception.check_image(image)
     gray = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY).astype(np.float32)
     parts = [_blur(image, gray), _directions(gray), _blur_path(gray), _noise(image, gray), _edges(gray)]
-    parts += [_jpeg(gray), _light(image), _haze(image, gray), _rain(gray)]
+    parts += [_jpeg(gray), _light(image), _haze(image, gray), _haze_layout(image, gray), _rain(gray)]
     parts.append([math.log2(image.shape[0]), math.log2(image.shape[1])])
     out = np.asarray([v for part in parts for v in part], np.float32)
     if out.shape != (NUM_FEATURES,):
@@ -271,10 +286,57 @@ def _haze(image: np.ndarray, gray: np.ndarray) -> list[float]:
     contrast = float(gray.std() / 255.0)
     mean = cv2.blur(gray, (7, 7))
     local = np.sqrt(np.maximum(cv2.blur(gray * gray, (7, 7)) - mean * mean, 0.0))
+    dark = _dark_channel(image)
+    return [contrast, float(local.mean() / 255.0), *np.percentile(dark, (10, 50, 90)).tolist(), perception.haze(image)]
+
+
+def _dark_channel(image: np.ndarray) -> np.ndarray:
+    """The dark channel (min over RGB, then over a patch of about 1/8 of the short side), in [0, 1]."""
     lowest = cv2.min(cv2.min(image[..., 0], image[..., 1]), image[..., 2])
     patch = max(3, min(15, min(image.shape[:2]) // 8) // 2 * 2 + 1)
-    dark = cv2.erode(lowest, np.ones((patch, patch), np.uint8)).astype(np.float32) / 255.0
-    return [contrast, float(local.mean() / 255.0), *np.percentile(dark, (10, 50, 90)).tolist(), perception.haze(image)]
+    return cv2.erode(lowest, np.ones((patch, patch), np.uint8)).astype(np.float32) / 255.0
+
+
+def _thirds(plane: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Top, middle and bottom thirds of a plane's rows (the middle is the whole plane under 3 rows)."""
+    k = max(1, plane.shape[0] // 3)
+    middle = plane[k:-k] if plane.shape[0] > 2 * k else plane
+    return plane[:k], middle, plane[-k:]
+
+
+def _haze_layout(image: np.ndarray, gray: np.ndarray) -> list[float]:
+    """Haze thickens with depth, and the top of a frame is usually farther than its bottom: the
+    dark channel rises and the local contrast and saturation fall towards the top. A bright sky or
+    a pale wall raises the dark channel too, but the airlight haze adds is grey (A is one number
+    for R, G and B), which the spread of the brightest dark-channel pixels' colour reads."""
+    dark = _dark_channel(image)
+    mean = cv2.blur(gray, (7, 7))
+    local = np.sqrt(np.maximum(cv2.blur(gray * gray, (7, 7)) - mean * mean, 0.0)) / 255.0
+    saturation = cv2.cvtColor(image, cv2.COLOR_RGB2HSV)[..., 1].astype(np.float32) / 255.0
+    d_top, d_mid, d_bottom = (float(t.mean()) for t in _thirds(dark))
+    p5_top, _, p5_bottom = (float(np.percentile(t, 5)) for t in _thirds(dark))
+    c_top, c_mid, c_bottom = (float(t.mean()) + 1e-3 for t in _thirds(local))
+    s_top, s_mid, s_bottom = (float(t.mean()) for t in _thirds(saturation))
+    rows = dark.mean(axis=1)
+    height = np.linspace(1.0, 0.0, len(rows))
+    correlation = float(np.corrcoef(rows, height)[0, 1]) if rows.std() > 1e-6 else 0.0
+    flat = dark.ravel()
+    brightest = np.argpartition(flat, -max(1, flat.size // 100))[-max(1, flat.size // 100) :]
+    airlight = image.reshape(-1, 3)[brightest].astype(np.float32).mean(axis=0) / 255.0
+    return [
+        d_top - d_bottom,
+        d_mid - d_bottom,
+        p5_top,
+        p5_bottom,
+        p5_top - p5_bottom,
+        math.log(c_top / c_bottom),
+        math.log(c_mid / c_bottom),
+        s_top - s_bottom,
+        s_mid - s_bottom,
+        correlation,
+        float(airlight.mean()),
+        float(airlight.max() - airlight.min()),
+    ]
 
 
 def _rain(gray: np.ndarray) -> list[float]:
