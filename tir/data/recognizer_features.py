@@ -109,7 +109,14 @@ def degradation_features(image: np.ndarray) -> np.ndarray:
     image = perception.check_image(image)
     gray = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY).astype(np.float32)
     parts = [_blur(image, gray), _directions(gray), _blur_path(gray), _noise(image, gray), _edges(gray)]
-    parts += [_jpeg(gray), _light(image), _haze(image, gray), _haze_layout(image, gray), _rain(gray)]
+    dark, local = _dark_channel(image), _local_contrast(gray)  # shared by both haze groups
+    parts += [
+        _jpeg(gray),
+        _light(image),
+        _haze(image, gray, dark, local),
+        _haze_layout(image, dark, local),
+        _rain(gray),
+    ]
     parts.append([math.log2(image.shape[0]), math.log2(image.shape[1])])
     out = np.asarray([v for part in parts for v in part], np.float32)
     if out.shape != (NUM_FEATURES,):
@@ -282,12 +289,15 @@ def _levels(value: np.ndarray) -> list[float]:
     return [float((counts > 0).mean()), float((span == 0).mean()), float(high - low) / 255.0]
 
 
-def _haze(image: np.ndarray, gray: np.ndarray) -> list[float]:
+def _haze(image: np.ndarray, gray: np.ndarray, dark: np.ndarray, local: np.ndarray) -> list[float]:
     contrast = float(gray.std() / 255.0)
-    mean = cv2.blur(gray, (7, 7))
-    local = np.sqrt(np.maximum(cv2.blur(gray * gray, (7, 7)) - mean * mean, 0.0))
-    dark = _dark_channel(image)
     return [contrast, float(local.mean() / 255.0), *np.percentile(dark, (10, 50, 90)).tolist(), perception.haze(image)]
+
+
+def _local_contrast(gray: np.ndarray) -> np.ndarray:
+    """The standard deviation of the gray levels in each 7x7 window (0-255)."""
+    mean = cv2.blur(gray, (7, 7))
+    return np.sqrt(np.maximum(cv2.blur(gray * gray, (7, 7)) - mean * mean, 0.0))
 
 
 def _dark_channel(image: np.ndarray) -> np.ndarray:
@@ -304,14 +314,12 @@ def _thirds(plane: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return plane[:k], middle, plane[-k:]
 
 
-def _haze_layout(image: np.ndarray, gray: np.ndarray) -> list[float]:
+def _haze_layout(image: np.ndarray, dark: np.ndarray, local: np.ndarray) -> list[float]:
     """Haze thickens with depth, and the top of a frame is usually farther than its bottom: the
     dark channel rises and the local contrast and saturation fall towards the top. A bright sky or
     a pale wall raises the dark channel too, but the airlight haze adds is grey (A is one number
     for R, G and B), which the spread of the brightest dark-channel pixels' colour reads."""
-    dark = _dark_channel(image)
-    mean = cv2.blur(gray, (7, 7))
-    local = np.sqrt(np.maximum(cv2.blur(gray * gray, (7, 7)) - mean * mean, 0.0)) / 255.0
+    local = local / 255.0
     saturation = cv2.cvtColor(image, cv2.COLOR_RGB2HSV)[..., 1].astype(np.float32) / 255.0
     d_top, d_mid, d_bottom = (float(t.mean()) for t in _thirds(dark))
     p5_top, _, p5_bottom = (float(np.percentile(t, 5)) for t in _thirds(dark))
