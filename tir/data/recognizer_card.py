@@ -54,6 +54,11 @@ def model_card(
         "",
         "Cells: precision/recall. `benchmarks/perception.py` compares it with the cue thresholds on public test sets.",
     ]
+    if "A, partly restored" in scores:
+        lines.append(
+            '"A, partly restored": the same kind of crops after a tool for some of their degradations; the truth is'
+            f" the degradations left ({'trained on such examples' if args.restored else 'not trained on them: --restored is 0'})."
+        )
     return "\n".join(lines) + "\n"
 
 
