@@ -11,7 +11,10 @@ the true one) and per-degradation precision / recall.
 ``--gap`` also measures what perception costs in restoration: the fixed-order baseline (MAIR's
 order prior, one tool per subtask) on the group-A crops, told the true degradations vs perceiving
 them with each perception, PSNR against HQ through the same pool (``tir eval``'s code);
-``--exhaustive`` adds the exhaustive baseline (slower: every tool of each subtask).
+``--exhaustive`` adds the exhaustive baseline (slower: every tool of each subtask). It then prints
+what each fixed tool gains where its degradation is truly there (groups A-C): the gap is what
+perception costs this baseline, and a tool that loses even when it is right (the weight-free
+deblurrers do) makes a missed degradation cheap and a false one dear.
 """
 
 from __future__ import annotations
@@ -116,6 +119,51 @@ def print_gap_sources(known: list[dict], perceived: list[dict], crops: int, top:
         print(f"| {combo} | {sum(d > 0.1 for d in drops)} of {len(drops)} | {sum(drops) / crops:.3f} |")
 
 
+def fixed_order_output(lq: np.ndarray, degradations: list[str]) -> np.ndarray:
+    """``lq`` after the fixed-order baseline's tools for ``degradations`` (the tools themselves,
+    in process: the same functions the pool serves)."""
+    from tir.agent.baselines import FIXED_TOOLS, restoration_order
+    from tir.data.degradations import SUBTASK_FOR_DEGRADATION
+    from tool_pool.tools import get_tool
+
+    for degradation in restoration_order(degradations):
+        lq = get_tool(FIXED_TOOLS[SUBTASK_FOR_DEGRADATION[degradation]])([lq])[0]
+    return lq
+
+
+def print_tool_gains(tests: dict[str, Batch]) -> None:
+    """What each fixed tool gains where its degradation is truly there: the fixed order told the
+    truth, with and without that one step. A tool that loses here makes the perception gap reward
+    missing its degradation, so the gap is a bound on what perception costs only for tools that gain."""
+    from tir.agent.baselines import FIXED_TOOLS
+    from tir.data.degradations import SUBTASK_FOR_DEGRADATION
+    from tool_pool.scorers import get_scorer
+
+    scorer = get_scorer("psnr")  # the pool's rule: an output left at 1/4 size is upscaled to be scored
+
+    def psnr(degradations, lq, hq) -> float:
+        return float(scorer.score([fixed_order_output(lq, degradations)], [hq])[0])
+
+    gains: dict[str, dict[str, list[float]]] = {}
+    for group, test in tests.items():
+        for lq, hq, degradations in zip(test.column("lq"), test.column("hq"), test.column("degradations")):
+            full = psnr(list(degradations), lq, hq)
+            for name in degradations:
+                rest = [d for d in degradations if d != name]
+                gains.setdefault(name, {}).setdefault(group, []).append(full - psnr(rest, lq, hq))
+    groups = list(tests)
+    print("\nWhat each fixed tool gains where its degradation is truly there (fixed order told the truth, with")
+    print("vs without that step; dB, mean over the crops that have it, count in brackets):")
+    print("| degradation | fixed tool | " + " | ".join(f"group {g}" for g in groups) + " |")
+    print("|---|---|" + "---|" * len(groups))
+    for name in NAMES:
+        if name in gains:
+            cells = [
+                f"{np.mean(gains[name][g]):+.2f} ({len(gains[name][g])})" if g in gains[name] else "-" for g in groups
+            ]
+            print(f"| {name} | {FIXED_TOOLS[SUBTASK_FOR_DEGRADATION[name]]} | " + " | ".join(cells) + " |")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--photos", action="append", default=[], help="a folder of test photos (repeatable)")
@@ -133,17 +181,18 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     print("| photos | group | perception | crops | exact set | precision/recall per degradation |")
     print("|---|---|---|---|---|---|")
-    group_a = []
+    by_group: dict[str, list[Batch]] = {}
     for source in ["builtin", *args.photos]:
         label = "built-in held-out" if source == "builtin" else Path(source).name
         for group, spec in GROUPS.items():
             test = test_crops(source, spec, args.seed, args.crop)
+            by_group.setdefault(group, []).append(test)
             print_scores(label, group, perception_table(test, recognizer))
             if group == "A":
-                group_a.append(test)
                 print_scores(label, "A, after 1 call", perception_table(test, recognizer, after_one_call=True))
     if args.gap:
-        perception_gap(Batch.concat(group_a), args.recognizer or "default", args.exhaustive)
+        perception_gap(Batch.concat(by_group["A"]), args.recognizer or "default", args.exhaustive)
+        print_tool_gains({group: Batch.concat(by_group[group]) for group in ("A", "B", "C")})
     print(f"\n({time.perf_counter() - started:.0f}s)")
     return 0
 

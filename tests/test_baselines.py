@@ -8,6 +8,7 @@ import pytest
 import tir  # noqa: F401  - shims first
 from tir.agent import prompts
 from tir.agent.baselines import (
+    FIXED_TOOLS,
     ExhaustiveAgent,
     FixedOrderAgent,
     RandomAgent,
@@ -21,7 +22,7 @@ from tir.agent.baselines import (
 )
 from tir.data.synth import synthesize
 from tool_pool.client import LocalPool
-from tool_pool.tools import get_tool, tool_schemas
+from tool_pool.tools import get_tool, tool_schemas, tools_for_subtask
 
 # Fast tools, two for most subtasks (so that exploring has a choice).
 TOOLS = [
@@ -85,6 +86,12 @@ def test_fixed_order_uses_one_tool_per_subtask_in_prior_order(data):
     # a subtask whose fixed tool is not served falls back to a served one; an unserved subtask is skipped
     _, report = episode(FixedOrderAgent(), pick(data, "rain+noise+lowres"), tools=["sr_lanczos", "denoise_nlm"])
     assert [c["name"] for c in report["tool_calls"]] == ["sr_lanczos", "denoise_nlm"]
+
+
+def test_every_fixed_tool_is_a_tool_of_its_own_subtask():
+    # a tool of another subtask is never served under this one: the baseline would silently fall back
+    for subtask, name in FIXED_TOOLS.items():
+        assert name in [tool.name for tool in tools_for_subtask(subtask)], (subtask, name)
 
 
 def test_the_chat_of_a_baseline_reads_like_a_policy_s(data):
