@@ -11,10 +11,10 @@ the true one) and per-degradation precision / recall.
 ``--gap`` also measures what perception costs in restoration: the fixed-order baseline (MAIR's
 order prior, one tool per subtask) on the group-A crops, told the true degradations vs perceiving
 them with each perception, PSNR against HQ through the same pool (``tir eval``'s code);
-``--exhaustive`` adds the exhaustive baseline (slower: every tool of each subtask). It then prints
-what each fixed tool gains where its degradation is truly there (groups A-C): the gap is what
-perception costs this baseline, and a tool that loses even when it is right (the weight-free
-deblurrers do) makes a missed degradation cheap and a false one dear.
+``--exhaustive`` adds the exhaustive baseline (slower: every tool of each subtask). ``--gap`` ends
+with what each fixed tool gains where its degradation is truly there (groups A-C): the gap is what
+perception costs this baseline, and a tool that loses even when it is right (Wiener deconvolution
+of defocus blur beside JPEG or haze) makes a missed degradation cheap and a false one dear.
 """
 
 from __future__ import annotations
@@ -46,14 +46,12 @@ def test_crops(photos: str, group: str, seed: int, crop: int) -> Batch:
 def after_first_call(test: Batch) -> tuple[list[np.ndarray], list[list[str]]]:
     """Each crop after the fixed-order baseline's first tool call, and the degradations it leaves:
     what an agent perceives at its second turn."""
-    from tir.agent.baselines import FIXED_TOOLS, restoration_order
-    from tir.data.degradations import SUBTASK_FOR_DEGRADATION
-    from tool_pool.tools import get_tool
+    from tir.agent.baselines import restoration_order
 
     images, truth = [], []
     for lq, degradations in zip(test.column("lq"), test.column("degradations")):
         order = restoration_order(list(degradations))
-        images.append(get_tool(FIXED_TOOLS[SUBTASK_FOR_DEGRADATION[order[0]]])([lq])[0])
+        images.append(fixed_order_output(lq, order[:1]))
         truth.append(order[1:])
     return images, truth
 

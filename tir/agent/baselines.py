@@ -41,10 +41,9 @@ ORDER_PRIOR = {
     "scene": ("haze", "rain"),
 }
 RESTORATION_ORDER = tuple(name for group in ("compression", "imaging", "scene") for name in ORDER_PRIOR[group])
-# The fixed tool of each subtask: the best weight-free tool per PROTOCOL.md's measurements. Motion:
-# deblur_motion_rl, the motion tool every recipe serves (deblur_motion_wiener gains more on motion
-# blur alone, README's toolbox table). It used to read sharpen_unsharp, a defocus tool: served
-# baselines fell back to deblur_motion_rl, the first motion tool by name, so no measurement changes.
+# The fixed tool of each subtask: the best weight-free tool per PROTOCOL.md's measurements; for motion
+# blur the one every recipe serves (deblur_motion_wiener gains more on motion blur alone: README's
+# toolbox table).
 FIXED_TOOLS = {
     "denoising": "denoise_tv",
     "motion_deblurring": "deblur_motion_rl",
