@@ -111,6 +111,14 @@ def print_gap_sources(known: list[dict], perceived: list[dict], crops: int, top:
     for truth, guess in zip(sorted(known, key=lambda r: r["index"]), sorted(perceived, key=lambda r: r["index"])):
         drop = (truth["scores"].get("psnr") or 0.0) - (guess["scores"].get("psnr") or 0.0)
         lost.setdefault(truth["combo"] or "+".join(truth["degradations"]), []).append(drop)
+    from scipy.stats import bootstrap
+
+    drops = [d for per_combo in lost.values() for d in per_combo]
+    interval = bootstrap((drops,), np.mean, n_resamples=2000, random_state=0).confidence_interval
+    print(
+        f"\nThe learned guess's gap: {np.mean(drops):.2f} dB, 95% interval {interval.low:.2f}-{interval.high:.2f}"
+        " (bootstrap over the crops): how far another draw of crops from these photos could move it."
+    )
     print(f"\nWhere the learned guess loses (fixed order; share of the gap over all {crops} crops):")
     print("| combination | crops with a loss > 0.1 dB | dB lost, share of the gap |\n|---|---|---|")
     for combo, drops in sorted(lost.items(), key=lambda item: -sum(item[1]))[:top]:
