@@ -14,7 +14,7 @@ them with each perception, PSNR against HQ through the same pool (``tir eval``'s
 ``--exhaustive`` adds the exhaustive baseline (slower: every tool of each subtask). ``--gap`` ends
 with what each fixed tool gains where its degradation is truly there (groups A-C): the gap is what
 perception costs this baseline, and a tool that loses even when it is right (Wiener deconvolution
-of defocus blur beside JPEG or haze) makes a missed degradation cheap and a false one dear.
+of defocus blur beside JPEG) makes a missed degradation cheap and a false one dear.
 """
 
 from __future__ import annotations
