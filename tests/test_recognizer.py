@@ -122,6 +122,17 @@ def test_partly_restored_examples_leave_some_degradations_and_keep_their_shards_
     assert (y.sum(axis=1) < 2).all()  # never both of a group-A pair left
 
 
+def test_a_shard_folder_reused_with_other_photos_is_not_read_as_theirs(tmp_path):
+    combos = {"single": [("jpeg",)]}
+    first_x, _ = example_features(PHOTOS[:2], 4, seed=0, combos=combos, sides=(64,), shard_dir=tmp_path)
+    other_x, _ = example_features(PHOTOS[1:], 4, seed=0, combos=combos, sides=(64,), shard_dir=tmp_path)
+    fresh_x, _ = example_features(PHOTOS[1:], 4, seed=0, combos=combos, sides=(64,))  # no cache at all
+    assert np.array_equal(other_x, fresh_x) and not np.array_equal(other_x, first_x)
+    assert len(list(tmp_path.glob("shard_*.npz"))) == 2  # one per photo set, side by side
+    again_x, _ = example_features(PHOTOS[:2], 4, seed=0, combos=combos, sides=(64,), shard_dir=tmp_path)
+    assert np.array_equal(again_x, first_x) and len(list(tmp_path.glob("shard_*.npz"))) == 2  # read back
+
+
 def test_the_standard_test_sets_are_refused_as_training_photos(tmp_path):
     (tmp_path / "Kodak24").mkdir()
     with pytest.raises(RecognizerError, match="standard test set"):

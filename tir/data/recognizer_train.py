@@ -21,6 +21,7 @@ gives the same model on the same machine (float results may differ across CPUs).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import multiprocessing as mp
 import os
@@ -126,6 +127,17 @@ def _features_of(task) -> tuple[np.ndarray, np.ndarray]:
     return degradation_features(image), labels_of(combo)
 
 
+def examples_digest(photos: Sequence[np.ndarray], combos, sides: Sequence[int]) -> str:
+    """Names what examples are drawn from: the photos' pixels, the combinations and crop sides.
+    A shard's name carries it, so that a rerun into the same folder with other photos (another
+    ``--hq``) computes its own shards instead of reading the other run's as its own."""
+    digest = hashlib.sha1(repr((sorted((k, sorted(v)) for k, v in combos.items()), tuple(sides))).encode())
+    for photo in photos:
+        digest.update(repr(photo.shape).encode())
+        digest.update(np.ascontiguousarray(photo).data)
+    return digest.hexdigest()[:8]
+
+
 def example_features(
     photos, count, seed, combos=None, sides=CROP_SIDES, workers=1, shard_dir=None, desc="features", restored=False
 ):
@@ -135,6 +147,7 @@ def example_features(
     from tqdm import tqdm
 
     combos = training_combos() if combos is None else combos
+    source = examples_digest(photos, combos, sides) if shard_dir else ""
     shards = [(start, min(start + SHARD, count)) for start in range(0, count, SHARD)]
     features, labels = [], []
     # spawned, not forked: a fork of a process whose torch threads are running can deadlock
@@ -145,7 +158,7 @@ def example_features(
         with tqdm(total=count, desc=desc, unit="crop", file=sys.stderr) as bar:
             for start, end in shards:
                 kind = "restored_" if restored else ""  # other features or examples: another name
-                name = f"shard_{FEATURES_DIGEST}_{kind}{seed}_{start:07d}_{end:07d}.npz"
+                name = f"shard_{FEATURES_DIGEST}_{source}_{kind}{seed}_{start:07d}_{end:07d}.npz"
                 path = Path(shard_dir) / name if shard_dir else None
                 if path is not None and path.is_file():
                     cached = np.load(path)
