@@ -1,6 +1,6 @@
 """Perception on photos nothing was trained on: the cue thresholds vs the learned recogniser.
 
-    python benchmarks/perception.py --photos /data/Kodak24 --photos /data/McMaster [--recognizer DIR] [--gap]
+    python benchmarks/perception.py --photos /data/Kodak24 --photos /data/McMaster [--recognizer DIR] [--gap] [--groups A,B]
 
 Test crops are made as ``tir data synth`` makes them (128 px centre crops, seed 7, one per photo
 and combination) from the two built-in held-out photos (chelsea, stereo_motorcycle) and from
@@ -178,7 +178,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--gap", action="store_true", help="also measure the perception gap in dB (fixed order)")
     parser.add_argument("--exhaustive", action="store_true", help="with --gap: the exhaustive baseline too")
+    parser.add_argument(
+        "--groups",
+        default=",".join(GROUPS),
+        help=f"comma-separated, of {', '.join(GROUPS)} (default: all; --gap needs A)",
+    )
     args = parser.parse_args(argv)
+    groups = [g.strip() for g in args.groups.split(",") if g.strip()]
+    unknown = [g for g in groups if g not in GROUPS]
+    if unknown or not groups or (args.gap and "A" not in groups):
+        print(
+            f"perception benchmark: error: --groups {args.groups}: expected a comma-separated subset of"
+            f" {', '.join(GROUPS)}{' including A (--gap measures group A)' if args.gap else ''}",
+            file=sys.stderr,
+        )
+        return 2
     for folder in args.photos:
         if not Path(folder).is_dir():
             print(f"perception benchmark: error: --photos {folder}: no such folder", file=sys.stderr)
@@ -190,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     by_group: dict[str, list[Batch]] = {}
     for source in ["builtin", *args.photos]:
         label = "built-in held-out" if source == "builtin" else Path(source).name
-        for group, spec in GROUPS.items():
+        for group, spec in ((g, GROUPS[g]) for g in groups):
             test = test_crops(source, spec, args.seed, args.crop)
             by_group.setdefault(group, []).append(test)
             print_scores(label, group, perception_table(test, recognizer))
@@ -198,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
                 print_scores(label, "A, after 1 call", perception_table(test, recognizer, after_one_call=True))
     if args.gap:
         perception_gap(Batch.concat(by_group["A"]), args.recognizer or "default", args.exhaustive)
-        print_tool_gains({group: Batch.concat(by_group[group]) for group in ("A", "B", "C")})
+        print_tool_gains({group: Batch.concat(by_group[group]) for group in ("A", "B", "C") if group in by_group})
     print(f"\n({time.perf_counter() - started:.0f}s)")
     return 0
 
